@@ -1,0 +1,297 @@
+"""Ragged data types that flow through mixres, and the token-budget scheduler.
+
+Images of different sizes are never padded: their patches (or tokens) are
+concatenated along one axis and a `cu_seqlens` offset vector (the Qwen2-VL /
+flash-attention convention) says where each image starts and ends.
+
+    PackedImages    patches (N, C*p*p), grid_hw (B, 2), cu_seqlens (B+1,)
+    PackedFeatures  tokens (N', D),     grid_hw (B, 2), cu_seqlens (B+1,), num_prefix, pooled
+
+`pack_into_bins` is the first-fit-decreasing scheduler that the encoders, the
+extraction pipeline and the VLM collator all use to cut work into token budgets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["PackedImages", "PackedFeatures", "pack_into_bins", "seqlens_to_cu", "patchify",
+           "unpatchify"]
+
+
+# helpers
+
+def seqlens_to_cu(lengths: Sequence[int] | torch.Tensor, device=None) -> torch.Tensor:
+    """Lengths (B,) -> int32 offsets (B+1,) starting at 0."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device).reshape(-1)
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _check_cu(cu_seqlens: torch.Tensor, total: int, what: str) -> None:
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{what}: cu_seqlens must be 1-D with B+1 entries, got {tuple(cu_seqlens.shape)}")
+    if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        raise ValueError(f"{what}: cu_seqlens must start at 0 and end at {total}, "
+                         f"got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+    if cu_seqlens.numel() > 1 and bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"{what}: cu_seqlens must be non-decreasing")
+
+
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(C, H, W) -> (h*w, C*p*p): patches row-major, each flattened channel-major (c, ph, pw).
+
+    This is the layout of a Conv2d patch embedding's weight, so the projection of all
+    packed patches is one GEMM with `conv.weight.flatten(1)`.
+    """
+    c, H, W = image.shape
+    p = patch_size
+    h, w = H // p, W // p
+    x = image.reshape(c, h, p, w, p).permute(1, 3, 0, 2, 4)  # h w c ph pw
+    return x.reshape(h * w, c * p * p)
+
+
+def unpatchify(patches: torch.Tensor, grid_hw: Sequence[int], patch_size: int,
+               channels: int = 3) -> torch.Tensor:
+    """Inverse of `patchify`: (h*w, C*p*p) -> (C, h*p, w*p)."""
+    h, w = int(grid_hw[0]), int(grid_hw[1])
+    p = patch_size
+    x = patches.reshape(h, w, channels, p, p).permute(2, 0, 3, 1, 4)  # c h ph w pw
+    return x.reshape(channels, h * p, w * p)
+
+
+# images
+
+@dataclass
+class PackedImages:
+    """All images of a batch as one ragged sequence of flattened patches.
+
+    patches    (N, C*p*p)  each patch channel-major (c, ph, pw), patches row-major per image
+    grid_hw    (B, 2) long patch grid (rows, cols) of each image
+    cu_seqlens (B+1,) int32 offsets of each image's patches in `patches`
+    """
+
+    patches: torch.Tensor
+    grid_hw: torch.Tensor
+    cu_seqlens: torch.Tensor
+    patch_size: int
+    channels: int = 3
+
+    def __post_init__(self):
+        if self.patches.ndim != 2:
+            raise ValueError(f"PackedImages.patches must be (N, C*p*p), got {tuple(self.patches.shape)}")
+        expect = self.channels * self.patch_size ** 2
+        if self.patches.shape[1] != expect:
+            raise ValueError(f"PackedImages.patches has {self.patches.shape[1]} values per patch, "
+                             f"expected channels*p*p = {expect}")
+        if self.grid_hw.ndim != 2 or self.grid_hw.shape[1] != 2:
+            raise ValueError(f"PackedImages.grid_hw must be (B, 2), got {tuple(self.grid_hw.shape)}")
+        _check_cu(self.cu_seqlens, self.patches.shape[0], "PackedImages")
+        if self.cu_seqlens.numel() != self.grid_hw.shape[0] + 1:
+            raise ValueError(f"PackedImages: {self.grid_hw.shape[0]} grids but "
+                             f"{self.cu_seqlens.numel() - 1} segments in cu_seqlens")
+
+    @classmethod
+    def from_images(cls, images: Sequence[torch.Tensor], patch_size: int) -> PackedImages:
+        """Pack a list of (C, H, W) float tensors whose H, W are multiples of `patch_size`."""
+        if isinstance(images, torch.Tensor) and images.ndim == 3:
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("PackedImages.from_images: got an empty list of images")
+        if not isinstance(patch_size, int) or patch_size <= 0:
+            raise ValueError(f"PackedImages.from_images: patch_size must be a positive int, got {patch_size!r}")
+        channels = None
+        patches, grids = [], []
+        for i, img in enumerate(images):
+            if not isinstance(img, torch.Tensor):
+                raise TypeError(f"image {i}: expected a (C, H, W) tensor, got {type(img).__name__}")
+            if img.ndim != 3:
+                raise ValueError(f"image {i}: expected (C, H, W), got shape {tuple(img.shape)}")
+            c, H, W = img.shape
+            if channels is None:
+                channels = c
+            if c != channels:
+                raise ValueError(f"image {i}: has {c} channels, the first image has {channels}")
+            if H == 0 or W == 0 or H % patch_size or W % patch_size:
+                raise ValueError(f"image {i}: size {H}x{W} is not a positive multiple of the "
+                                 f"patch size {patch_size}")
+            if not img.is_floating_point():
+                raise TypeError(f"image {i}: expected a float tensor, got {img.dtype}")
+            if not bool(torch.isfinite(img).all()):
+                raise ValueError(f"image {i}: contains NaN or inf values")
+            patches.append(patchify(img, patch_size))
+            grids.append((H // patch_size, W // patch_size))
+        grid_hw = torch.tensor(grids, dtype=torch.long)
+        device = patches[0].device
+        return cls(torch.cat(patches), grid_hw.to(device),
+                   seqlens_to_cu(grid_hw.prod(-1), device=device), patch_size, channels)
+
+    @property
+    def num_images(self) -> int:
+        return self.grid_hw.shape[0]
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def max_seqlen(self) -> int:
+        return int(self.seqlens.max()) if self.num_images else 0
+
+    def to(self, device=None, dtype=None) -> PackedImages:
+        return PackedImages(self.patches.to(device=device, dtype=dtype),
+                            self.grid_hw.to(device), self.cu_seqlens.to(device),
+                            self.patch_size, self.channels)
+
+    def unpack(self) -> list[torch.Tensor]:
+        """The images back as a list of (C, H, W) tensors (for backends that need pixels)."""
+        cu = self.cu_seqlens.tolist()
+        return [unpatchify(self.patches[cu[i]:cu[i + 1]], self.grid_hw[i].tolist(),
+                           self.patch_size, self.channels) for i in range(self.num_images)]
+
+    def select(self, indices: Sequence[int]) -> PackedImages:
+        indices = list(indices)
+        cu = self.cu_seqlens.tolist()
+        parts = [self.patches[cu[i]:cu[i + 1]] for i in indices]
+        grid = self.grid_hw[indices]
+        return PackedImages(torch.cat(parts) if parts else self.patches[:0], grid,
+                            seqlens_to_cu(grid.prod(-1), device=self.patches.device),
+                            self.patch_size, self.channels)
+
+
+# features
+
+@dataclass
+class PackedFeatures:
+    """Every image's output tokens as one ragged sequence.
+
+    tokens     (N, D)  each image's prefix tokens (CLS, registers) first, then its patch
+               tokens row-major
+    cu_seqlens (B+1,) int32 offsets of each image in `tokens`
+    grid_hw    (B, 2) patch grid of each image (the grid the tokens were computed on)
+    num_prefix prefix tokens per image (0 for SigLIP, 1 for ViT/CLIP, 1+R for DINOv2-reg)
+    pooled     (B, D') the model's own pooled output, or None
+    """
+
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    grid_hw: torch.Tensor
+    num_prefix: int = 0
+    pooled: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.tokens.ndim != 2:
+            raise ValueError(f"PackedFeatures.tokens must be (N, D), got {tuple(self.tokens.shape)}")
+        _check_cu(self.cu_seqlens, self.tokens.shape[0], "PackedFeatures")
+        b = self.cu_seqlens.numel() - 1
+        if tuple(self.grid_hw.shape) != (b, 2):
+            raise ValueError(f"PackedFeatures.grid_hw must be ({b}, 2), got {tuple(self.grid_hw.shape)}")
+        if self.pooled is not None and self.pooled.shape[0] != b:
+            raise ValueError(f"PackedFeatures.pooled has {self.pooled.shape[0]} rows for {b} images")
+
+    @property
+    def num_images(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def max_seqlen(self) -> int:
+        return int(self.seqlens.max()) if self.num_images else 0
+
+    def unpack(self) -> list[torch.Tensor]:
+        """A list of (n_i, D) tensors, one per image (views, no copy)."""
+        return list(torch.split(self.tokens, self.seqlens.tolist()))
+
+    def patch_tokens(self) -> list[torch.Tensor]:
+        """Each image's patch tokens (prefix dropped) as (h, w, D) grids."""
+        return [t[self.num_prefix:].reshape(int(g[0]), int(g[1]), -1)
+                for t, g in zip(self.unpack(), self.grid_hw.tolist())]
+
+    def to_padded(self, pad_value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Lmax, D) padded tokens and a (B, Lmax) bool mask, True on real tokens.
+
+        Only for users who ask for a dense layout; nothing inside mixres needs it.
+        """
+        lens = self.seqlens.to(self.tokens.device)
+        b, lmax = self.num_images, self.max_seqlen
+        out = self.tokens.new_full((b, lmax, self.tokens.shape[1]), pad_value)
+        mask = torch.arange(lmax, device=self.tokens.device)[None] < lens[:, None]
+        out[mask] = self.tokens
+        return out, mask
+
+    def select(self, indices: Sequence[int]) -> PackedFeatures:
+        indices = list(indices)
+        parts = self.unpack()
+        chosen = [parts[i] for i in indices]
+        grid = self.grid_hw[indices]
+        tokens = torch.cat(chosen) if chosen else self.tokens[:0]
+        pooled = self.pooled[indices] if self.pooled is not None else None
+        lens = [p.shape[0] for p in chosen]
+        return PackedFeatures(tokens, seqlens_to_cu(lens, device=self.cu_seqlens.device), grid,
+                              self.num_prefix, pooled)
+
+    def to(self, device=None, dtype=None) -> PackedFeatures:
+        pooled = self.pooled.to(device=device, dtype=dtype) if self.pooled is not None else None
+        return PackedFeatures(self.tokens.to(device=device, dtype=dtype),
+                              self.cu_seqlens.to(device), self.grid_hw.to(device),
+                              self.num_prefix, pooled)
+
+    @staticmethod
+    def cat(parts: Sequence[PackedFeatures]) -> PackedFeatures:
+        """Concatenate along the image axis (e.g. the chunks of a token-budget run)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("PackedFeatures.cat: got an empty list")
+        prefixes = {p.num_prefix for p in parts}
+        if len(prefixes) != 1:
+            raise ValueError(f"PackedFeatures.cat: parts disagree on num_prefix: {sorted(prefixes)}")
+        has_pooled = {p.pooled is not None for p in parts}
+        if len(has_pooled) != 1:
+            raise ValueError("PackedFeatures.cat: some parts have pooled outputs and some do not")
+        lens = torch.cat([p.seqlens.cpu() for p in parts])
+        device = parts[0].tokens.device
+        pooled = torch.cat([p.pooled for p in parts]) if parts[0].pooled is not None else None
+        return PackedFeatures(torch.cat([p.tokens for p in parts]),
+                              seqlens_to_cu(lens, device=parts[0].cu_seqlens.device),
+                              torch.cat([p.grid_hw.to(device=parts[0].grid_hw.device) for p in parts]),
+                              parts[0].num_prefix, pooled)
+
+
+# scheduling
+
+def pack_into_bins(lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:
+    """First-fit-decreasing bin packing of items into token budgets.
+
+    Returns lists of indices into `lengths`; every index appears exactly once. An item
+    longer than the budget gets a bin of its own (it cannot be split). Ties are broken
+    by index so the result is deterministic. `max_tokens=None` puts everything in one bin.
+    """
+    lengths = [int(n) for n in lengths]
+    if any(n < 0 for n in lengths):
+        raise ValueError("pack_into_bins: lengths must be non-negative")
+    if not lengths:
+        return []
+    if max_tokens is None:
+        return [list(range(len(lengths)))]
+    if max_tokens <= 0:
+        raise ValueError(f"pack_into_bins: max_tokens must be positive, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, room in enumerate(free):
+            if n <= room:
+                bins[b].append(i)
+                free[b] -= n
+                break
+        else:
+            bins.append([i])
+            free.append(max_tokens - n)
+    return bins
