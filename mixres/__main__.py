@@ -1,0 +1,5 @@
+import sys
+
+from mixres.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""`mixres` command line: embed | bench | train.
+
+Each subcommand lives in the module that does the work and exposes
+`add_arguments(parser)` and `run(args) -> int`; this file only routes, and imports a
+subcommand's module only when that subcommand runs (so `mixres embed` never pays for
+the VLM or the benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "embed": ("mixres.extract", "encode a folder / list of images to feature shards on disk"),
+    "bench": ("benchmarks.cli", "benchmarks: throughput | invariance | words"),
+    "train": ("mixres.vlm.train", "train a VLM on mixed-resolution images"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixres", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser = _top_parser()
+        if not argv or argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0
+        parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(SUBCOMMANDS)}")
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"mixres {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        print("mixres: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # one clear line for the user; MIXRES_DEBUG=1 shows the traceback
+        import os
+        if os.environ.get("MIXRES_DEBUG"):
+            raise
+        print(f"mixres {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""What every encoder backend shares: preprocessing, token-budget chunking, ordering.
+
+A backend implements `forward(packed: PackedImages) -> PackedFeatures` for one chunk;
+`encode` turns user inputs into PackedImages, cuts them into `max_batch_tokens` bins
+with `pack_into_bins`, runs the chunks and puts the images back in input order, so
+results never depend on the chunking or on the order of the images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mixres import vision_utils
+from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
+
+DEFAULT_MAX_TOKENS = 1024
+
+
+class Encoder:
+    """Base class of the backends (see `mixres.encoders.load_encoder`).
+
+    model             the HF (or vit-pytorch) model, used as it is
+    select_layer      -1: the last layer's output with the final norm; -k: HF's
+                      `hidden_states[-k]` (no final norm), the LLaVA convention for -2
+    max_batch_tokens  token budget of one forward; None runs everything at once
+    dtype, device     move the model there first (explicitly asked for by the caller)
+    min_tokens, max_tokens  resize policy for PIL images and paths (tensors are used
+                      as given and only validated)
+    """
+
+    backend = "base"
+
+    def __init__(self, model: nn.Module, *, select_layer: int = -1,
+                 max_batch_tokens: int | None = None, dtype: torch.dtype | str | None = None,
+                 device: torch.device | str | None = None, min_tokens: int = 1,
+                 max_tokens: int | None = DEFAULT_MAX_TOKENS):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__}: expected an nn.Module, got {type(model).__name__}")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        if max_batch_tokens is not None and max_batch_tokens <= 0:
+            raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        self.model = model
+        self.select_layer = select_layer
+        self.max_batch_tokens = max_batch_tokens
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+
+    # what the model expects; backends for non-HF models override these
+    @property
+    def patch_size(self) -> int:
+        return vision_utils.patch_size(self.model)
+
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return vision_utils.image_mean_std(self.model)
+
+    @property
+    def num_prefix(self) -> int:
+        return vision_utils.num_prefix_tokens(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.model.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    # inputs
+
+    def prepare(self, images) -> list[torch.Tensor]:
+        """User inputs -> list of normalized (C, H, W) tensors on the grid of the patch size."""
+        from mixres.images import preprocess
+
+        if isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "mode"):
+            images = [images]
+        mean, std = self.mean_std
+        out = []
+        for img in images:
+            if isinstance(img, torch.Tensor):
+                out.append(img)  # already resized and normalized; validated when packed
+            else:
+                out.append(preprocess(img, self.patch_size, min_tokens=self.min_tokens,
+                                      max_tokens=self.max_tokens, mean=mean, std=std))
+        return out
+
+    def pack(self, images) -> PackedImages:
+        if isinstance(images, PackedImages):
+            return images
+        return PackedImages.from_images(self.prepare(images), self.patch_size)
+
+    # execution
+
+    def encode(self, images: Sequence | PackedImages) -> PackedFeatures:
+        """Encode a list of images (CHW tensors, PIL images or paths) or PackedImages."""
+        packed = self.pack(images)
+        ctx = torch.enable_grad() if torch.is_grad_enabled() else torch.inference_mode()
+        with ctx:
+            return self._run_chunks(packed.to(self.device, self.dtype))
+
+    __call__ = encode
+
+    def _run_chunks(self, packed: PackedImages) -> PackedFeatures:
+        bins = pack_into_bins(packed.seqlens.tolist(), self.max_batch_tokens)
+        if len(bins) == 1:
+            # one chunk: keep the caller's order (bins sort by length)
+            return self.forward(packed)
+        outs = [self.forward(packed.select(b)) for b in bins]
+        order = torch.tensor([i for b in bins for i in b])
+        return PackedFeatures.cat(outs).select(torch.argsort(order).tolist())
+
+    def forward(self, packed: PackedImages) -> PackedFeatures:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(PackedImages)")
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(backend={self.backend!r}, model={type(self.model).__name__}, "
+                f"select_layer={self.select_layer}, max_batch_tokens={self.max_batch_tokens})")

@@ -1,0 +1,111 @@
+"""PackedImages / PackedFeatures round trips and the bin packer's properties."""
+
+import random
+
+import pytest
+import torch
+
+from mixres.packing import PackedFeatures, PackedImages, pack_into_bins, patchify, seqlens_to_cu
+
+
+def images(sizes, p=4):
+    return [torch.randn(3, h * p, w * p) for h, w in sizes]
+
+
+def test_pack_unpack_round_trip():
+    imgs = images([(2, 3), (1, 1), (5, 2)])
+    packed = PackedImages.from_images(imgs, 4)
+    assert packed.patches.shape == (6 + 1 + 10, 3 * 16)
+    assert packed.grid_hw.tolist() == [[2, 3], [1, 1], [5, 2]]
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens.tolist() == [0, 6, 7, 17]
+    assert packed.num_images == 3
+    for a, b in zip(packed.unpack(), imgs):
+        assert torch.equal(a, b)
+
+
+def test_patch_layout_is_conv_weight_layout():
+    # one GEMM with conv.weight.flatten(1) must equal the Conv2d patch embedding
+    conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+    img = torch.randn(3, 8, 12)
+    ref = conv(img[None])[0].flatten(1).T  # (h*w, 8), row-major
+    out = patchify(img, 4) @ conv.weight.flatten(1).T + conv.bias
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([torch.randn(3, 5, 8)], "not a positive multiple"),
+    ([torch.randn(3, 8, 8), torch.randn(1, 8, 8)], "channels"),
+    ([torch.full((3, 8, 8), float("nan"))], "NaN or inf"),
+    ([torch.randn(8, 8)], r"expected \(C, H, W\)"),
+    ([], "empty list"),
+    ([torch.zeros(3, 8, 8, dtype=torch.uint8)], "float"),
+])
+def test_clear_errors(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        PackedImages.from_images(bad, 4)
+
+
+def test_packed_to_and_select():
+    packed = PackedImages.from_images(images([(1, 2), (3, 1), (2, 2)]), 4)
+    half = packed.to(dtype=torch.float64)
+    assert half.patches.dtype == torch.float64 and half.cu_seqlens.dtype == torch.int32
+    sub = packed.select([2, 0])
+    assert sub.grid_hw.tolist() == [[2, 2], [1, 2]]
+    assert torch.equal(sub.unpack()[1], packed.unpack()[0])
+
+
+def feats(lens, d=5, prefix=1, pooled=True):
+    tokens = torch.randn(sum(lens), d)
+    grids = torch.tensor([[1, n - prefix] for n in lens])
+    return PackedFeatures(tokens, seqlens_to_cu(lens), grids, prefix,
+                          torch.randn(len(lens), d) if pooled else None)
+
+
+def test_features_unpack_padded_select_cat():
+    f = feats([3, 1, 4])
+    parts = f.unpack()
+    assert [p.shape[0] for p in parts] == [3, 1, 4]
+    padded, mask = f.to_padded()
+    assert padded.shape == (3, 4, 5) and mask.sum() == 8
+    for i, p in enumerate(parts):
+        assert torch.equal(padded[i][mask[i]], p)
+        assert (padded[i][~mask[i]] == 0).all()
+    sel = f.select([2, 0])
+    assert torch.equal(sel.unpack()[0], parts[2]) and torch.equal(sel.pooled[1], f.pooled[0])
+    both = PackedFeatures.cat([f, sel])
+    assert both.num_images == 5 and torch.equal(both.unpack()[3], parts[2])
+    assert torch.equal(both.cu_seqlens, seqlens_to_cu([3, 1, 4, 4, 3]))
+
+
+def test_features_validation():
+    with pytest.raises(ValueError, match="grid_hw"):
+        PackedFeatures(torch.randn(4, 2), seqlens_to_cu([4]), torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="end at 4"):
+        PackedFeatures(torch.randn(4, 2), seqlens_to_cu([3]), torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_prefix"):
+        PackedFeatures.cat([feats([2], prefix=1), feats([2], prefix=0)])
+
+
+def test_bins_properties():
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(0, 120) for _ in range(rng.randint(1, 60))]
+        budget = rng.randint(1, 300)
+        bins = pack_into_bins(lengths, budget)
+        flat = sorted(i for b in bins for i in b)
+        assert flat == list(range(len(lengths)))          # every index exactly once
+        for b in bins:
+            total = sum(lengths[i] for i in b)
+            assert total <= budget or len(b) == 1           # oversized items sit alone
+        assert bins == pack_into_bins(lengths, budget)     # deterministic
+        # first-fit-decreasing never needs more than 11/9 OPT + 1 bins; OPT >= total / budget
+        lower = sum(lengths) / budget
+        assert len(bins) <= 11 / 9 * max(lower, sum(n > budget for n in lengths)) + 2
+
+
+def test_bins_edge_cases():
+    assert pack_into_bins([], 10) == []
+    assert pack_into_bins([5, 3], None) == [[0, 1]]
+    assert pack_into_bins([50, 3, 4], 10) == [[0], [2, 1]]
+    with pytest.raises(ValueError):
+        pack_into_bins([1], 0)
