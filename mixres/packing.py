@@ -102,7 +102,8 @@ class PackedImages:
         if len(images) == 0:
             raise ValueError("PackedImages.from_images: got an empty list of images")
         if not isinstance(patch_size, int) or patch_size <= 0:
-            raise ValueError(f"PackedImages.from_images: patch_size must be a positive int, got {patch_size!r}")
+            raise ValueError(f"PackedImages.from_images: patch_size must be a positive int, "
+                             f"got {patch_size!r}")
         channels = None
         patches, grids = [], []
         for i, img in enumerate(images):
@@ -255,7 +256,6 @@ class PackedFeatures:
         if len(has_pooled) != 1:
             raise ValueError("PackedFeatures.cat: some parts have pooled outputs and some do not")
         lens = torch.cat([p.seqlens.cpu() for p in parts])
-        device = parts[0].tokens.device
         pooled = torch.cat([p.pooled for p in parts]) if parts[0].pooled is not None else None
         return PackedFeatures(torch.cat([p.tokens for p in parts]),
                               seqlens_to_cu(lens, device=parts[0].cu_seqlens.device),
