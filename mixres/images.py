@@ -297,10 +297,11 @@ def target_size(
     H and W are positive multiples of `patch_size`, and the grid (H/p) x (W/p) holds
     between `min_tokens` and `max_tokens` patches. An image whose native size, rounded
     to the grid, is within those bounds keeps it. Otherwise it is scaled (up or down)
-    to the bound it crossed, and the grid is the one closest to its aspect ratio among
-    those near that token count. When the aspect ratio is more extreme than the budget
-    allows (10000 x 20 with 64 tokens: the short side would be under one patch), the
-    short side is clamped to one patch and the long side takes the whole budget.
+    to the bound it crossed: the grid is the integer one nearest the ideal grid of that
+    many tokens and the image's aspect ratio (see `_best_grid`). When the aspect ratio
+    is more extreme than the budget allows (10000 x 20 with 64 tokens: the short side
+    would be under one patch), the short side is clamped to one patch and the long side
+    takes the whole budget.
     """
     height = _positive_int(height, "height")
     width = _positive_int(width, "width")
@@ -335,35 +336,47 @@ def _best_grid(ideal_h: float, ideal_w: float, budget: int, lo: int,
                hi: int | None) -> tuple[int, int]:
     """The integer grid nearest (ideal_h, ideal_w) whose cell count is within [lo, hi].
 
-    Rows are tried at floor and ceil of ideal_h; for each, the columns allowed by the
-    bounds are a range, and the columns nearest the ideal aspect within it are tried.
-    Ties go to the aspect error, then to the token count nearest `budget`, then to fewer
-    rows. If no row count next to ideal_h admits any column count (a narrow window such
-    as min = max = a prime), rows further away are tried; one row always works.
+    "Nearest" is in ratio, side by side: the grid minimizing the larger of
+    |log(h / ideal_h)| and |log(w / ideal_w)|, which is half of (aspect error + count
+    error) in log scale. Preferring aspect alone would trade most of the budget for a
+    sliver of aspect (17601 x 70 at 1000 tokens: 251 x 1 over 500 x 2); preferring the
+    count alone would distort. Ties go to the smaller aspect error, then to fewer rows.
+
+    Candidates fix one side at the floor or ceil of its ideal and give the other the
+    length nearest the ideal aspect that the bounds allow. Fixing each side in turn
+    matters when one is short: for an ideal 13.5 x 1.2 with at least 16 tokens, 16 x 1
+    keeps the aspect far better than 13 x 2 or 14 x 2. If no length next to the ideal admits a count
+    within the bounds (a narrow window such as min = max = a prime), lengths further away
+    are tried; a side of 1 always works.
     """
     ratio = ideal_w / ideal_h
 
-    def candidates(h: int) -> list[tuple[int, int]]:
-        w_lo = -(-lo // h)
-        w_hi = hi // h if hi is not None else None
-        if w_hi is not None and w_lo > w_hi:
-            return []
-        w_ideal = h * ratio
-        ws = {math.floor(w_ideal), math.ceil(w_ideal)}
-        ws = {max(w_lo, w if w_hi is None else min(w_hi, w)) for w in ws}
-        return [(h, w) for w in ws]
+    def other_sides(n: int, per: float) -> set[int]:
+        # given n cells along one side, the lengths of the other side nearest n * per
+        o_lo = -(-lo // n)
+        o_hi = hi // n if hi is not None else None
+        if o_hi is not None and o_lo > o_hi:
+            return set()
+        ideal = n * per
+        near = {math.floor(ideal), math.ceil(ideal)}
+        return {max(o_lo, o if o_hi is None else min(o_hi, o)) for o in near}
+
+    def grids(hs: list[int], ws: list[int]) -> list[tuple[int, int]]:
+        hs = [h for h in hs if h >= 1 and (hi is None or h <= hi)]
+        ws = [w for w in ws if w >= 1 and (hi is None or w <= hi)]
+        return ([(h, w) for h in hs for w in other_sides(h, ratio)]
+                + [(h, w) for w in ws for h in other_sides(w, 1 / ratio)])
 
     def score(hw: tuple[int, int]) -> tuple[float, float, int]:
         h, w = hw
-        return abs(math.log(w / h / ratio)), abs(math.log(h * w / budget)), h
+        aspect_err = abs(math.log(w / h / ratio))
+        return aspect_err + abs(math.log(h * w / budget)), aspect_err, h
 
-    h0 = max(1, math.floor(ideal_h))
-    found = candidates(h0) + candidates(h0 + 1)
+    h0, w0 = math.floor(ideal_h), math.floor(ideal_w)
+    found = grids([h0, h0 + 1], [w0, w0 + 1])
     step = 1
     while not found:
-        found = candidates(h0 + 1 + step) if hi is None or h0 + 1 + step <= hi else []
-        if h0 - step >= 1:
-            found += candidates(h0 - step)
+        found = grids([h0 - step, h0 + 1 + step], [w0 - step, w0 + 1 + step])
         step += 1
     return min(found, key=score)
 
