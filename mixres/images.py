@@ -69,6 +69,15 @@ def _positive_int(value, what: str) -> int:
     return int(value)
 
 
+def _token_bounds(min_tokens, max_tokens) -> tuple[int, int | None]:
+    min_tokens = _positive_int(min_tokens, "min_tokens")
+    if max_tokens is not None:
+        max_tokens = _positive_int(max_tokens, "max_tokens")
+        if min_tokens > max_tokens:
+            raise ValueError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
+    return min_tokens, max_tokens
+
+
 def _check_background(background) -> tuple[int, int, int]:
     bg = tuple(background)
     if len(bg) != 3 or not all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in bg):
@@ -118,11 +127,6 @@ def _pil_bomb_check_off() -> Iterator[None]:
 
 # mode conversion
 
-# Modes that PIL converts to RGB correctly on its own (CMYK JPEGs, Adobe-inverted ones
-# included, are already un-inverted by the decoder).
-_DIRECT = {"RGB", "RGBX", "L", "1", "CMYK", "YCbCr", "HSV", "LAB"}
-
-
 def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     # Dropping alpha would expose whatever colour the encoder left under transparent
     # pixels (often black, sometimes garbage); blend onto a known background instead.
@@ -154,6 +158,9 @@ def _float_to_l(img: Image.Image) -> Image.Image:
 
 
 def _to_rgb(img: Image.Image, background: tuple[int, int, int], name: str) -> Image.Image:
+    """Any PIL mode -> RGB: integers by the 16-bit range, floats by [0, 1] or [0, 255],
+    anything with alpha (or a transparent palette index / tRNS colour) composited onto
+    `background`, the rest by PIL's own conversion."""
     mode = img.mode
     if mode.startswith("I"):
         return _int_to_l(img).convert("RGB")
@@ -165,8 +172,8 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int], name: str) -> Im
     # P with a transparent palette index, L/RGB with a tRNS colour: all carry alpha too.
     if mode in ("RGBA", "RGBa", "LA", "PA") or img.has_transparency_data:
         return _composite(img.convert("RGBA"), background)
-    if mode in _DIRECT or mode == "P":
-        return img.convert("RGB")
+    # What is left (RGB, RGBX, L, 1, P, CMYK, YCbCr, HSV, LAB) PIL converts correctly on its
+    # own; CMYK JPEGs, Adobe-inverted ones included, are un-inverted by the decoder.
     try:
         return img.convert("RGB")
     except ValueError as e:
@@ -175,7 +182,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int], name: str) -> Im
 
 # loading
 
-def _open(src: ImageSource) -> tuple[Image.Image | io.BytesIO | Path, str]:
+def _open(src: ImageSource) -> tuple[Image.Image | io.BytesIO, str]:
     """Resolve `src` to something `Image.open` takes, plus the name used in errors."""
     if isinstance(src, Image.Image):
         return src, getattr(src, "filename", "") or "<PIL image>"
@@ -306,11 +313,7 @@ def target_size(
     height = _positive_int(height, "height")
     width = _positive_int(width, "width")
     p = _positive_int(patch_size, "patch_size")
-    min_tokens = _positive_int(min_tokens, "min_tokens")
-    if max_tokens is not None:
-        max_tokens = _positive_int(max_tokens, "max_tokens")
-        if min_tokens > max_tokens:
-            raise ValueError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
+    min_tokens, max_tokens = _token_bounds(min_tokens, max_tokens)
 
     gh, gw = max(1, _round_div(height, p)), max(1, _round_div(width, p))
     if gh * gw < min_tokens:
@@ -449,7 +452,7 @@ def preprocess(
     """
     patch_size = _positive_int(patch_size, "patch_size")
     if isinstance(image, torch.Tensor):
-        min_tokens = _positive_int(min_tokens, "min_tokens")
+        min_tokens, max_tokens = _token_bounds(min_tokens, max_tokens)
         _check_ready(image, patch_size, len(mean), min_tokens, max_tokens)
         return image
     img = load_image(image, background=background, max_pixels=max_pixels)

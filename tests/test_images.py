@@ -40,6 +40,12 @@ def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+def stored(path: str) -> tuple[str, dict, int]:
+    """(mode, info, frames) of a file as PIL opens it, so tests can check what they wrote."""
+    with Image.open(path) as im:
+        return im.mode, dict(im.info), getattr(im, "n_frames", 1)
+
+
 def px(img: Image.Image, x: int = 0, y: int = 0) -> tuple[int, int, int]:
     return img.getpixel((x, y))
 
@@ -89,7 +95,7 @@ def test_palette_without_transparency(tmp_path):
 @pytest.mark.parametrize("background", [(255, 255, 255), (10, 20, 30)])
 def test_palette_with_transparency_is_composited(tmp_path, background):
     path = saved(tmp_path, "pt.png", _palette_image(), transparency=0)  # index 0 (red) clear
-    assert Image.open(path).info.get("transparency") is not None
+    assert stored(path)[1].get("transparency") is not None
     img = loads_as_rgb(path, background=background)
     assert (px(img, 0), px(img, 1)) == (background, GREEN)
 
@@ -98,7 +104,7 @@ def test_transparent_gif_first_frame(tmp_path):
     frames = [_palette_image(), _palette_image().transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
     path = saved(tmp_path, "anim.gif", frames[0], save_all=True, append_images=frames[1:],
                  transparency=1)
-    assert Image.open(path).n_frames == 2
+    assert stored(path)[2] == 2
     img = loads_as_rgb(path, background=(1, 2, 3))
     assert (px(img, 0), px(img, 1)) == (RED, (1, 2, 3))
 
@@ -166,7 +172,7 @@ def test_premultiplied_alpha_in_memory(mode, clear, half):
 def test_cmyk_jpeg(tmp_path):
     # PIL writes CMYK JPEGs Adobe-style (inverted); the decoder un-inverts them
     path = saved(tmp_path, "cmyk.jpg", Image.new("CMYK", (16, 16), (0, 255, 255, 0)))
-    assert Image.open(path).mode == "CMYK"
+    assert stored(path)[0] == "CMYK"
     assert close(px(loads_as_rgb(path)), RED, tol=8)
 
 
@@ -182,7 +188,7 @@ def test_colour_spaces(mode):
 def test_16bit_png_scaled_by_257(tmp_path):
     arr = np.array([[0, 257 * 100, 65535, 257 * 100 + 128]], dtype=np.uint16)
     path = saved(tmp_path, "16.png", Image.fromarray(arr))
-    assert Image.open(path).mode.startswith("I")
+    assert stored(path)[0].startswith("I")
     img = loads_as_rgb(path)
     assert [px(img, x)[0] for x in range(4)] == [0, 100, 255, 100]
 
@@ -196,7 +202,7 @@ def test_16bit_big_endian_in_memory():
 def test_32bit_int_tiff_clipped_to_16bit_range(tmp_path):
     arr = np.array([[-5, 25700, 65535, 70000]], dtype=np.int32)
     path = saved(tmp_path, "i32.tiff", Image.fromarray(arr))
-    assert Image.open(path).mode == "I"
+    assert stored(path)[0] == "I"
     img = loads_as_rgb(path)
     assert [px(img, x)[0] for x in range(4)] == [0, 100, 255, 255]
 
@@ -208,7 +214,7 @@ def test_32bit_int_tiff_clipped_to_16bit_range(tmp_path):
 ])
 def test_float_tiff(tmp_path, values, expected):
     path = saved(tmp_path, "f.tiff", Image.fromarray(np.array([values], dtype=np.float32)))
-    assert Image.open(path).mode == "F"
+    assert stored(path)[0] == "F"
     img = loads_as_rgb(path)
     assert [px(img, x)[0] for x in range(4)] == expected
 
