@@ -1,0 +1,128 @@
+"""What a training run measures and writes: content accuracy, metrics.jsonl, the loss-curve PNG.
+
+content accuracy (teacher forcing). For every held-out sample, each content word of its
+response (a character span; for the synthetic task the colour, the shape and the
+position) counts as correct when the model's argmax prediction equals the target at
+every token of that word, each predicted from the image, the prompt and the true
+preceding tokens. content_accuracy = correct words / all content words. A word whose
+first token has no text position before it (a response right after an image block under
+joint_decoder / mot, where VLMOutput.logits has no row) counts as wrong, so the number
+never flatters; prompts should end with a text token ("<image>:").
+
+metrics.jsonl holds one JSON object per line: per logged step
+{"step", "loss", "lr", "tokens_per_s", "images_per_s", ...} and per evaluation
+{"step", "eval_loss", "content_accuracy", ...}. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+__all__ = ["content_hits", "MetricsLog", "plot_losses"]
+
+
+def _token_spans(tokenizer, response: str, spans) -> list[tuple[int, int]]:
+    """Character spans of the response -> token index spans (by encoding prefixes)."""
+    out = []
+    for a, b in spans:
+        out.append((len(tokenizer.encode(response[:a])), len(tokenizer.encode(response[:b]))))
+    return out
+
+
+def content_hits(batch, logits: torch.Tensor, meta: list[dict], tokenizer, ignore: int = -100):
+    """(correct content words, content words) of one packed batch under teacher forcing.
+
+    batch: the VLMBatch; logits: VLMOutput.logits (T_text, V) (rows at batch.text_positions);
+    meta[i]: {"response": str, "content_spans": [(start, end), ...]} of sample i.
+    """
+    if batch.labels is None:
+        return 0, sum(len(m.get("content_spans") or []) for m in meta)
+    dev = logits.device
+    T = batch.input_ids.numel()
+    row_of = torch.full((T,), -1, dtype=torch.long, device=dev)
+    row_of[batch.text_positions.to(dev)] = torch.arange(batch.text_positions.numel(), device=dev)
+    preds = logits.argmax(-1)
+    labels, pos = batch.labels.to(dev), batch.position_ids.to(dev)
+    cu = batch.cu_seqlens.tolist()
+    correct = total = 0
+    for s, m in enumerate(meta):
+        spans = m.get("content_spans") or []
+        if not spans:
+            continue
+        a, b = cu[s], cu[s + 1]
+        trained = ((labels[a:b] != ignore) & (pos[a:b] > 0)).nonzero().squeeze(1) + a
+        for ta, tb in _token_spans(tokenizer, m["response"], spans):
+            total += 1
+            q = trained[ta:tb]
+            if q.numel() == 0 or q.numel() != tb - ta:
+                continue
+            rows = row_of[q - 1]
+            if bool((rows < 0).any()):
+                continue
+            correct += int(bool((preds[rows] == labels[q]).all()))
+    return correct, total
+
+
+class MetricsLog:
+    """Appends JSON records to OUT/metrics.jsonl (rank 0 only; other ranks no-op)."""
+
+    def __init__(self, out_dir, enabled: bool = True, truncate_after: int | None = None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if truncate_after is not None and self.path.is_file():
+                # a resumed run drops what the interrupted one logged after its checkpoint
+                keep = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+                self.path.write_text("".join(line + "\n" for line in keep))
+            elif truncate_after is None:
+                self.path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(records: list[dict], path) -> Path:
+    """Training loss (and eval loss, content accuracy when present) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    acc = [(r["step"], r["content_accuracy"]) for r in records if r.get("content_accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    lines, labels = ax.get_legend_handles_labels()
+    if acc:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*acc), "s--", color="tab:green", label="content accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("content accuracy")
+        l2, lb2 = ax2.get_legend_handles_labels()
+        lines, labels = lines + l2, labels + lb2
+    ax.legend(lines, labels, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,419 @@
+"""`mixres train CONFIG.toml` / `mixres.vlm.train.train(config)`: train a VLM on mixed-size images.
+
+One step: every rank takes `accum` token-budget bins (mixres.vlm.sampler), its DataLoader
+workers load, resize and pack them (the VLM's collator), and the loss of the step is
+
+    sum over every trained token of every rank's bins  /  global count of trained tokens
+
+so 1 process with accum A*W and W processes with accum A compute the same loss and the
+same update (the global batch is the union of the ranks' bins). Then gradient clipping,
+AdamW (no decay on norms, biases, embeddings), warm-up + cosine, staged freezing.
+
+Outputs under OUT: metrics.jsonl (mixres.vlm.metrics), loss.png, summary.json and
+checkpoints/ (mixres.vlm.checkpoint); `--resume` continues from the newest checkpoint
+exactly where the data order, optimizer, schedule and RNG left off. Only rank 0 writes.
+
+`mixres train --synthetic --strategy S --out DIR` trains the shapes task of
+mixres.vlm.synthetic with a tiny VLM and reports content_accuracy on held-out images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from mixres.packing import pack_into_bins
+from mixres.vlm.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from mixres.vlm.metrics import MetricsLog, content_hits, plot_losses
+from mixres.vlm.optim import FreezeStages, build_optimizer, warmup_cosine
+from mixres.vlm.parallel import (
+    all_reduce_sum,
+    apply_activation_checkpointing,
+    apply_compile,
+    gather_objects,
+    init_distributed,
+    unwrap,
+    wrap_data_parallel,
+)
+from mixres.vlm.sampler import TokenBudgetSampler
+from mixres.vlm.trainconfig import RunConfig
+
+__all__ = ["train", "sample_length", "evaluate", "add_arguments", "run", "SYNTHETIC_VLM"]
+
+IGNORE = -100
+
+# the tiny VLM of the synthetic task (`mixres train --synthetic`)
+SYNTHETIC_VLM = {"encoder": "random", "adapter": "mlp2", "lm": "tiny", "min_image_tokens": 16,
+                 "max_image_tokens": 64, "max_seq_tokens": 512}
+
+
+# data
+
+def _datasets(cfg: RunConfig):
+    from mixres.vlm.manifest import ManifestDataset
+    from mixres.vlm.synthetic import SyntheticShapes
+
+    d = cfg.data
+    if d.synthetic:
+        seed = cfg.train.seed
+        # held-out split: another seed, so no training example is ever evaluated
+        return (SyntheticShapes(d.synthetic, seed=2 * seed, blank_images=d.blank_images),
+                SyntheticShapes(d.synthetic_eval, seed=2 * seed + 1, blank_images=d.blank_images))
+    if d.manifest is None:
+        raise ValueError("training config: set data.manifest (a JSONL file) or data.synthetic (a count)")
+    train = ManifestDataset.from_file(cfg.resolve(d.manifest), d.placeholders)
+    evals = ManifestDataset.from_file(cfg.resolve(d.eval_manifest), d.placeholders) if d.eval_manifest else None
+    return train, evals
+
+
+def sample_length(vlm, item: dict, sizes: list[tuple[int, int]]) -> int:
+    """Image + text tokens one sample brings, from image sizes alone (nothing decoded).
+
+    Mirrors the collator: <bos> + text (+ one placeholder per image when there is none)
+    + <eos>; each image brings the adapter's tokens for the grid `target_size` gives.
+    """
+    from mixres.images import target_size
+
+    col, tok = vlm.collator, vlm.tokenizer
+    text = item["text"] if "text" in item else item["prompt"] + item["response"]
+    ids = tok.encode(text)
+    n_ph = sum(i == tok.image_token_id for i in ids)
+    n_text = len(ids) + (tok.bos_id is not None) + (tok.eos_id is not None) + (0 if n_ph else len(sizes))
+    m = vlm.adapter.grid_multiple
+    p = vlm.encoder.patch_size
+    lo = max(1, -(-col.min_image_tokens // (m * m)))
+    hi = None if col.max_image_tokens is None else max(1, col.max_image_tokens // (m * m))
+    n_img = 0
+    for h, w in sizes:
+        H, W = target_size(h, w, p * m, min_tokens=lo, max_tokens=hi)
+        n_img += vlm.adapter.num_tokens((H // p, W // p), vlm.encoder.num_prefix)
+    if vlm.strategy.expands_images:
+        n_text -= max(n_ph, len(sizes))  # placeholders become the image tokens
+    return n_text + n_img
+
+
+def _text_only(ds, i: int) -> dict:
+    """An item's text fields without rendering or loading its images."""
+    if hasattr(ds, "spec"):  # synthetic: the caption is known without drawing
+        from mixres.vlm.synthetic import PROMPT
+
+        return {"prompt": PROMPT, "response": ds.spec(i).caption}
+    return {k: v for k, v in ds[i].items() if k in ("text", "prompt", "response")}
+
+
+def _lengths(vlm, ds) -> list[int]:
+    return [sample_length(vlm, _text_only(ds, i), ds.image_sizes(i)) for i in range(len(ds))]
+
+
+class _Collate:
+    """Items -> (VLMBatch, meta) in a DataLoader worker: images are loaded and resized here."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, items):
+        batch = self.collator([{k: v for k, v in it.items() if k != "content_spans"} for it in items])
+        meta = [{"response": it.get("response", it.get("text", "")),
+                 "content_spans": it.get("content_spans")} for it in items]
+        return batch, meta
+
+
+class _Bins:
+    """The batch sampler a DataLoader reads: this rank's bins from (epoch, step) on."""
+
+    def __init__(self, sampler: TokenBudgetSampler, epoch: int, step: int):
+        self.sampler, self.epoch, self.step = sampler, epoch, step
+
+    def __iter__(self):
+        for _, _, b in self.sampler.iterate(self.epoch, self.step):
+            yield b
+
+
+def _loader(ds, batch_sampler, collate, workers: int):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(ds, batch_sampler=batch_sampler, collate_fn=collate, num_workers=workers,
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def _num_targets(batch) -> int:
+    if batch.labels is None:
+        return 0
+    return int(((batch.labels != IGNORE) & (batch.position_ids > 0)).sum())
+
+
+def _num_tokens(batch) -> int:
+    extra = 0 if batch.image_positions.numel() else sum(batch.image_token_counts)
+    return batch.num_tokens + extra
+
+
+# one step
+
+def _autocast(cfg, device):
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(model, last: bool):
+    """Skip gradient all-reduce on all but the last micro-batch of a step."""
+    if hasattr(model, "no_sync"):  # DDP
+        return contextlib.nullcontext() if last else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def _micro_loss(model, batch, cfg, device):
+    """Sum of the token cross-entropies of one bin (a graph; 0 * logits when nothing trains)."""
+    with _autocast(cfg, device):
+        out = model(batch)
+    if out.loss is None:
+        return out.logits.sum() * 0.0
+    return out.loss * _num_targets(batch)
+
+
+def _grad_norm(params, clip):
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# evaluation
+
+@torch.no_grad()
+def evaluate(model, vlm, ds, lengths, max_tokens, info, cfg, workers: int = 0) -> dict:
+    """eval_loss (mean over trained tokens) and content_accuracy over `ds`, all ranks together."""
+    bins = pack_into_bins(lengths, max_tokens)
+    w = info.world_size
+    # every rank runs the same number of forwards (FSDP needs it); fillers count zero
+    while len(bins) % w:
+        bins.append([])
+    mine = bins[info.rank::w]
+    loader = _loader(ds, [b or bins[0] for b in mine], _Collate(vlm.collator), workers)
+    model.eval()
+    loss_sum = count = correct = words = 0.0
+    for (batch, meta), b in zip(loader, mine):
+        with _autocast(cfg, info.device):
+            out = model(batch)
+        if not b:
+            continue
+        n = _num_targets(batch)
+        if out.loss is not None:
+            loss_sum += float(out.loss) * n
+        count += n
+        c, t = content_hits(batch, out.logits.float(), meta, vlm.tokenizer)
+        correct, words = correct + c, words + t
+    model.train()
+    loss_sum, count, correct, words = all_reduce_sum([loss_sum, count, correct, words], info)
+    return {"eval_loss": loss_sum / max(count, 1),
+            "content_accuracy": correct / words if words else None, "eval_samples": len(ds)}
+
+
+# the loop
+
+def train(config, out=None, *, resume: bool = False, stop_after: int | None = None,
+          device: str | None = None) -> dict:
+    """Train as `config` says (a RunConfig, a dict or a TOML path); returns the summary.
+
+    stop_after: leave after that many steps with a checkpoint, as if interrupted (tests).
+    """
+    from mixres.vlm import build_vlm
+
+    cfg = RunConfig.from_any(config)
+    tc = cfg.train
+    out = Path(out or "mixres-train")
+    info = init_distributed(device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    vlm = build_vlm(cfg.vlm).to(info.device)
+    stages = FreezeStages(tc.stages)
+    stages.check(vlm)
+    ever = stages.ever_trainable(vlm)
+    stages.apply(vlm, 0)
+    if tc.activation_checkpointing:
+        apply_activation_checkpointing(vlm)
+    if tc.compile:
+        apply_compile(vlm)
+    model = wrap_data_parallel(vlm, info, tc.parallel, ever)
+    optimizer = build_optimizer(vlm, tc.lr, tc.weight_decay, tc.betas)
+    scheduler = warmup_cosine(optimizer, tc.steps, tc.warmup, tc.min_lr_ratio)
+
+    train_ds, eval_ds = _datasets(cfg)
+    sampler = TokenBudgetSampler(_lengths(vlm, train_ds), cfg.data.max_tokens, seed=tc.seed,
+                                 world_size=info.world_size, rank=info.rank, accum=tc.accum,
+                                 min_fill=cfg.data.min_fill)
+    eval_lengths = _lengths(vlm, eval_ds) if eval_ds is not None else None
+
+    step, epoch, estep = 0, 0, 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, rank=info.rank)
+        step, epoch, estep = state["step"], state["data"]["epoch"], state["data"]["step"]
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    log = MetricsLog(out, enabled=info.is_main, truncate_after=step if ckpt is not None else None)
+
+    def save(at_step, data_state):
+        save_checkpoint(out, at_step, model, optimizer, scheduler, data_state, cfg.to_dict(),
+                        rank=info.rank, rng_states=gather_objects(rng_state(), info),
+                        keep=tc.keep_checkpoints)
+
+    def run_eval(at_step):
+        if eval_ds is None:
+            return None
+        res = evaluate(model, vlm, eval_ds, eval_lengths, cfg.data.eval_max_tokens or cfg.data.max_tokens,
+                       info, cfg, cfg.data.num_workers)
+        log.write({"step": at_step, **res})
+        return res
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.steps, initial=step, disable=not (info.is_main and tc.progress), desc="train",
+               dynamic_ncols=True)
+    batches = iter(_loader(train_ds, _Bins(sampler, epoch, estep), _Collate(vlm.collator),
+                           cfg.data.num_workers))
+    positions = ((e, s) for e, s, _ in sampler.iterate(epoch, estep))
+    t_start = time.perf_counter()
+    window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "images": 0.0, "t": t_start}
+    last_eval, stopped_early = None, False
+    while step < tc.steps:
+        if stages.apply(vlm, step) and info.is_main:
+            bar.write(f"step {step}: training {stages.prefixes_at(step)}")
+        micro = [next(batches) for _ in range(tc.accum)]
+        for _ in range(tc.accum):
+            e, s = next(positions)
+        local = [sum(_num_targets(b) for b, _ in micro)]
+        global_count = max(all_reduce_sum(local, info)[0], 1.0)
+        loss_sum = 0.0
+        for a, (batch, _) in enumerate(micro):
+            with _sync(model, a == tc.accum - 1):
+                lsum = _micro_loss(model, batch, cfg, info.device)
+                (lsum * (info.world_size / global_count)).backward()
+            loss_sum += float(lsum.detach())
+        trainable = []
+        for p in vlm.parameters():
+            if p.requires_grad:
+                trainable.append(p)
+            else:
+                p.grad = None  # a frozen stage's parameter must not move, not even by decay
+        gnorm = _grad_norm(trainable, tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        data_state = {"epoch": e, "step": s + 1}
+
+        tokens = sum(_num_tokens(b) for b, _ in micro)
+        images = sum(len(b.image_token_counts) for b, _ in micro)
+        loss_sum, tokens, images = all_reduce_sum([loss_sum, tokens, images], info)
+        loss = loss_sum / global_count
+        window["loss"] += loss
+        window["steps"] += 1
+        window["tokens"] += tokens
+        window["images"] += images
+        if step % tc.log_every == 0 or step == tc.steps:
+            now = time.perf_counter()
+            dt = max(now - window["t"], 1e-9)
+            rec = {"step": step, "loss": window["loss"] / window["steps"],
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": window["tokens"] / dt,
+                   "images_per_s": window["images"] / dt, "grad_norm": gnorm, "epoch": e}
+            log.write(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            img_s=f"{rec['images_per_s']:.1f}")
+            window = {"loss": 0.0, "steps": 0, "tokens": 0.0, "images": 0.0, "t": now}
+        bar.update(1)
+        if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+            last_eval = run_eval(step)
+        if tc.save_every and step % tc.save_every == 0 and step < tc.steps:
+            save(step, data_state)
+        over = tc.time_limit is not None and time.perf_counter() - t_start > tc.time_limit
+        if stop_after is not None and step >= stop_after:
+            stopped_early = True
+        elif over and all_reduce_sum([1.0], info)[0] > 0:
+            stopped_early = True
+            if info.is_main:
+                bar.write(f"time limit {tc.time_limit} s reached at step {step}")
+        if stopped_early:
+            break
+    bar.close()
+    train_s = time.perf_counter() - t_start
+    del batches
+    if stop_after is None or step >= tc.steps:
+        last_eval = run_eval(step) or last_eval
+    save(step, data_state if step else {"epoch": epoch, "step": estep})
+    summary = {"steps": step, "train_seconds": train_s, "world_size": info.world_size,
+               "parallel": tc.parallel if info.distributed else "none",
+               "strategy": str(vlm.strategy), "bin_fill": sampler.fill(0),
+               "final_loss": window["loss"] / window["steps"] if window["steps"] else loss,
+               **(last_eval or {})}
+    if info.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_losses(log.records(), out / "loss.png")
+    if info.owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summary
+
+
+# command line
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", nargs="?", help="training TOML ([vlm], [data], [train] tables)")
+    parser.add_argument("--out", default="mixres-train", help="output folder (metrics, checkpoints, plot)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="train the synthetic shapes task with a tiny VLM (no config needed)")
+    parser.add_argument("--strategy", help="override vlm.strategy (joint_decoder | cross_attention | mot)")
+    parser.add_argument("--blank-images", action="store_true",
+                        help="synthetic: images without the shape (the no-vision baseline)")
+    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--time-limit", type=float, help="override train.time_limit (seconds)")
+    parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def synthetic_config(strategy: str = "joint_decoder", blank: bool = False, steps: int = 1500) -> dict:
+    """The configuration of the synthetic shapes run (see the README / benchmarks)."""
+    return {"vlm": {**SYNTHETIC_VLM, "strategy": strategy},
+            "data": {"synthetic": 20000, "synthetic_eval": 300, "blank_images": blank,
+                     "max_tokens": 1024},
+            "train": {"steps": steps, "lr": 3e-3, "warmup": 50, "weight_decay": 0.01, "log_every": 25,
+                      "eval_every": 250, "grad_clip": 1.0, "min_lr_ratio": 0.05, "threads": 1}}
+
+
+def run(args) -> int:
+    if args.synthetic:
+        spec = synthetic_config(args.strategy or "joint_decoder", args.blank_images)
+        if args.config:
+            raise ValueError("--synthetic builds its own configuration; leave CONFIG out")
+    elif args.config:
+        spec = RunConfig.from_any(args.config).to_dict()
+        if args.strategy:
+            spec["vlm"]["strategy"] = args.strategy
+    else:
+        raise ValueError("give a CONFIG.toml or --synthetic")
+    if args.steps:
+        spec["train"]["steps"] = args.steps
+    if args.time_limit:
+        spec["train"]["time_limit"] = args.time_limit
+    if args.no_progress:
+        spec["train"]["progress"] = False
+    summary = train(spec, args.out, resume=args.resume, device=args.device)
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,139 @@
+"""The configuration of a training run: `[vlm]`, `[data]` and `[train]` tables of one TOML file.
+
+    [vlm]                      # mixres.vlm.VLMConfig: encoder, adapter, strategy, lm, ...
+    strategy = "joint_decoder"
+
+    [data]
+    manifest = "train.jsonl"   # relative paths are relative to the TOML file
+    eval_manifest = "val.jsonl"
+    max_tokens = 2048          # image + text tokens of one micro-batch (one bin)
+    num_workers = 2
+
+    [train]
+    steps = 1000
+    lr = 1e-3
+    warmup = 50
+    accum = 1                  # micro-batches per step and rank
+    parallel = "ddp"           # "ddp" | "fsdp" (FSDP2 fully_shard) under torchrun
+    [[train.stages]]           # staged freezing: adapter only, then adapter + LM
+    until = 200
+    train = ["adapter"]
+    [[train.stages]]
+    train = ["adapter", "lm"]
+
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DataConfig", "OptimConfig", "RunConfig"]
+
+PRECISIONS = ("auto", "fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
+
+
+@dataclass
+class DataConfig:
+    manifest: str | None = None       # JSONL (see mixres.vlm.manifest)
+    eval_manifest: str | None = None
+    placeholders: str = "prepend"     # "prepend" | "require" (<image> in every sample with images)
+    synthetic: int = 0                # >0: that many synthetic shape examples instead of a manifest
+    synthetic_eval: int = 256
+    blank_images: bool = False        # synthetic: same captions, images without the shape
+    max_tokens: int = 1024            # budget of one micro-batch
+    eval_max_tokens: int | None = None
+    num_workers: int = 0
+    min_fill: float = 0.9             # bins emptier than this are repacked with the next chunk
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float | None = 1.0
+    accum: int = 1
+    seed: int = 0
+    precision: str = "auto"           # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False             # torch.compile each decoder block
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"
+    log_every: int = 10
+    eval_every: int = 0               # 0: only at the end
+    save_every: int = 0               # 0: only at the end
+    keep_checkpoints: int = 2
+    time_limit: float | None = None   # seconds of training; then evaluate, save and stop
+    progress: bool = True
+    threads: int | None = None        # torch.set_num_threads (1 on a busy CPU: tiny ops lose to sync)
+    stages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"train.parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        for name in ("steps", "accum", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+
+
+def _section(cls, values: dict | None, where: str):
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass
+class RunConfig:
+    vlm: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    base_dir: str = "."               # where relative data paths start (the TOML's folder)
+
+    @classmethod
+    def from_any(cls, spec) -> RunConfig:
+        """A RunConfig, a dict {"vlm", "data", "train"} or the path of a TOML file."""
+        if isinstance(spec, cls):
+            return spec
+        base = "."
+        if isinstance(spec, (str, Path)):
+            path = Path(spec)
+            if not path.is_file():
+                raise FileNotFoundError(f"training config {path} does not exist")
+            with path.open("rb") as f:
+                try:
+                    spec = tomllib.load(f)
+                except tomllib.TOMLDecodeError as e:
+                    raise ValueError(f"training config {path}: {e}") from None
+            base = str(path.resolve().parent)
+        if not isinstance(spec, dict):
+            raise TypeError(f"training config: expected a dict or a TOML path, got {type(spec).__name__}")
+        unknown = sorted(set(spec) - {"vlm", "data", "train", "base_dir"})
+        if unknown:
+            raise ValueError(f"training config: unknown tables {unknown}; expected [vlm], [data], [train]")
+        data, train = spec.get("data", {}), spec.get("train", {})
+        return cls(vlm=dict(spec.get("vlm", {})),
+                   data=data if isinstance(data, DataConfig) else _section(DataConfig, data, "[data]"),
+                   train=train if isinstance(train, OptimConfig) else _section(OptimConfig, train, "[train]"),
+                   base_dir=spec.get("base_dir", base))
+
+    def resolve(self, path: str | None) -> Path | None:
+        if path is None:
+            return None
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def to_dict(self) -> dict:
+        return {"vlm": self.vlm, "data": asdict(self.data), "train": asdict(self.train),
+                "base_dir": self.base_dir}
