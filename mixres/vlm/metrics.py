@@ -32,8 +32,12 @@ def _token_spans(tokenizer, response: str, spans) -> list[tuple[int, int]]:
     return out
 
 
-def content_hits(batch, logits: torch.Tensor, meta: list[dict], tokenizer, ignore: int = -100):
+def content_hits(batch, logits: torch.Tensor, meta: list[dict], tokenizer, ignore: int = -100,
+                 by_slot: dict | None = None):
     """(correct content words, content words) of one packed batch under teacher forcing.
+
+    by_slot: if given, {k: [correct, total]} is accumulated for the k-th content word of
+    each response (synthetic task: 0 colour, 1 shape, 2 position).
 
     batch: the VLMBatch; logits: VLMOutput.logits (T_text, V) (rows at batch.text_positions);
     meta[i]: {"response": str, "content_spans": [(start, end), ...]} of sample i.
@@ -54,15 +58,17 @@ def content_hits(batch, logits: torch.Tensor, meta: list[dict], tokenizer, ignor
             continue
         a, b = cu[s], cu[s + 1]
         trained = ((labels[a:b] != ignore) & (pos[a:b] > 0)).nonzero().squeeze(1) + a
-        for ta, tb in _token_spans(tokenizer, m["response"], spans):
-            total += 1
+        for k, (ta, tb) in enumerate(_token_spans(tokenizer, m["response"], spans)):
             q = trained[ta:tb]
-            if q.numel() == 0 or q.numel() != tb - ta:
-                continue
-            rows = row_of[q - 1]
-            if bool((rows < 0).any()):
-                continue
-            correct += int(bool((preds[rows] == labels[q]).all()))
+            rows = row_of[q - 1] if q.numel() else q
+            ok = (q.numel() == tb - ta > 0 and not bool((rows < 0).any())
+                  and bool((preds[rows] == labels[q]).all()))
+            total += 1
+            correct += int(ok)
+            if by_slot is not None:
+                slot = by_slot.setdefault(k, [0, 0])
+                slot[0] += int(ok)
+                slot[1] += 1
     return correct, total
 
 

@@ -3,7 +3,7 @@
 Each example is one image of a random size and aspect ratio (sides 24–192 px) showing one
 shape of one colour at one of five positions, and a caption naming the three:
 
-    prompt   "<image>"
+    prompt   "<image>:"
     response "red circle top-left"
 
 The caption is a short fixed template so that with the byte tokenizer every content word
@@ -51,7 +51,7 @@ POSITIONS = {
 }
 CHANCE = (1 / len(COLOURS) + 1 / len(SHAPES) + 1 / len(POSITIONS)) / 3
 
-PROMPT = "<image>"
+PROMPT = "<image>:"  # ends with a text token, so the colour is predicted at a text row
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 24, 192, 3.0
 
 

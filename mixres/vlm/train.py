@@ -203,6 +203,7 @@ def evaluate(model, vlm, ds, lengths, max_tokens, info, cfg, workers: int = 0) -
     loader = _loader(ds, [b or bins[0] for b in mine], _Collate(vlm.collator), workers)
     model.eval()
     loss_sum = count = correct = words = 0.0
+    slots: dict[int, list[int]] = {}
     for (batch, meta), b in zip(loader, mine):
         with _autocast(cfg, info.device):
             out = model(batch)
@@ -212,12 +213,17 @@ def evaluate(model, vlm, ds, lengths, max_tokens, info, cfg, workers: int = 0) -
         if out.loss is not None:
             loss_sum += float(out.loss) * n
         count += n
-        c, t = content_hits(batch, out.logits.float(), meta, vlm.tokenizer)
+        c, t = content_hits(batch, out.logits.float(), meta, vlm.tokenizer, by_slot=slots)
         correct, words = correct + c, words + t
     model.train()
-    loss_sum, count, correct, words = all_reduce_sum([loss_sum, count, correct, words], info)
-    return {"eval_loss": loss_sum / max(count, 1),
-            "content_accuracy": correct / words if words else None, "eval_samples": len(ds)}
+    n_slots = 3  # per-word accuracy of the first words (synthetic: colour, shape, position)
+    flat = [v for k in range(n_slots) for v in slots.get(k, [0, 0])]
+    loss_sum, count, correct, words, *flat = all_reduce_sum([loss_sum, count, correct, words, *flat], info)
+    res = {"eval_loss": loss_sum / max(count, 1),
+           "content_accuracy": correct / words if words else None, "eval_samples": len(ds)}
+    if any(flat[1::2]):
+        res["accuracy_by_word"] = [flat[2 * k] / max(flat[2 * k + 1], 1) for k in range(n_slots)]
+    return res
 
 
 # the loop
