@@ -152,8 +152,10 @@ def load_checkpoint(ckpt, model, optimizer=None, scheduler=None, *, rank: int = 
     set_model_state_dict(model, load_weights(weights), options=StateDictOptions(full_state_dict=True))
     state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
     if optimizer is not None:
+        # strict=False: a parameter that never had a gradient (frozen so far, or empty)
+        # legitimately has no optimizer state yet
         set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     rngs = state.get("rng") or []

@@ -46,13 +46,15 @@ class ManifestError(ValueError):
 
 @dataclass
 class Record:
-    """One manifest sample. `prompt` is not trained on; `response` is."""
+    """One manifest sample. `prompt` is not trained on; `response` is. A `text` sample
+    (is_text) has an empty prompt and its placeholders in `response`."""
 
     images: list[Path]
     prompt: str
     response: str
     line: int
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (height, width) per image
+    is_text: bool = False
 
 
 # helpers
@@ -117,7 +119,7 @@ def _parse_line(raw: str, path: Path, line: int, placeholders: str) -> Record:
         files.append(p)
     if has_text:
         # everything trains; the placeholders stay where the user put them
-        return Record(files, "", response, line, sizes)
+        return Record(files, "", prompt + response, line, sizes, is_text=True)
     return Record(files, prompt, response, line, sizes)
 
 
@@ -145,8 +147,8 @@ class ManifestDataset:
     """Records as training items (same layout as `SyntheticShapes` items).
 
     Item i -> {"images": [Path, ...], "prompt": str, "response": str, "content_spans": [...]}
-    where content spans are all words of the response (manifests carry no word labels).
-    A `text` record is a response with an empty prompt whose placeholders sit in it.
+    (or "text" instead of prompt/response for `text` records), where content spans are
+    all words of the response (manifests carry no word labels).
     """
 
     def __init__(self, records: list[Record], path=None):
@@ -164,5 +166,8 @@ class ManifestDataset:
 
     def __getitem__(self, index: int) -> dict:
         r = self.records[index]
-        return {"images": list(r.images), "prompt": r.prompt, "response": r.response,
-                "content_spans": _all_words(r.response), "source": f"{self.path}:{r.line}"}
+        item = {"images": list(r.images), "source": f"{self.path}:{r.line}"}
+        if r.is_text:
+            return {**item, "text": r.response}
+        return {**item, "prompt": r.prompt, "response": r.response,
+                "content_spans": _all_words(r.response)}

@@ -369,7 +369,8 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
                **(last_eval or {})}
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_losses(log.records(), out / "loss.png")
+        if tc.plot:
+            plot_losses(log.records(), out / "loss.png")
     if info.owns_group:
         import torch.distributed as dist
 

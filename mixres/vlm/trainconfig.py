@@ -72,6 +72,7 @@ class OptimConfig:
     keep_checkpoints: int = 2
     time_limit: float | None = None   # seconds of training; then evaluate, save and stop
     progress: bool = True
+    plot: bool = True                 # OUT/loss.png at the end
     threads: int | None = None        # torch.set_num_threads (1 on a busy CPU: tiny ops lose to sync)
     stages: list[dict] = field(default_factory=list)
 
