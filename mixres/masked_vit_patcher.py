@@ -48,6 +48,13 @@ wherever HF can run the image alone (square content grid) and is per-token elsew
 pixels outside the content region are zero, and the masked-image loss (with
 `bool_masked_pos`) counts content pixels only.
 
+Gradient checkpointing works (outputs and gradients as without it). One limit: on
+transformers 5.17, whose checkpointing wraps a layer's hooks too (5.23 wraps only
+`forward`), reentrant checkpointing
+(`use_reentrant=True`) recomputes the layers without the zeroing, so a loss that reads
+the (zero) padded rows of intermediate `hidden_states` sends gradient through them; losses
+on valid tokens, the last layer and the pooled output are exact.
+
 Not thread-safe for concurrent forwards of one patched instance (the per-call masks live
 on the instance while a forward runs); separate instances are independent.
 """
@@ -230,15 +237,35 @@ def _embeddings_forward(self, pixel_values, bool_masked_pos=None, interpolate_po
     return self.dropout(embeddings)
 
 
+class _ZeroPadding(torch.autograd.Function):
+    """x with padded rows zeroed; the mask rides on ctx, not in saved tensors.
+
+    transformers 5.17 checkpoints a layer's whole `__call__`, hooks included, and
+    recomputes it during backward, when no patched forward is running and the hook does
+    nothing. Non-reentrant checkpointing compares the saved tensors of the forward and of
+    the recomputation, so the zeroing must save none (a plain masked_fill saves its mask).
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep):
+        ctx.drop = ~keep
+        return x.masked_fill(ctx.drop, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.masked_fill(ctx.drop, 0.0), None
+
+
 def _zero_padding_hook(vrec: _Patch):
     """A ViT layer's forward hook: zero the layer's output at the padded positions."""
     def hook(module, args, output):
         call = vrec.call
         if call is None:
             return None
+        keep = call.keep[..., None]
         if isinstance(output, tuple):
-            return (output[0].masked_fill(~call.keep[..., None], 0.0), *output[1:])
-        return output.masked_fill(~call.keep[..., None], 0.0)
+            return (_ZeroPadding.apply(output[0], keep), *output[1:])
+        return _ZeroPadding.apply(output, keep)
     return hook
 
 
@@ -441,6 +468,7 @@ def _base_vit(model: nn.Module) -> ViTModel:
 class MaskedViTEncoder(Encoder):
     """Pad to the largest image, run the patched ViTModel with `image_sizes`, keep valid tokens.
 
+    Works on the ViTModel inside a task model (its pooler output, if any, is `pooled`).
     The patch is applied for the duration of each forward and removed in `finally`, so the
     user's model is unchanged after `encode` (a model the user patched stays patched).
     Pads cost compute: this backend exists for comparison and for users of the padded API;
@@ -460,13 +488,16 @@ class MaskedViTEncoder(Encoder):
         return 1
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
-        images = packed.unpack()
-        p = packed.patch_size
+        p, c = packed.patch_size, packed.channels
         grid = packed.grid_hw.to(packed.patches.device)
-        H, W = (int(v) * p for v in grid.max(0).values.tolist())
-        batch = packed.patches.new_zeros(len(images), packed.channels, H, W)
-        for i, img in enumerate(images):
-            batch[i, :, :img.shape[1], :img.shape[2]] = img
+        gh, gw = (int(v) for v in grid.max(0).values.tolist())
+        # packed patches are image-major and row-major, the order of the True entries of the
+        # padded grid's content mask: one scatter pads every image (no per-image loop)
+        inside = _keep_mask(grid, gh, gw)[:, 1:]
+        cells = packed.patches.new_zeros(grid.shape[0], gh * gw, c * p * p)
+        cells[inside] = packed.patches
+        batch = cells.view(-1, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, gh * p, gw * p)
+        H, W = gh * p, gw * p
         want_hidden = self.select_layer != -1
         with patched(self.vit):
             out = self.vit(batch, image_sizes=grid * p, output_hidden_states=want_hidden)

@@ -197,6 +197,24 @@ def test_gradients_flow_and_dropout_works_in_train_mode():
             assert rel_err(valid(out, k, img.shape[1:], batch.shape[2:]), ref) <= 1e-5, k
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    model = patch_vit(ViTModel(config()).train())
+    batch, sizes = pad(images())
+
+    def grads():
+        model.zero_grad()
+        out = model(batch, image_sizes=sizes, output_hidden_states=True)
+        # an intermediate layer's CLS too (padded rows of intermediate layers: see the module docstring)
+        (out.last_hidden_state.square().sum() + out.hidden_states[1][:, 0].sum()).backward()
+        return torch.cat([p.grad.flatten() for p in model.layers.parameters()])
+
+    plain = grads()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert rel_err(grads(), plain) <= 1e-6
+
+
 @torch.no_grad()
 def test_pad_value_fallback_finds_padding_and_misses_black_borders():
     model = ViTModel(config()).eval()
