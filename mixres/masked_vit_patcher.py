@@ -35,7 +35,8 @@ touch the pad value at their borders.
 Why instance attributes and hooks, not a subclass: the patch replaces `forward` on the
 instance (the ViTModel's, the embeddings', and the task head's) and adds forward hooks on
 the ViT layers. Swapping `__class__` to a subclass would break transformers' output
-capture (`hidden_states` recording is registered per class name) and anything that
+capture (`hidden_states` recording is registered per class name when a model is built,
+so a swapped-in subclass would silently return none) and anything that
 checks `type(model)`; changing the HF classes would change every other ViT in the
 process. Instance attributes touch only this model, and `unpatch_vit` removes them.
 The layer hooks are prepended so that HF's own `hidden_states` capture hooks (installed
