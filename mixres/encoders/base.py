@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixres import vision_utils
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
 
 DEFAULT_MAX_TOKENS = 1024
@@ -54,14 +53,17 @@ class Encoder:
     # what the model expects; backends for non-HF models override these
     @property
     def patch_size(self) -> int:
+        from mixres import vision_utils
         return vision_utils.patch_size(self.model)
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        from mixres import vision_utils
         return vision_utils.image_mean_std(self.model)
 
     @property
     def num_prefix(self) -> int:
+        from mixres import vision_utils
         return vision_utils.num_prefix_tokens(self.model)
 
     @property
