@@ -38,6 +38,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from mixres import vision_utils
 from mixres.encoders import load_encoder, register_backend
 from mixres.encoders.base import Encoder
 from mixres.model_calls import call_for, family, output_tokens, vision_tower
@@ -239,7 +240,10 @@ class GroupedEncoder(Encoder):
 
     @property
     def num_prefix(self) -> int:
-        return call_for(self._tower).num_prefix(self._config)
+        try:
+            return vision_utils.num_prefix_tokens(self.model)
+        except vision_utils.UnknownImageEncoderError:  # a family mixres has no row for
+            return 0
 
     def prepare(self, images) -> list[torch.Tensor]:
         from pathlib import Path
@@ -289,12 +293,13 @@ class GroupedEncoder(Encoder):
 
 # the original toolkit's API: one embedding per image
 
-# fastest exact route per family (config.model_type); anything else goes "grouped"
+# fastest exact route per family (vision_utils.family); anything else goes "grouped"
 ROUTES: dict[str, str] = {
     "vit": "packed",
-    "clip_vision_model": "packed",
-    "siglip_vision_model": "packed",
-    "siglip2_vision_model": "packed",
+    "deit": "packed",
+    "clip": "packed",
+    "siglip": "packed",
+    "siglip2": "packed",
     "dinov2": "packed",
     "dinov2_with_registers": "packed",
     "dinov3_vit": "packed",
@@ -347,12 +352,11 @@ def _embedding(tokens: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tenso
 
 
 def _width(model: nn.Module) -> int:
-    tokens, pooled, _ = run_grouped(model, [torch.zeros(_channels(model), 64, 64)])[0]
-    return _embedding(tokens, pooled).shape[-1]
-
-
-def _channels(model: nn.Module) -> int:
-    return int(getattr(getattr(vision_tower(model), "config", None), "num_channels", 3))
+    """D of the embeddings, for outputs where every image is empty."""
+    try:
+        return vision_utils.image_encoder_size(model)
+    except vision_utils.UnknownImageEncoderError:
+        return _probe_tokens(model).shape[-1]
 
 
 def encode_images_group(image_encoder, images, *, route: str | None = None,
@@ -436,10 +440,15 @@ def encode_images_sequentially(image_encoder, images) -> torch.Tensor:
             if img.shape[-2] == 0 or img.shape[-1] == 0:
                 embs.append(None)
                 continue
+            if fc.whole_patches:  # SigLIP2 takes patches: what its processor would give
+                img = crop_for(model, img)
             out = fc.call(tower, img[None].to(device=device, dtype=dtype))
-            tokens, _ = output_tokens(out.last_hidden_state)
             pooled = getattr(out, "pooler_output", None)
-            embs.append(_embedding(tokens[0], None if pooled is None else pooled.flatten(1)[0]))
+            if pooled is not None:
+                embs.append(pooled.flatten(1)[0])
+            else:
+                hidden = out.last_hidden_state
+                embs.append(vision_utils.pool_hidden_dim(hidden, _width(model))[0])
         width = next((e.shape[-1] for e in embs if e is not None), None) or _width(model)
         return torch.stack([torch.zeros(width, device=device, dtype=dtype) if e is None else e
                             for e in embs]) if embs else torch.zeros(0, width)
@@ -466,8 +475,12 @@ def encode_images_batch(image_encoder, images) -> torch.Tensor:
         batch = imgs[0].new_zeros(len(imgs), imgs[0].shape[0], H, W)
         for i, img in enumerate(imgs):
             batch[i, :, :img.shape[-2], :img.shape[-1]] = img
+    fc = call_for(tower)
+    if fc.whole_patches:  # SigLIP2 takes whole patches only
+        p = fc.crop(tower.config)
+        batch = batch[..., :batch.shape[-2] // p * p, :batch.shape[-1] // p * p]
     with _grad_or_inference():
-        out = call_for(tower).call(tower, batch.to(device=device, dtype=dtype))
+        out = fc.call(tower, batch.to(device=device, dtype=dtype))
         tokens, _ = output_tokens(out.last_hidden_state)
         pooled = getattr(out, "pooler_output", None)
         return pooled.flatten(1) if pooled is not None else tokens.mean(1)

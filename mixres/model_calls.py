@@ -14,15 +14,15 @@ small and lives in the `CALLS` table, keyed by `config.model_type`:
     key         which images may share a batch (exact shape; SigLIP2: equal patch count,
                 since it resizes position embeddings per image)
     grid        the output token grid of an (H, W) image, for sequence outputs
-    num_prefix  tokens before the grid (CLS, registers, DINOv3-ConvNeXt's pooled token)
     stride      input pixels per output token along each side (budgets, preprocessing)
 
 Families not in the table get `GENERIC`: exact-shape groups, the model's own output.
+Keys are `mixres.vision_utils.family` keys (model_type without "_vision_model"); the
+facts vision_utils knows (towers, NaFlex inputs, interpolation flags) are asked there.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["FamilyCall", "CALLS", "GENERIC", "call_for", "vision_tower", "family",
-           "naflex_patches", "output_tokens"]
+from mixres import vision_utils
+from mixres.vision_utils import vision_tower
+
+__all__ = ["FamilyCall", "CALLS", "GENERIC", "call_for", "family", "output_tokens", "vision_tower"]
 
 
 # helpers
@@ -41,59 +43,29 @@ def _cfg_patch(config) -> int:
     return int(p[0] if isinstance(p, (list, tuple)) else p)
 
 
-def _accepts(module: nn.Module, name: str) -> bool:
-    return name in inspect.signature(module.forward).parameters
-
-
-def vision_tower(model: nn.Module) -> nn.Module:
-    """The vision model inside a composite (CLIPModel, SiglipModel, ...), else the model."""
-    tower = getattr(model, "vision_model", None)
-    if isinstance(tower, nn.Module) and hasattr(tower, "config"):
-        return tower
-    return model
-
-
 def family(model: nn.Module) -> str:
-    """`config.model_type` of the vision tower ("" for models without an HF config)."""
-    config = getattr(vision_tower(model), "config", None)
-    return getattr(config, "model_type", "") or ""
+    """vision_utils' family key ("vit", "clip", "swinv2", ...), "" when there is none."""
+    try:
+        return vision_utils.family(model)
+    except vision_utils.UnknownImageEncoderError:
+        return ""
 
 
 # how to call
 
 def _call_pixels(model: nn.Module, pixels: torch.Tensor, **kw):
-    # interpolate_pos_encoding=True is what makes a ViT accept sizes other than its
-    # training size; families that always interpolate (DINOv2) do not take the argument
-    if _accepts(model, "interpolate_pos_encoding"):
-        kw["interpolate_pos_encoding"] = True
-    return model(pixel_values=pixels, **kw)
-
-
-def naflex_patches(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, h*w, p*p*C): HF SigLIP2's patch layout (channel last per patch).
-
-    Pixels past the last whole patch are dropped, as a stride-p conv would drop them.
-    """
-    p = patch_size
-    pixels = pixels[..., :pixels.shape[-2] // p * p, :pixels.shape[-1] // p * p]
-    b, c, H, W = pixels.shape
-    x = pixels.reshape(b, c, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # b h w ph pw c
-    return x.reshape(b, (H // p) * (W // p), p * p * c)
-
-
-def _call_naflex(model: nn.Module, pixels: torch.Tensor, **kw):
-    p = _cfg_patch(model.config)
-    b, _, H, W = pixels.shape
-    patches = naflex_patches(pixels, p)
-    shapes = torch.tensor([[H // p, W // p]] * b, dtype=torch.long, device=pixels.device)
-    mask = torch.ones(patches.shape[:2], dtype=torch.long, device=pixels.device)
-    return model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes, **kw)
+    # interpolate_pos_encoding=True where the forward takes it; SigLIP2's NaFlex inputs
+    return model(**vision_utils.forward_kwargs(model, pixels, **kw))
 
 
 def _call_naflex_list(model: nn.Module, images: list[torch.Tensor], **kw):
-    """SigLIP2 on images of equal patch count but different shapes, in one batch."""
+    """SigLIP2 on images of equal patch count but different shapes, in one batch.
+
+    Its position embeddings are resized per image from `spatial_shapes`, so images of one
+    token count need no padding to share a batch.
+    """
     p = _cfg_patch(model.config)
-    patches = torch.cat([naflex_patches(img[None], p) for img in images])
+    patches = torch.cat([vision_utils.naflex_patches(img[None], p) for img in images])
     shapes = torch.tensor([[img.shape[-2] // p, img.shape[-1] // p] for img in images],
                           dtype=torch.long, device=patches.device)
     mask = torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device)
@@ -142,35 +114,30 @@ class FamilyCall:
 
     crop: Callable[[object], int | None] = lambda cfg: None
     call: Callable = _call_pixels
+    whole_patches: bool = False         # the forward itself refuses a partial patch
     call_list: Callable | None = None   # a batch of images whose shapes differ but `key` agrees
     key: Callable[[object, tuple[int, ...]], tuple] = lambda cfg, chw: tuple(chw)
     grid: Callable[[object, int, int], tuple[int, int]] | None = None
-    num_prefix: Callable[[object], int] = lambda cfg: 0
     stride: Callable[[object], int | None] = lambda cfg: None
     min_size: Callable[[object], int] = lambda cfg: 1
 
 
-def _patch_family(prefix: Callable[[object], int]) -> FamilyCall:
-    return FamilyCall(crop=_cfg_patch, grid=_grid_patch, num_prefix=prefix, stride=_cfg_patch,
-                      min_size=_cfg_patch)
-
-
-def _registers(cfg) -> int:
-    return 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+def _patch_family() -> FamilyCall:
+    return FamilyCall(crop=_cfg_patch, grid=_grid_patch, stride=_cfg_patch, min_size=_cfg_patch)
 
 
 GENERIC = FamilyCall()
 
 CALLS: dict[str, FamilyCall] = {
-    "vit": _patch_family(lambda cfg: 1),
-    "deit": _patch_family(lambda cfg: 2),
-    "clip_vision_model": _patch_family(lambda cfg: 1),
-    "siglip_vision_model": _patch_family(lambda cfg: 0),
-    "dinov2": _patch_family(lambda cfg: 1),
-    "dinov2_with_registers": _patch_family(_registers),
-    "dinov3_vit": _patch_family(_registers),
-    "siglip2_vision_model": FamilyCall(
-        crop=_cfg_patch, call=_call_naflex, call_list=_call_naflex_list,
+    "vit": _patch_family(),
+    "deit": _patch_family(),
+    "clip": _patch_family(),
+    "siglip": _patch_family(),
+    "dinov2": _patch_family(),
+    "dinov2_with_registers": _patch_family(),
+    "dinov3_vit": _patch_family(),
+    "siglip2": FamilyCall(
+        crop=_cfg_patch, call_list=_call_naflex_list, whole_patches=True,
         key=lambda cfg, chw: (chw[0], (chw[1] // _cfg_patch(cfg)) * (chw[2] // _cfg_patch(cfg))),
         grid=_grid_patch, stride=_cfg_patch, min_size=_cfg_patch),
     "swin": FamilyCall(grid=_grid_swin, stride=_stride_swin),
@@ -178,7 +145,8 @@ CALLS: dict[str, FamilyCall] = {
     "resnet": FamilyCall(stride=_stride_resnet),
     "mobilevit": FamilyCall(stride=lambda cfg: int(getattr(cfg, "output_stride", 32))),
     "convnext": FamilyCall(stride=lambda cfg: 4 * 2 ** (len(cfg.hidden_sizes) - 1)),
-    "dinov3_convnext": FamilyCall(grid=_grid_dinov3_convnext, num_prefix=lambda cfg: 1,
+    "convnextv2": FamilyCall(stride=lambda cfg: 4 * 2 ** (len(cfg.hidden_sizes) - 1)),
+    "dinov3_convnext": FamilyCall(grid=_grid_dinov3_convnext,
                                   stride=lambda cfg: 4 * 2 ** (len(cfg.hidden_sizes) - 1)),
 }
 

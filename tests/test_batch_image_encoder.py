@@ -21,6 +21,9 @@ from mixres.batch_image_encoder import (
     encode_images_sequentially,
     encode_nested,
 )
+from mixres.encoders import load_encoder
+from mixres.packing import PackedImages
+from mixres.vision_utils import image_encoder_size
 
 VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
            patch_size=8, image_size=32)
@@ -139,6 +142,7 @@ def test_batch_equals_one_at_a_time(name):
     torch.testing.assert_close(out[0, 0], pooled, atol=1e-5, rtol=0)
     empty = (dims == 0).any(-1)
     assert bool((out[empty] == 0).all()) and bool((out[~empty].abs().sum(-1) > 0).all())
+    assert out.shape[-1] == image_encoder_size(model)
     # the auto route (packed where installed, else grouped) gives the same numbers
     torch.testing.assert_close(encode_images(model, x, dims), ref, atol=1e-5, rtol=0)
 
@@ -181,10 +185,25 @@ def test_grouped_backend_equals_model_alone(name):
         assert feats.num_prefix + h * w == tokens.shape[0]
 
 
-def test_grouped_backend_is_registered():
-    from mixres.encoders import get_backend
-
-    assert get_backend("grouped") is GroupedEncoder
+def test_load_encoder_grouped(tmp_path):
+    model = build("swinv2")
+    enc = load_encoder(model, backend="grouped", max_batch_tokens=8)
+    assert isinstance(enc, GroupedEncoder) and enc.model is model
+    imgs = [torch.randn(3, 21, 37), torch.randn(3, 32, 16)]
+    feats = enc.encode(imgs)
+    for got, img in zip(feats.unpack(), imgs):
+        assert rel_err(got, alone(model, img)[0]) <= 1e-5
+    # a saved model loads from its directory and gives the same features
+    model.save_pretrained(tmp_path)
+    again = load_encoder(str(tmp_path), backend="grouped").encode(imgs)
+    assert rel_err(again.tokens, feats.tokens) <= 1e-6 and rel_err(again.pooled, feats.pooled) <= 1e-6
+    # a preset by name; PackedImages in, as for the packed backend
+    vit = load_encoder("tiny-vit", backend="grouped")
+    packed = PackedImages.from_images([torch.randn(3, 32, 48), torch.randn(3, 16, 16)], 16)
+    feats = vit.encode(packed)
+    assert feats.grid_hw.tolist() == [[2, 3], [1, 1]] and feats.num_prefix == 1
+    for got, img in zip(feats.unpack(), packed.unpack()):
+        assert rel_err(got, alone(vit.model, img)[0]) <= 1e-5
 
 
 def test_nested_structures_and_empty_lists():
