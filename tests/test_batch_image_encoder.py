@@ -87,19 +87,23 @@ def scramble(model):
 
 
 def padded_batch(seed=0):
-    """(2, 4, 3, 24, 40) images, true sizes with repeats, odd sizes and empty slots.
+    """(2, 4, 3, 32, 40) images, true sizes with repeats, odd sizes and empty slots.
 
-    16x32 and 32x16 -> 16x32 share a SigLIP2 group (8 patches each); 19x37 is not a
-    multiple of the patch; 16x32 appears three times (one shape group).
+    16x32 appears three times and 19x37 crops to it at patch 8 (one shape group); 32x16
+    has as many patches as 16x32 (one SigLIP2 group of two shapes) and is black along
+    its bottom and right edges and in a block inside, like content, not padding.
     """
     g = torch.Generator().manual_seed(seed)
-    sizes = [[(16, 32), (19, 37), (0, 0), (24, 16)],
+    sizes = [[(16, 32), (19, 37), (0, 0), (32, 16)],
              [(16, 32), (8, 40), (16, 32), (0, 5)]]
-    x = torch.zeros(2, 4, 3, 24, 40)
+    x = torch.zeros(2, 4, 3, 32, 40)
     for b in range(2):
         for s in range(4):
             h, w = sizes[b][s]
             x[b, s, :, :h, :w] = torch.randn(3, h, w, generator=g)
+    x[0, 3, :, 24:, :] = 0
+    x[0, 3, :, :, 12:] = 0
+    x[0, 3, :, 8:14, 4:10] = 0
     return x, torch.tensor(sizes)
 
 
@@ -204,6 +208,20 @@ def test_load_encoder_grouped(tmp_path):
     assert feats.grid_hw.tolist() == [[2, 3], [1, 1]] and feats.num_prefix == 1
     for got, img in zip(feats.unpack(), packed.unpack()):
         assert rel_err(got, alone(vit.model, img)[0]) <= 1e-5
+
+
+def test_siglip2_batches_shapes_of_equal_patch_count():
+    model = build("siglip2")
+    x, dims = padded_batch()
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: calls.append(kw["spatial_shapes"].tolist()),
+                                           with_kwargs=True)
+    try:
+        encode_images(model, x, dims, route="grouped")
+    finally:
+        hook.remove()
+    # 16x32 (x3), 19x37 -> 16x32 and 32x16 share one forward; 8x40 (1x5 patches) runs alone
+    assert sorted(sorted(c) for c in calls) == [[[1, 5]], [[2, 4]] * 4 + [[4, 2]]]
 
 
 def test_nested_structures_and_empty_lists():
