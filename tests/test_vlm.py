@@ -352,3 +352,35 @@ def test_hf_tokenizer_from_a_local_path_gets_an_image_token(tmp_path, hf_llama):
     b = vlm.collate([{"images": [img(1, 3, 1)], "text": "a dog"}])
     assert b.input_ids.tolist() == [1, 7, 7, 7, 3, 5, 2]
     assert vlm(b).logits.shape == (4, 260)
+
+
+# a real vision encoder (mixres "packed" backend on the tiny-vit preset)
+
+
+@pytest.mark.parametrize("strategy", ["joint_decoder", "cross_attention"])
+def test_real_encoder_alone_equals_batch_and_trains_where_unfrozen(strategy):
+    vlm = build_vlm({"encoder": "tiny-vit", "adapter": "merge2x2", "strategy": STRATEGIES[strategy],
+                     "lm": LM, "freeze": {"encoder": True, "encoder.model.layers.1": False}})
+    assert vlm.encoder.patch_size == 16 and vlm.encoder.num_prefix == 1
+    ss = [{"images": [img(2, 4, 1, p=16)], "text": "a <image> b"},
+          {"images": [img(4, 2, 2, p=16), img(2, 2, 3, p=16)], "prompt": "q", "response": "r"}]
+    batch = vlm.collate(ss)
+    assert batch.image_token_counts == [2, 2, 1]
+    out = vlm(batch)
+    for s, got in zip(ss, out.unpack()):
+        assert rel_err(got, alone(vlm, s)) <= 1e-5
+    out.loss.backward()
+    grads = {n: p.grad for n, p in vlm.encoder.named_parameters()}
+    trained = {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+    assert trained == {n for n in grads if n.startswith("model.layers.1.")}
+
+
+def test_encoder_specs_name_backends_and_models():
+    from mixres.presets import build
+
+    loop = build_vlm({"encoder": {"name": "loop", "model": "tiny-vit"}, "lm": LM}).eval()
+    packed = build_vlm({"encoder": build("tiny-vit"), "lm": LM}).eval()
+    assert loop.encoder.backend == "loop" and packed.encoder.backend == "packed"
+    s = samples()[1]
+    s = dict(s, images=[img(2, 3, 1, p=16), img(1, 5, 2, p=16)])
+    assert rel_err(alone(packed, s), alone(loop, s)) <= 1e-5
