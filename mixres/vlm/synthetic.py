@@ -40,7 +40,7 @@ COLOURS = {
     "purple": (140, 40, 170),
     "orange": (245, 130, 20),
 }
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "cross")
 # position name -> centre as a fraction of (width, height)
 POSITIONS = {
     "top-left": (0.25, 0.25),
@@ -111,8 +111,10 @@ def render(spec: ShapeSpec, blank: bool = False) -> Image.Image:
         draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
     elif spec.shape == "triangle":
         draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-    elif spec.shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=fill)
+    elif spec.shape == "cross":
+        t = r * 0.35
+        draw.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+        draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
     else:
         raise ValueError(f"unknown shape {spec.shape!r}; expected one of {SHAPES}")
     return img
