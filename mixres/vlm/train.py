@@ -37,7 +37,6 @@ from mixres.vlm.parallel import (
     apply_compile,
     gather_objects,
     init_distributed,
-    unwrap,
     wrap_data_parallel,
 )
 from mixres.vlm.sampler import TokenBudgetSampler
@@ -72,7 +71,9 @@ def _datasets(cfg: RunConfig):
     if d.manifest is None:
         raise ValueError("training config: set data.manifest (a JSONL file) or data.synthetic (a count)")
     train = ManifestDataset.from_file(cfg.resolve(d.manifest), d.placeholders)
-    evals = ManifestDataset.from_file(cfg.resolve(d.eval_manifest), d.placeholders) if d.eval_manifest else None
+    evals = None
+    if d.eval_manifest:
+        evals = ManifestDataset.from_file(cfg.resolve(d.eval_manifest), d.placeholders)
     return train, evals
 
 
@@ -234,10 +235,11 @@ def evaluate(model, vlm, ds, lengths, max_tokens, info, cfg, workers: int = 0) -
 # the loop
 
 def train(config, out=None, *, resume: bool = False, stop_after: int | None = None,
-          device: str | None = None) -> dict:
+          evaluate_at_stop: bool = False, device: str | None = None) -> dict:
     """Train as `config` says (a RunConfig, a dict or a TOML path); returns the summary.
 
-    stop_after: leave after that many steps with a checkpoint, as if interrupted (tests).
+    stop_after: leave after that many steps with a checkpoint, as if interrupted (tests);
+    evaluate_at_stop: evaluate there too (an interrupted run normally does not).
     """
     from mixres.vlm import build_vlm
 
@@ -364,7 +366,7 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
     bar.close()
     train_s = time.perf_counter() - t_start
     del batches
-    if stop_after is None or step >= tc.steps:
+    if stop_after is None or step >= tc.steps or evaluate_at_stop:
         last_eval = run_eval(step) or last_eval
     save(step, data_state if step else {"epoch": epoch, "step": estep})
     summary = {"steps": step, "train_seconds": train_s, "world_size": info.world_size,
