@@ -139,7 +139,7 @@ class Collator:
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + [i for i, _ in body]
         train = ([False] if tok.bos_id is not None else []) + [t for _, t in body]
         if add_eos and tok.eos_id is not None:
-            # <eos> is a target wherever the last text token is (always for "text")
+            # <eos> is always trained on: the model learns where a text or a response ends
             ids.append(tok.eos_id)
             train.append(True)
         return ids, train
