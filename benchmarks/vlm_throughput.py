@@ -10,6 +10,8 @@ next-token loss:
             sample, samples padded to the longest with a (causal & key-padding) mask
             and dense SDPA in every LM layer
 
+With an HF encoder the padded batch runs without masks, as most pipelines do, so its
+loss differs slightly (padding changes ViT features; see benchmarks/invariance.py).
 Tokens/s counts the real LM positions (the same for both), so the ratio is the time ratio.
 The two are timed interleaved, round by round; the best and the median round are reported.
 The workload: B samples with 1-3 images each, grids of `mixed-N` scaled to
@@ -156,8 +158,10 @@ def main(argv=None) -> int:
     vlm = build_vlm({"encoder": enc, "adapter": args.adapter, "strategy": args.strategy,
                      "lm": {"hidden": args.hidden, "layers": args.layers, "heads": 8, "kv_heads": 4},
                      "max_seq_tokens": 4096, "max_image_tokens": args.max_tokens}).train()
-    patch = vlm.encoder.patch_size * vlm.adapter.grid_multiple
-    batch = vlm.collate(make_samples(args.samples, args.seed, patch, args.min_tokens, args.max_tokens))
+    # grids in units of the adapter's merge (token bounds stay in encoder patches)
+    m = vlm.adapter.grid_multiple
+    batch = vlm.collate(make_samples(args.samples, args.seed, vlm.encoder.patch_size * m,
+                                     max(1, args.min_tokens // m ** 2), args.max_tokens // m ** 2))
 
     def packed():
         vlm.zero_grad(set_to_none=True)

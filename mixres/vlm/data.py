@@ -104,8 +104,9 @@ class Collator:
         try:
             return preprocess(image, unit, min_tokens=lo, max_tokens=hi, mean=mean, std=std)
         except ValueError as e:
-            extra = (f" (the {type(self.adapter).__name__} adapter needs grids in multiples of {m} "
-                     f"patches of {self.tower.patch_size} px)") if m > 1 else ""
+            name = getattr(self.adapter, "name", type(self.adapter).__name__)
+            extra = (f" (the {name} adapter needs grids in multiples of {m} patches of "
+                     f"{self.tower.patch_size} px)") if m > 1 else ""
             raise ValueError(f"{where}: {e}{extra}") from e
 
     def _add_image(self, image, where: str, pixels: list) -> int:
