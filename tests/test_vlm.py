@@ -384,3 +384,15 @@ def test_encoder_specs_name_backends_and_models():
     s = samples()[1]
     s = dict(s, images=[img(2, 3, 1, p=16), img(1, 5, 2, p=16)])
     assert rel_err(alone(packed, s), alone(loop, s)) <= 1e-5
+
+
+def test_mot_routes_each_token_to_its_modality_weights():
+    vlm = make("mot")
+    text_only, with_image = samples()[2], samples()[0]
+    before = [alone(vlm, s) for s in (text_only, with_image)]
+    with torch.no_grad():
+        for block in vlm.lm.blocks:
+            block.experts[IMAGE].mlp.down.weight.mul_(3.0)   # only image tokens use these
+    after = [alone(vlm, s) for s in (text_only, with_image)]
+    assert torch.equal(before[0], after[0])
+    assert rel_err(after[1], before[1]) > 1e-4
