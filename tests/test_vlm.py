@@ -242,6 +242,9 @@ def test_labels_positions_and_layout():
     assert b.position_ids.tolist() == list(range(8)) + list(range(3))
     assert b.image_positions.tolist() == [3, 4]
     assert b.text_cu_seqlens.tolist() == [0, 6, 9]
+    for v in (vlm, make("cross_attention", adapter="merge2x2")):
+        ss = [dict(x, images=[img(2, 4, i) for i in range(len(x["images"]))]) for x in samples()]
+        assert [v.collator.num_positions(x) for x in ss] == [int(n) for n in v.collate(ss).cu_seqlens.diff()]
     with pytest.raises(ValueError, match="sample 0: the text has 2 <image> placeholders but the "
                                          "sample has 1 images"):
         vlm.collate([{"images": [img(1, 1, 1)], "text": "<image><image>"}])

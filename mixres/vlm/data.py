@@ -145,6 +145,21 @@ class Collator:
             train.append(True)
         return ids, train
 
+    def num_positions(self, sample: dict, add_eos: bool = True) -> int:
+        """The LM positions `sample` takes once collated (for token-budget batching with
+        `mixres.pack_into_bins`); images are preprocessed but not patchified."""
+        toks, _ = self._text(sample, "sample", add_eos)
+        images = list(sample.get("images") or [])
+        n = len(toks) - len(images)
+        if self.expands_images:
+            p = self.tower.patch_size
+            for k, image in enumerate(images):
+                t = self.prepare_image(image, f"sample image {k}")
+                n += self.adapter.num_tokens((t.shape[1] // p, t.shape[2] // p), self.tower.num_prefix)
+        else:
+            n += len(images)
+        return n
+
     # batch
 
     def __call__(self, samples: Sequence[dict], add_eos: bool = True) -> VLMBatch:
