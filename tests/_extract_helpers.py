@@ -49,7 +49,8 @@ def child_main(argv: list[str]) -> int:
     model_dir, inp, out, *rest = argv
     kw = {k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in (a.split("=", 1) for a in rest)}
     model = ViTModel.from_pretrained(model_dir).eval()
-    embed(inp, out, model, backend="test-loop", model_name=model_dir, progress=False, **kw)
+    kw = {"backend": "test-loop", "model_name": model_dir, "progress": False, **kw}
+    embed(inp, out, model, **kw)
     return 0
 
 
