@@ -1,6 +1,39 @@
-"""mixres: vision features from images of mixed sizes, without padding."""
+"""mixres: vision features from images of mixed sizes, without padding.
 
+    enc = mixres.load_encoder(model, backend="packed")   # HF model | path | hub id | preset
+    feats = enc.encode(images)                            # PackedFeatures
+    feats = mixres.encode(paths, model="tiny-vit")        # one call, pooled as asked
+    report = mixres.check_invariance(model, images)       # verify a checkpoint
+
+Heavier parts (extraction, VLM) are imported on first use.
+"""
+
+from mixres.encoders import list_backends, load_encoder
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
 
-__all__ = ["PackedFeatures", "PackedImages", "pack_into_bins"]
 __version__ = "0.1.0"
+
+# name -> module that defines it, imported on first attribute access
+_LAZY = {
+    "ImageLoadError": "mixres.images",
+    "load_image": "mixres.images",
+    "preprocess": "mixres.images",
+    "encode": "mixres.extract",
+    "read_features": "mixres.extract",
+    "check_invariance": "mixres.invariance",
+    "InvarianceReport": "mixres.invariance",
+    "load_model": "mixres.presets",
+}
+
+__all__ = ["PackedFeatures", "PackedImages", "pack_into_bins", "load_encoder", "list_backends",
+           *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mixres' has no attribute {name!r}")

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixres import vision_utils
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
 
 DEFAULT_MAX_TOKENS = 1024
@@ -54,14 +53,17 @@ class Encoder:
     # what the model expects; backends for non-HF models override these
     @property
     def patch_size(self) -> int:
+        from mixres import vision_utils
         return vision_utils.patch_size(self.model)
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        from mixres import vision_utils
         return vision_utils.image_mean_std(self.model)
 
     @property
     def num_prefix(self) -> int:
+        from mixres import vision_utils
         return vision_utils.num_prefix_tokens(self.model)
 
     @property
@@ -78,15 +80,17 @@ class Encoder:
 
     def prepare(self, images) -> list[torch.Tensor]:
         """User inputs -> list of normalized (C, H, W) tensors on the grid of the patch size."""
-        from mixres.images import preprocess
-
         if isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "mode"):
             images = [images]
+        if all(isinstance(img, torch.Tensor) for img in images):
+            return list(images)  # already resized and normalized; validated when packed
+        from mixres.images import preprocess
+
         mean, std = self.mean_std
         out = []
         for img in images:
             if isinstance(img, torch.Tensor):
-                out.append(img)  # already resized and normalized; validated when packed
+                out.append(img)
             else:
                 out.append(preprocess(img, self.patch_size, min_tokens=self.min_tokens,
                                       max_tokens=self.max_tokens, mean=mean, std=std))

@@ -1,0 +1,316 @@
+"""Padding-invariance benchmark: how far is each image's output in a mixed batch from the
+unmodified model on that image alone?
+
+For every family x method it encodes a mixed workload (mixed-N plus photos) and compares
+each image with the per-image reference (the "loop" backend; NaViT: vit-pytorch's own
+forward on that image alone). Methods:
+
+    packed   mixres patch-n-pack, block-diagonal varlen attention
+    masked   HF ViT patched with masks + per-image position encodings
+    grouped  exact-shape groups, batched
+    navit    NaViT run packed
+    naive    pad every image to the largest one with zeros and run the model without
+             masks (what most pipelines do); each image's content tokens are read back
+
+Batch-composition independence: every image is also encoded in several random batches
+and its worst deviation is kept. Writes results.json, results.md and invariance.png
+(log-scale heat map of max relative error, method x family) into --out.
+
+    python -m benchmarks.invariance --quick --out out/invariance
+    mixres bench invariance --quick --out out/invariance
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import env_info, write_json
+
+# family -> how to build it (a preset, or a config for families without one)
+FAMILIES = {
+    "ViT": "tiny-vit",
+    "CLIP": "tiny-clip",
+    "SigLIP": "tiny-siglip",
+    "SigLIP2": "tiny-siglip2",
+    "DINOv2": "tiny-dinov2",
+    "DINOv2-reg": "tiny-dinov2-reg",
+    "NaViT": "tiny-navit",
+    "ConvNeXt (CNN)": "tiny-convnext",
+}
+FULL_FAMILIES = {"ViT": "vit-b16", "CLIP": "clip-b16", "SigLIP": "siglip-b16",
+                 "SigLIP2": "siglip2-b16", "DINOv2": "dinov2-s14", "NaViT": "navit-b16"}
+METHODS = ["packed", "masked", "grouped", "navit", "naive"]
+
+
+# models that have no preset of their own
+
+def _seeded(build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build().eval()
+
+
+def _tiny_dinov2_reg():
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    cfg = Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, patch_size=14, image_size=56,
+                                    num_register_tokens=4)
+    return _seeded(lambda: Dinov2WithRegistersModel(cfg))
+
+
+def _tiny_convnext():
+    from transformers import ConvNextConfig, ConvNextModel
+    cfg = ConvNextConfig(num_channels=3, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1])
+    return _seeded(lambda: ConvNextModel(cfg))
+
+
+EXTRA_BUILDERS = {"tiny-dinov2-reg": _tiny_dinov2_reg, "tiny-convnext": _tiny_convnext}
+
+
+def build_model(spec: str):
+    if spec in EXTRA_BUILDERS:
+        return EXTRA_BUILDERS[spec]()
+    from mixres.presets import load_model
+    return load_model(spec)
+
+
+# workload
+
+def workload(enc, n: int, seed: int, max_side_tokens: tuple[int, int], photos: bool):
+    """mixed-N at the model's patch size plus a few real photographs, as CHW tensors."""
+    from mixres.workloads import mixed_images
+
+    p = enc.patch_size or 16
+    lo, hi = max_side_tokens
+    images = mixed_images(n, seed=seed, patch_size=p, min_tokens=lo, max_tokens=hi)
+    names = [f"mixed-{i}" for i in range(n)]
+    if photos:
+        for name, img in _photos():
+            enc_images = enc.prepare([img])
+            images.append(enc_images[0])
+            names.append(name)
+    return images, names
+
+
+def _photos():
+    """scikit-image's bundled sample photographs (small, varied sizes), if installed."""
+    try:
+        from PIL import Image
+        from skimage import data
+    except ImportError:
+        return []
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "camera", "rocket"):
+        try:
+            arr = getattr(data, name)()
+        except Exception:  # a sample that needs a download is skipped
+            continue
+        img = Image.fromarray(arr)
+        w, h = img.size
+        out.append((f"photo-{name}", img.resize((max(1, w // 4), max(1, h // 5)))))
+    return out
+
+
+# naive padding
+
+def naive_padding(model, images, ref_enc):
+    """Pad all images to the largest with zeros, run the model without masks, read back
+    each image's content tokens (prefix + content patches) and pooled output.
+
+    Without masks the images of a padded batch do not interact, so running each padded
+    image alone through the unmodified model is exactly the padded batch, and needs no
+    per-family batching code."""
+    from mixres.packing import PackedFeatures, seqlens_to_cu
+
+    H = max(i.shape[1] for i in images)
+    W = max(i.shape[2] for i in images)
+    padded = []
+    for img in images:
+        canvas = img.new_zeros(img.shape[0], H, W)
+        canvas[:, :img.shape[1], :img.shape[2]] = img
+        padded.append(canvas)
+    out = ref_enc.encode(padded)
+    tokens, lens, grids = [], [], []
+    for img, t, g in zip(images, out.unpack(), out.grid_hw.tolist()):
+        gh, gw = g
+        h = max(1, math.ceil(img.shape[1] * gh / H))
+        w = max(1, math.ceil(img.shape[2] * gw / W))
+        pre = t[:out.num_prefix]
+        grid = t[out.num_prefix:].reshape(gh, gw, -1)[:h, :w].reshape(h * w, -1)
+        tokens.append(torch.cat([pre, grid]))
+        lens.append(tokens[-1].shape[0])
+        grids.append((h, w))
+    return PackedFeatures(torch.cat(tokens), seqlens_to_cu(lens), torch.tensor(grids),
+                          out.num_prefix, out.pooled)
+
+
+# one cell of the table
+
+def run_cell(model, method, images, compositions, seed, device, dtype):
+    from mixres.encoders import load_encoder
+    from mixres.invariance import compare_features
+
+    kw = {"device": device, "dtype": dtype}
+    ref_backend = "navit" if method == "navit" else "loop"
+    ref_enc = load_encoder(model, backend=ref_backend, **kw)
+    with torch.inference_mode():
+        if method == "navit":
+            # the reference is NaViT on each image alone
+            from mixres.packing import PackedFeatures
+            ref = PackedFeatures.cat([ref_enc.encode([img]) for img in images])
+        else:
+            ref = ref_enc.encode(images)
+        if method == "naive":
+            out = naive_padding(model, images, ref_enc)
+            devs = compare_features(out, ref)
+            return devs, 1
+        enc = load_encoder(model, backend=method, **kw)
+        g = torch.Generator().manual_seed(seed)
+        batches = [list(range(len(images)))]
+        for _ in range(compositions - 1):
+            k = int(torch.randint(1, len(images) + 1, (), generator=g))
+            batches.append(torch.randperm(len(images), generator=g)[:k].tolist())
+        worst = [None] * len(images)
+        for idx in batches:
+            out = enc.encode([images[i] for i in idx])
+            for j, d in zip(idx, compare_features(out, ref.select(idx))):
+                if worst[j] is None or d.worst >= worst[j].worst:
+                    worst[j] = d
+        return [w for w in worst if w is not None], len(batches)
+
+
+def summarize(devs):
+    tok = [d.token_max for d in devs]
+    pooled = [d.pooled_max for d in devs if d.pooled_max is not None]
+    cos = [d.pooled_cosine for d in devs if d.pooled_cosine is not None]
+    return {
+        "images": len(devs),
+        "token_max_rel": max(tok),
+        "token_mean_rel": sum(d.token_mean for d in devs) / len(devs),
+        "pooled_max_rel": max(pooled) if pooled else None,
+        "pooled_min_cosine": min(cos) if cos else None,
+        "max_rel": max(d.worst for d in devs),
+    }
+
+
+# output
+
+def write_markdown(results, path: Path):
+    fams = list(results["families"])
+    lines = ["| method | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+    for m in results["methods"]:
+        row = []
+        for f in fams:
+            cell = results["cells"].get(f, {}).get(m)
+            if cell is None:
+                row.append("n/a")
+            elif "error" in cell:
+                row.append("n/a")
+            else:
+                cos = cell["pooled_min_cosine"]
+                row.append(f"{cell['max_rel']:.1e}" + (f" (cos {cos:.4f})" if cos is not None else ""))
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("Cells: max relative error over all images and batch compositions (tokens and pooled), "
+                 "and the lowest cosine similarity of pooled outputs. n/a: method does not apply.")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot_heatmap(results, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    fams, methods = list(results["families"]), results["methods"]
+    z = np.full((len(methods), len(fams)), np.nan)
+    for j, f in enumerate(fams):
+        for i, m in enumerate(methods):
+            cell = results["cells"].get(f, {}).get(m)
+            if cell and "max_rel" in cell:
+                z[i, j] = max(cell["max_rel"], 1e-9)
+    fig, ax = plt.subplots(figsize=(1.3 * len(fams) + 2.5, 0.7 * len(methods) + 1.8))
+    cmap = plt.get_cmap("RdYlGn_r").copy()
+    cmap.set_bad("#dddddd")
+    im = ax.imshow(np.ma.masked_invalid(z), cmap=cmap, norm=LogNorm(vmin=1e-8, vmax=1.0), aspect="auto")
+    ax.set_xticks(range(len(fams)), fams, rotation=30, ha="right")
+    ax.set_yticks(range(len(methods)), methods)
+    for i in range(len(methods)):
+        for j in range(len(fams)):
+            text = "n/a" if np.isnan(z[i, j]) else f"{z[i, j]:.0e}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="max relative error vs. image alone (log)")
+    ax.set_title(f"Padding invariance ({results['dtype']}, {results['device']}): "
+                 "green = float precision, red = features changed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# entry points
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="out/invariance", help="output folder")
+    p.add_argument("--quick", action="store_true", help="tiny presets, few images (CPU, < 2 min)")
+    p.add_argument("-n", type=int, default=None, help="images of the mixed-N workload")
+    p.add_argument("--families", nargs="*", default=None, help=f"subset of {list(FAMILIES)}")
+    p.add_argument("--methods", nargs="*", default=None, help=f"subset of {METHODS}")
+    p.add_argument("--compositions", type=int, default=3, help="random batch compositions per image")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full", action="store_true", help="use the base-size presets where they exist")
+
+
+def run(args) -> int:
+    dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+    n = args.n or (6 if args.quick else 16)
+    tokens = (16, 96) if args.quick else (64, 1024)
+    families = {k: v for k, v in FAMILIES.items() if not args.families or k in args.families}
+    if args.full:
+        families = {k: FULL_FAMILIES.get(k, v) for k, v in families.items()}
+    methods = args.methods or METHODS
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"command": " ".join(sys.argv), **env_info(args.device), "dtype": dtype_name,
+               "device": args.device, "n": n, "tokens": tokens, "families": families,
+               "methods": methods, "cells": {}}
+    t0 = time.perf_counter()
+    for fam, spec in families.items():
+        model = build_model(spec).to(args.device, dtype)
+        from mixres.encoders import load_encoder
+        probe = load_encoder(model, backend="navit" if "navit" in spec else "loop")
+        images, names = workload(probe, n, args.seed, tokens, photos=True)
+        images = [i.to(args.device, dtype) for i in images]
+        results["cells"][fam] = {}
+        for method in methods:
+            try:
+                devs, comps = run_cell(model, method, images, args.compositions, args.seed,
+                                       args.device, dtype)
+                cell = {**summarize(devs), "compositions": comps}
+            except (ValueError, TypeError, NotImplementedError) as e:
+                cell = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            results["cells"][fam][method] = cell
+            shown = f"{cell['max_rel']:.2e}" if "max_rel" in cell else "n/a (" + cell["error"][:60] + ")"
+            print(f"{fam:>15} {method:>8}: {shown}", flush=True)
+    results["seconds"] = time.perf_counter() - t0
+    write_json(results, out_dir / "results.json")
+    write_markdown(results, out_dir / "results.md")
+    plot_heatmap(results, out_dir / "invariance.png")
+    print((out_dir / "results.md").read_text())
+    print(f"wrote {out_dir}/results.json, results.md, invariance.png in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
