@@ -72,6 +72,14 @@ def pool_features(feats: PackedFeatures, how: str) -> PackedFeatures:
     return replace(feats, pooled=None if fn is None else fn(feats))
 
 
+def check_pool(pool: str, select_layer: int) -> None:
+    if pool not in POOLERS:
+        raise ValueError(f"pool={pool!r}: choose one of {sorted(POOLERS)}")
+    if pool == "model" and select_layer != -1:
+        raise ValueError(f"pool='model' needs select_layer=-1 (the model's pooler reads the last layer), "
+                         f"got select_layer={select_layer}; use pool 'cls', 'mean' or 'none'")
+
+
 # the encoder
 
 def make_encoder(model, *, backend: str = "packed", **kwargs):
@@ -94,8 +102,7 @@ def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, po
            directory, a hub id or a preset name
     pool   "model" (the model's pooler), "cls", "mean" (over patch tokens only), "none"
     """
-    if pool not in POOLERS:
-        raise ValueError(f"pool={pool!r}: choose one of {sorted(POOLERS)}")
+    check_pool(pool, select_layer)
     enc = make_encoder(model, backend=backend, select_layer=select_layer, min_tokens=min_tokens,
                        max_tokens=max_tokens, max_batch_tokens=max_batch_tokens, device=device,
                        dtype=dtype)
@@ -230,8 +237,7 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
 
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error={on_error!r}: choose 'skip' or 'fail'")
-    if pool not in POOLERS:
-        raise ValueError(f"pool={pool!r}: choose one of {sorted(POOLERS)}")
+    check_pool(pool, select_layer)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
@@ -306,7 +312,8 @@ def _run_shards(root: Path, paths, shards, enc, settings, dist_: Dist, dev, *, p
     total = sum(min((s + 1) * settings.shard_size, len(paths)) - s * settings.shard_size for s in shards)
     bar = tqdm(total=total, unit="img", desc="embed", disable=not progress, dynamic_ncols=True,
                file=sys.stderr)
-    runner = _Runner(enc, pool, budget, settings.torch_store_dtype, on_error, log=bar.write)
+    runner = _Runner(enc, pool, budget, settings.torch_store_dtype, on_error,
+                     log=lambda msg: bar.write(f"mixres embed: {msg}", file=sys.stderr))
     journal = root / f"progress-r{dist_.rank}.jsonl"
     counts = {"images": 0, "tokens": 0, "errors": 0, "shards": 0}
     t0 = None
