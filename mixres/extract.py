@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mixres.extract_inputs import Prep, ShardDataset, collect_inputs
+from mixres.extract_inputs import Prep, SliceDataset, collect_inputs, join_slices, plan_slices
 from mixres.extract_state import Settings, done_shards, finish_meta, prepare_out_dir
 from mixres.features_io import append_journal, merge_index, read_features, write_shard
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins, seqlens_to_cu
@@ -38,6 +38,7 @@ __all__ = ["encode", "embed", "read_features", "pool_features", "POOLERS", "add_
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_SHARD_SIZE = 256
+SLICE_SIZE = 4  # images per DataLoader item: small, so that all workers share one shard
 
 
 # pooling (a table: name -> how one image's pooled vector is made)
@@ -304,11 +305,13 @@ def _run_shards(root: Path, paths, shards, enc, settings, dist_: Dist, dev, *, p
 
     prep = Prep(enc.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_tokens,
                 settings.max_tokens, settings.max_pixels)
-    data = ShardDataset(paths, shards, settings.shard_size, prep)
+    slices = plan_slices(shards, len(paths), settings.shard_size, SLICE_SIZE)
+    workers = max(0, num_workers)
+    # about one shard of images in flight, so workers keep decoding while the device encodes
+    prefetch = max(2, -(-settings.shard_size // (SLICE_SIZE * workers))) if workers else None
     loader = torch.utils.data.DataLoader(
-        data, batch_size=None, shuffle=False, num_workers=num_workers,
-        pin_memory=dev.type == "cuda", prefetch_factor=1 if num_workers else None,
-        persistent_workers=False)
+        SliceDataset(paths, slices, prep), batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=dev.type == "cuda", prefetch_factor=prefetch)
     total = sum(min((s + 1) * settings.shard_size, len(paths)) - s * settings.shard_size for s in shards)
     bar = tqdm(total=total, unit="img", desc="embed", disable=not progress, dynamic_ncols=True,
                file=sys.stderr)
@@ -316,10 +319,9 @@ def _run_shards(root: Path, paths, shards, enc, settings, dist_: Dist, dev, *, p
                      log=lambda msg: bar.write(f"mixres embed: {msg}", file=sys.stderr))
     journal = root / f"progress-r{dist_.rank}.jsonl"
     counts = {"images": 0, "tokens": 0, "errors": 0, "shards": 0}
-    t0 = None
+    t0 = time.perf_counter()
     try:
-        for item in loader:
-            t0 = t0 or time.perf_counter()
+        for item in _whole_shards(loader, settings.shard_size, len(paths), on_error):
             if on_error == "fail" and item["errors"]:
                 pos, path, reason = item["errors"][0]
                 raise ValueError(f"{path}: {reason} (--on-error fail; nothing written so far is lost; "
@@ -356,8 +358,22 @@ def _run_shards(root: Path, paths, shards, enc, settings, dist_: Dist, dev, *, p
                                 f"{counts['errors']} errors", refresh=False)
     finally:
         bar.close()
-    counts["seconds"] = time.perf_counter() - t0 if t0 else 0.0
+    counts["seconds"] = time.perf_counter() - t0
     return counts
+
+
+def _whole_shards(loader, shard_size: int, num_inputs: int, on_error: str):
+    """Reassemble the loader's slices into shards; under --on-error fail, stop at the first bad one."""
+    parts, have = [], 0
+    for part in loader:
+        if on_error == "fail" and part["errors"]:
+            yield part  # the caller raises on it before anything of this shard is written
+        parts.append(part)
+        have += len(part["items"]) + len(part["errors"])
+        s = part["shard"]
+        if have == min((s + 1) * shard_size, num_inputs) - s * shard_size:
+            yield join_slices(parts)
+            parts, have = [], 0
 
 
 # command line

@@ -128,22 +128,23 @@ def load_one(path: str, prep: Prep) -> tuple[torch.Tensor, str]:
     return img, digest
 
 
-class ShardDataset(torch.utils.data.Dataset):
-    """Item i = shard `shards[i]`: the patches of its good images and the reasons of its bad ones.
+class SliceDataset(torch.utils.data.Dataset):
+    """Item i = `slices[i]` = (shard, lo, hi): inputs [lo, hi) of one shard, decoded.
 
-    Returns a dict: shard, items [(pos, path, sha256)], errors [(pos, path, reason)],
-    patches (N, 3*p*p) of the good images in input order, grid_hw (B, 2).
+    Slices are small (a few images) so that all workers share even a single shard, and the
+    main process reassembles them into shards in order. An item is a dict: shard, items
+    [(pos, path, sha256)], errors [(pos, path, reason)], patches (N, 3*p*p) of the good
+    images in input order, grid_hw (B, 2).
     """
 
-    def __init__(self, paths: list[str], shards: list[int], shard_size: int, prep: Prep):
-        self.paths, self.shards, self.shard_size, self.prep = paths, shards, shard_size, prep
+    def __init__(self, paths: list[str], slices: list[tuple[int, int, int]], prep: Prep):
+        self.paths, self.slices, self.prep = paths, slices, prep
 
     def __len__(self) -> int:
-        return len(self.shards)
+        return len(self.slices)
 
     def __getitem__(self, i: int) -> dict:
-        s = self.shards[i]
-        lo, hi = s * self.shard_size, min((s + 1) * self.shard_size, len(self.paths))
+        s, lo, hi = self.slices[i]
         items, errors, patches, grids = [], [], [], []
         p = self.prep.patch_size
         for pos in range(lo, hi):
@@ -156,7 +157,26 @@ class ShardDataset(torch.utils.data.Dataset):
             items.append((pos, path, digest))
             patches.append(patchify(img, p))
             grids.append((img.shape[1] // p, img.shape[2] // p))
-        c = 3 * p * p
         return {"shard": s, "items": items, "errors": errors,
-                "patches": torch.cat(patches) if patches else torch.zeros(0, c),
+                "patches": torch.cat(patches) if patches else torch.zeros(0, 3 * p * p),
                 "grid_hw": torch.tensor(grids, dtype=torch.long).reshape(-1, 2)}
+
+
+def plan_slices(shards: list[int], num_inputs: int, shard_size: int,
+                per_slice: int) -> list[tuple[int, int, int]]:
+    """(shard, lo, hi) slices of at most `per_slice` inputs, never crossing a shard boundary."""
+    out = []
+    for s in shards:
+        end = min((s + 1) * shard_size, num_inputs)
+        out += [(s, lo, min(lo + per_slice, end)) for lo in range(s * shard_size, end, per_slice)]
+    return out
+
+
+def join_slices(parts: list[dict]) -> dict:
+    """The slices of one shard (in order) -> one item of the same form."""
+    if len(parts) == 1:
+        return parts[0]
+    return {"shard": parts[0]["shard"], "items": [x for p in parts for x in p["items"]],
+            "errors": [x for p in parts for x in p["errors"]],
+            "patches": torch.cat([p["patches"] for p in parts]),
+            "grid_hw": torch.cat([p["grid_hw"] for p in parts])}
