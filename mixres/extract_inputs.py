@@ -66,6 +66,9 @@ def collect_inputs(source, limit: int | None = None) -> list[str]:
         src = Path(source).expanduser()
         if src.is_dir():
             paths = _from_folder(src)
+            if not paths:
+                raise ValueError(f"INPUT {source}: no image files in this folder or below "
+                                 f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
         elif src.is_file():
             lines = src.read_text().splitlines()
             first = next((x for x in lines if x.strip()), "")

@@ -22,6 +22,8 @@ from mixres.features_io import read_features
 from mixres.workloads import write_photos
 
 ROOT = Path(__file__).resolve().parents[1]
+# children import this checkout (and whatever the parent had on PYTHONPATH, e.g. a transformers overlay)
+PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 SMALL = ((24, 90), (24, 90))  # photo widths, heights: at most 5x5 patches of 16
 KW = dict(backend="packed", max_tokens=16, shard_size=2, progress=False)
 CLI = ["--model", "tiny-vit", "--max-tokens", "16", "--shard-size", "2", "--num-workers", "0",
@@ -73,7 +75,7 @@ def mixres_cmd(inp, out, *, launcher=(sys.executable,)):
 
 def run_child(inp, out, env=None, wait=True):
     """`python -m mixres embed` in a child process (so that it can be SIGKILLed)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
     if not wait:
         return subprocess.Popen(mixres_cmd(inp, out), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -254,7 +256,7 @@ def test_torchrun_two_processes_equal_one(photos, reference, tmp_path):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     cmd = mixres_cmd(photos, out, launcher=(torchrun, "--nproc_per_node", "2", "--master_port",
                                             str(29500 + os.getpid() % 1000)))
-    r = subprocess.run([*cmd, "--device", "cpu"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+    r = subprocess.run([*cmd, "--device", "cpu"], env={**os.environ, "PYTHONPATH": PYTHONPATH},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(p.name for p in out.glob("progress-r*.jsonl")) == ["progress-r0.jsonl", "progress-r1.jsonl"]
