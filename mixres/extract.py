@@ -134,12 +134,12 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
+    def reduce(self, values: list[float], device: torch.device, op: str = "SUM") -> list[float]:
         if self.world == 1:
             return values
         import torch.distributed as dist
         t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
 
@@ -195,6 +195,8 @@ class _Runner:
         try:
             f = self._forward(packed.select(idx))
         except OutOfMemoryError:
+            f = None  # recover outside the except block: its traceback still holds the batch
+        if f is None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             lens = packed.seqlens[idx].tolist()
@@ -279,11 +281,10 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
                 rows, errs = merge_index(root)
                 finish_meta(root, complete=False, rows=rows, errors=errs)
             raise
-        t_enc = counts.pop("seconds")
-        totals = dist_.sum([counts["images"], counts["tokens"], counts["errors"], counts["shards"]], dev)
-        t_enc = max(t_enc, 1e-9)
+        totals = dist_.reduce([counts["images"], counts["tokens"], counts["errors"], counts["shards"]], dev)
+        t_enc = max(dist_.reduce([counts["seconds"]], dev, "MAX")[0], 1e-9)  # the slowest rank
         dist_.barrier(dev)
-        summary = {"inputs": len(paths), "done_before": sum(1 for _ in done), "images": int(totals[0]),
+        summary = {"inputs": len(paths), "done_before": len(done), "images": int(totals[0]),
                    "tokens": int(totals[1]), "errors": int(totals[2]), "shards": int(totals[3]),
                    "encode_seconds": t_enc, "images_per_s": totals[0] / t_enc,
                    "tokens_per_s": totals[1] / t_enc, "out": str(root)}

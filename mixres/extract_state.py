@@ -23,6 +23,7 @@ import torch
 
 from mixres.features_io import FORMAT, JOURNAL_GLOB, read_journals, write_json, write_jsonl
 
+_PREPROCESSING = ("patch_size", "mean", "std", "resample", "min_tokens", "max_tokens", "max_pixels")
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -162,6 +163,7 @@ def prepare_out_dir(root: Path, settings: Settings, paths: list[str]) -> None:
         write_json(meta_path, {"format": FORMAT, "fingerprint": settings.fingerprint(),
                                "model": settings.model, "backend": settings.backend,
                                "num_prefix": settings.num_prefix, "store_dtype": settings.store_dtype,
+                               "preprocessing": {k: asdict(settings)[k] for k in _PREPROCESSING},
                                "settings": asdict(settings), "versions": _versions(),
                                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "status": {"complete": False}})

@@ -197,6 +197,17 @@ def test_pool_options(model, photos, tmp_path):
     assert rel_err(feats[0].pooled, feats[0].tokens[1:].mean(0)) <= 1e-6
 
 
+def test_penultimate_layer_stored_as_float16(model, photos, tmp_path):
+    embed(photos, tmp_path / "out", model, select_layer=-2, pool="mean", store_dtype="float16", **KW)
+    feats = read_features(tmp_path / "out")
+    assert feats.meta["store_dtype"] == "float16" and feats.meta["preprocessing"]["max_tokens"] == 16
+    rec = feats[4]
+    alone = encode_alone(rec.path, select_layer=-2, pool="mean")
+    assert rec.tokens.dtype == torch.float16
+    assert rel_err(rec.tokens.float(), alone.tokens) <= 1e-3  # fp16 rounding
+    assert rel_err(rec.pooled.float(), alone.pooled[0]) <= 1e-3
+
+
 def test_changed_settings_are_refused(model, photos, reference, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(reference, out)
