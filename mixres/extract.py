@@ -434,9 +434,13 @@ def run(args) -> int:
               progress=not args.no_progress)
     if "index_rows" in s:  # rank 0
         resumed = f" ({s['done_before']} shards were already done)" if s["done_before"] else ""
-        print(f"mixres embed: {s['images']} images, {s['tokens']:,} tokens in {s['encode_seconds']:.2f} s "
-              f"({s['images_per_s']:.1f} images/s, {s['tokens_per_s']:,.0f} tokens/s; "
-              f"{s['wall_seconds']:.1f} s in all){resumed}")
+        if s["shards"] == 0 and s["errors"] == 0 and s["done_before"]:
+            print(f"mixres embed: nothing left to do: all {s['done_before']} shards were already done")
+        else:
+            print(f"mixres embed: {s['images']} images, {s['tokens']:,} tokens "
+                  f"in {s['encode_seconds']:.2f} s "
+                  f"({s['images_per_s']:.1f} images/s, {s['tokens_per_s']:,.0f} tokens/s; "
+                  f"{s['wall_seconds']:.1f} s in all){resumed}")
         print(f"mixres embed: {s['index_rows']} inputs in {s['out']}/index.jsonl, "
               f"{s['index_errors']} in errors.jsonl")
     return 0
