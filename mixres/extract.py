@@ -37,7 +37,7 @@ __all__ = ["encode", "embed", "read_features", "pool_features", "POOLERS", "add_
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 DEFAULT_MAX_BATCH_TOKENS = 8192
-DEFAULT_SHARD_SIZE = 256
+DEFAULT_SHARD_SIZE = 64  # inputs per shard: the unit of crash-safety and of decode/encode overlap
 SLICE_SIZE = 4  # images per DataLoader item: small, so that all workers share one shard
 
 
@@ -396,7 +396,8 @@ def add_arguments(p) -> None:
                    help="reject images with more pixels (default: the decompression-bomb guard)")
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
                    help="token budget of one forward (halved on device out-of-memory)")
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="inputs per shard")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help=f"inputs per shard (default {DEFAULT_SHARD_SIZE}; 8 with --demo)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="run the model in this dtype (default: as loaded)")
@@ -424,12 +425,15 @@ def run(args) -> int:
         if args.input:
             raise ValueError("give either INPUT or --demo, not both")
         args.input = _demo_inputs(args.out)
+        # small shards, so decoding and encoding overlap even on 24 photos
+        args.shard_size = args.shard_size or 8
     if not args.input:
         raise ValueError("INPUT is required (a folder, a text file of paths or a JSONL), or --demo")
     s = embed(args.input, args.out, args.model, backend=args.backend, select_layer=args.select_layer,
               pool=args.pool, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
               max_pixels=args.max_pixels, max_batch_tokens=args.max_batch_tokens, device=args.device,
-              dtype=args.dtype, store_dtype=args.store_dtype, shard_size=args.shard_size,
+              dtype=args.dtype, store_dtype=args.store_dtype,
+              shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
               num_workers=args.num_workers, on_error=args.on_error, limit=args.limit,
               progress=not args.no_progress)
     if "index_rows" in s:  # rank 0
