@@ -242,6 +242,9 @@ def test_labels_positions_and_layout():
     assert b.position_ids.tolist() == list(range(8)) + list(range(3))
     assert b.image_positions.tolist() == [3, 4]
     assert b.text_cu_seqlens.tolist() == [0, 6, 9]
+    for v in (vlm, make("cross_attention", adapter="merge2x2")):
+        ss = [dict(x, images=[img(2, 4, i) for i in range(len(x["images"]))]) for x in samples()]
+        assert [v.collator.num_positions(x) for x in ss] == [int(n) for n in v.collate(ss).cu_seqlens.diff()]
     with pytest.raises(ValueError, match="sample 0: the text has 2 <image> placeholders but the "
                                          "sample has 1 images"):
         vlm.collate([{"images": [img(1, 1, 1)], "text": "<image><image>"}])
@@ -384,3 +387,15 @@ def test_encoder_specs_name_backends_and_models():
     s = samples()[1]
     s = dict(s, images=[img(2, 3, 1, p=16), img(1, 5, 2, p=16)])
     assert rel_err(alone(packed, s), alone(loop, s)) <= 1e-5
+
+
+def test_mot_routes_each_token_to_its_modality_weights():
+    vlm = make("mot")
+    text_only, with_image = samples()[2], samples()[0]
+    before = [alone(vlm, s) for s in (text_only, with_image)]
+    with torch.no_grad():
+        for block in vlm.lm.blocks:
+            block.experts[IMAGE].mlp.down.weight.mul_(3.0)   # only image tokens use these
+    after = [alone(vlm, s) for s in (text_only, with_image)]
+    assert torch.equal(before[0], after[0])
+    assert rel_err(after[1], before[1]) > 1e-4

@@ -1,9 +1,21 @@
 """mixres.vlm: a vision-language model wrapper on packed, never padded, mixed-size images.
 
-Every image brings as many tokens as its grid has, samples hold any number of images,
-and the tokens flow encoder -> adapter -> LM as one packed sequence with offsets.
-Parts come from registries (encoders, adapters, strategies, decoder blocks); see
-`build_vlm` and `VLMConfig` for the knobs.
+Every image brings as many tokens as its grid has (a quarter with merge2x2), samples
+hold any number of images, and the tokens flow encoder -> adapter -> LM as one packed
+sequence with offsets. Parts come from registries (encoders, adapters, strategies,
+decoder blocks); `VLMConfig` documents the knobs.
+
+    from mixres.vlm import build_vlm
+    vlm = build_vlm({"encoder": "tiny-vit", "adapter": "merge2x2", "strategy": "joint_decoder",
+                     "lm": "tiny", "freeze": {"encoder": True}})       # or a TOML path
+    batch = vlm.collate([{"images": [img_a], "text": "<image> a cat"},
+                         {"images": [img_b, img_c], "prompt": "<image> vs <image>?",
+                          "response": "the left one"}])
+    out = vlm(batch)        # out.loss, out.logits (T_text, V), out.cu_seqlens (B+1,)
+    out.loss.backward()
+    vlm.generate([img_a], "What is it?", max_new_tokens=16)
+
+For token-budget batches: `vlm.collator.num_positions(sample)` + `mixres.pack_into_bins`.
 """
 
 from mixres.vlm.adapters import Adapter, build_adapter

@@ -104,8 +104,9 @@ class Collator:
         try:
             return preprocess(image, unit, min_tokens=lo, max_tokens=hi, mean=mean, std=std)
         except ValueError as e:
-            extra = (f" (the {type(self.adapter).__name__} adapter needs grids in multiples of {m} "
-                     f"patches of {self.tower.patch_size} px)") if m > 1 else ""
+            name = getattr(self.adapter, "name", type(self.adapter).__name__)
+            extra = (f" (the {name} adapter needs grids in multiples of {m} patches of "
+                     f"{self.tower.patch_size} px)") if m > 1 else ""
             raise ValueError(f"{where}: {e}{extra}") from e
 
     def _add_image(self, image, where: str, pixels: list) -> int:
@@ -139,10 +140,25 @@ class Collator:
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + [i for i, _ in body]
         train = ([False] if tok.bos_id is not None else []) + [t for _, t in body]
         if add_eos and tok.eos_id is not None:
-            # <eos> is a target wherever the last text token is (always for "text")
+            # <eos> is always trained on: the model learns where a text or a response ends
             ids.append(tok.eos_id)
             train.append(True)
         return ids, train
+
+    def num_positions(self, sample: dict, add_eos: bool = True) -> int:
+        """The LM positions `sample` takes once collated (for token-budget batching with
+        `mixres.pack_into_bins`); images are preprocessed but not patchified."""
+        toks, _ = self._text(sample, "sample", add_eos)
+        images = list(sample.get("images") or [])
+        n = len(toks) - len(images)
+        if self.expands_images:
+            p = self.tower.patch_size
+            for k, image in enumerate(images):
+                t = self.prepare_image(image, f"sample image {k}")
+                n += self.adapter.num_tokens((t.shape[1] // p, t.shape[2] // p), self.tower.num_prefix)
+        else:
+            n += len(images)
+        return n
 
     # batch
 

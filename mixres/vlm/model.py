@@ -27,7 +27,8 @@ __all__ = ["VLM", "VLMOutput", "apply_freeze"]
 @dataclass
 class VLMOutput:
     """logits (T_text, V) at the text positions of all samples, packed; cu_seqlens (B+1,)
-    offsets of each sample's rows in logits; loss (mean over trained tokens) or None."""
+    offsets of each sample's rows in logits; loss (mean over the batch's trained tokens, so
+    long samples weigh more, as in packed pretraining) or None when nothing is trained on."""
 
     logits: torch.Tensor
     cu_seqlens: torch.Tensor
@@ -103,7 +104,8 @@ class VLM(nn.Module):
             # position t is predicted from position t-1 of the same sample (never across samples:
             # a sample's first position has position id 0 and is skipped)
             tgt = ((batch.labels != IGNORE) & (batch.position_ids > 0)).nonzero().squeeze(1)
-            loss = F.cross_entropy(self.lm.head(h[tgt - 1]).float(), batch.labels[tgt])
+            if tgt.numel():
+                loss = F.cross_entropy(self.lm.head(h[tgt - 1]).float(), batch.labels[tgt])
         return VLMOutput(logits, batch.text_cu_seqlens, loss)
 
     # generation
