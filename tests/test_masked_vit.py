@@ -4,8 +4,16 @@ import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTForMaskedImageModeling, ViTModel
 
-from mixres.encoders import get_backend
-from mixres.masked_vit_patcher import MaskedViTEncoder, content_grid, is_patched, patch_vit, unpatch_vit
+from mixres import presets
+from mixres.encoders import get_backend, load_encoder
+from mixres.masked_vit_patcher import (
+    MaskedViTEncoder,
+    _padding_groups,
+    content_grid,
+    is_patched,
+    patch_vit,
+    unpatch_vit,
+)
 from mixres.packing import PackedImages
 from tests.conftest import rel_err
 
@@ -232,14 +240,17 @@ def test_pad_value_fallback_finds_padding_and_misses_black_borders():
     assert content_grid(shifted, P, pad_value=-1.0).tolist() == [[2, 5], [5, 2], [2, 3]]
 
 
-@pytest.mark.parametrize("select_layer", [-1, -2])
+@pytest.mark.parametrize("select_layer,max_padding", [(-1, None), (-2, None), (-1, 1.3)])
 @torch.no_grad()
-def test_masked_backend_gives_each_image_its_own_tokens(select_layer):
+def test_masked_backend_gives_each_image_its_own_tokens(select_layer, max_padding):
     model = ViTModel(config()).eval()
     assert get_backend("masked") is MaskedViTEncoder
-    enc = MaskedViTEncoder(model, select_layer=select_layer, max_tokens=None)
+    enc = MaskedViTEncoder(model, select_layer=select_layer, max_padding=max_padding)
     imgs = images() + [black_edged()]
-    feats = enc.encode(PackedImages.from_images(imgs, P))
+    packed = PackedImages.from_images(imgs, P)
+    if max_padding is not None:  # several padded batches, results back in input order
+        assert len(_padding_groups(packed.grid_hw.tolist(), max_padding)) > 1
+    feats = enc.encode(packed)
     assert feats.num_prefix == 1 and feats.grid_hw.tolist() == [[h // P, w // P] for h, w in
                                                                [i.shape[1:] for i in imgs]]
     for k, img in enumerate(imgs):
@@ -263,3 +274,22 @@ def test_masked_backend_on_a_classifier_has_no_pooled_output():
     assert feats.pooled is None
     for k, ref in enumerate(refs):
         assert rel_err(feats.unpack()[k], ref) <= 1e-5, k
+
+
+@torch.no_grad()
+def test_load_encoder_masked_on_a_preset_and_on_pil_images():
+    from PIL import Image
+
+    enc = load_encoder("tiny-vit", backend="masked")
+    assert isinstance(enc, MaskedViTEncoder)
+    model = presets.build("tiny-vit")
+    g = torch.Generator().manual_seed(1)
+    pil = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for h, w in
+           [(40, 70), (64, 64), (90, 30)]]
+    feats = enc.encode(pil)
+    for k, img in enumerate(enc.prepare(pil)):
+        ref = model(img[None], interpolate_pos_encoding=True)
+        assert rel_err(feats.unpack()[k], ref.last_hidden_state[0]) <= 1e-5, k
+        assert rel_err(feats.pooled[k], ref.pooler_output[0]) <= 1e-5, k
+    with pytest.raises(TypeError, match="expected an HF ViT model"):
+        load_encoder("tiny-clip", backend="masked")
