@@ -100,7 +100,7 @@ class _Patch:
 
     had_forward: bool  # whether the instance had its own `forward` before (kept and restored)
     old_forward: object = None
-    hooks: list = field(default_factory=list)
+    hook_id: int | None = None  # a layer's zeroing hook (removed by id: handles do not survive deepcopy)
     call: _Call | None = None  # set while a patched forward runs
     pending: tuple | None = None  # (image_sizes, pad_value) handed down by a task head's forward
     pad_value: float = 0.0
@@ -125,8 +125,9 @@ def _set_forward(module: nn.Module, fn, **rec_kwargs) -> _Patch:
 
 def _restore_forward(module: nn.Module) -> None:
     rec: _Patch = module.__dict__.pop(_ATTR)
-    for h in rec.hooks:
-        h.remove()
+    if rec.hook_id is not None:
+        module._forward_hooks.pop(rec.hook_id, None)
+        return
     if rec.had_forward:
         module.forward = rec.old_forward
     else:
@@ -257,17 +258,19 @@ class _ZeroPadding(torch.autograd.Function):
         return grad.masked_fill(ctx.drop, 0.0), None
 
 
-def _zero_padding_hook(vrec: _Patch):
-    """A ViT layer's forward hook: zero the layer's output at the padded positions."""
-    def hook(module, args, output):
-        call = vrec.call
-        if call is None:
-            return None
-        keep = call.keep[..., None]
-        if isinstance(output, tuple):
-            return (_ZeroPadding.apply(output[0], keep), *output[1:])
-        return _ZeroPadding.apply(output, keep)
-    return hook
+def _zero_padding_hook(module, args, output):
+    """A ViT layer's forward hook: zero the layer's output at the padded positions.
+
+    It finds the masks through the layer's own record (not a closure), so a deepcopy of a
+    patched model hooks its own copy.
+    """
+    call = getattr(module, _ATTR).current_call()
+    if call is None:
+        return None
+    keep = call.keep[..., None]
+    if isinstance(output, tuple):
+        return (_ZeroPadding.apply(output[0], keep), *output[1:])
+    return _ZeroPadding.apply(output, keep)
 
 
 def _vit_forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
@@ -404,7 +407,9 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch_vit(model: nn.Module, pad_value: float = 0.0) -> nn.Module:
-    """Make `model` padding-invariant in place and return it (a no-op if already patched).
+    """Make `model` padding-invariant in place and return it.
+
+    Patching a patched model changes nothing (its first `pad_value` stays).
 
     After patching, `model(pixel_values, image_sizes=sizes)` takes a zero-padded batch
     (B, C, H, W) with each image's content at the top-left and its true (H, W) in
@@ -421,7 +426,8 @@ def patch_vit(model: nn.Module, pad_value: float = 0.0) -> nn.Module:
     _set_forward(vit.embeddings, _embeddings_forward, owner=vrec)
     for layer in vit.layers:
         # prepended: HF's hidden_states capture hooks must see the zeroed output
-        vrec.hooks.append(layer.register_forward_hook(_zero_padding_hook(vrec), prepend=True))
+        handle = layer.register_forward_hook(_zero_padding_hook, prepend=True)
+        setattr(layer, _ATTR, _Patch(had_forward=False, hook_id=handle.id, owner=vrec))
     if head_forward is not None:
         _set_forward(model, head_forward)
     return model
@@ -435,6 +441,8 @@ def unpatch_vit(model: nn.Module) -> nn.Module:
     vit = model if isinstance(model, ViTModel) else model.vit
     if vit is not model:
         _restore_forward(model)
+    for layer in vit.layers:
+        _restore_forward(layer)
     _restore_forward(vit.embeddings)
     _restore_forward(vit)
     return model

@@ -1,5 +1,7 @@
 """masked_vit_patcher: a patched HF ViT on a zero-padded mixed batch == each image alone."""
 
+import copy
+
 import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTForMaskedImageModeling, ViTModel
@@ -165,6 +167,25 @@ def test_unpatch_restores_exactly_and_patching_twice_is_patching_once(cls):
     for m in model.modules():
         assert "forward" not in vars(m) and list(m._forward_hooks) == hooks[m]
         assert set(vars(m)) == set(attrs[m]), type(m).__name__
+
+
+@torch.no_grad()
+def test_a_deepcopy_of_a_patched_model_is_patched_on_its_own():
+    model = patch_vit(ViTForImageClassification(config()).eval())
+    twin = copy.deepcopy(model)
+    batch, sizes = pad(images())
+    out = twin(batch, image_sizes=sizes, output_hidden_states=True)
+    for hidden in out.hidden_states:
+        for k, size in enumerate(sizes.tolist()):
+            assert padding_of(hidden, k, size, batch.shape[2:]).abs().max() == 0
+    assert torch.equal(out.logits, model(batch, image_sizes=sizes).logits)
+    unpatch_vit(twin)
+
+    def zeroing_hooks(m):
+        return [h for h in m._forward_hooks.values() if h.__name__ == "_zero_padding_hook"]
+
+    assert is_patched(model) and all(len(zeroing_hooks(layer)) == 1 for layer in model.vit.layers)
+    assert not is_patched(twin) and not any(zeroing_hooks(m) for m in twin.modules())
 
 
 @torch.no_grad()
