@@ -16,9 +16,9 @@ What differs per family is small and lives in a `Recipe` (a table keyed by
     final_norm(tower) -> module | None        what turns the last layer into last_hidden_state
     pool(tower, tokens, cu) -> (B, D') | None the family's pooler_output
 
-`Embedded.layer_kwargs` carries extra per-layer kwargs, so a RoPE family (DINOv3) plugs
-in by returning each image's rotary (cos, sin) concatenated in packed order as
-`position_embeddings` there; nothing else changes.
+`Embedded.layer_kwargs` carries extra per-layer kwargs: the RoPE family (DINOv3 ViT)
+returns each image's rotary (cos, sin) concatenated in packed order as
+`position_embeddings` there (identity rows at prefix tokens); nothing else changes.
 
 The user's model is never modified: the attention implementation of the tower's
 configs is restored in `finally`, no hooks are installed and no module is patched.
@@ -336,6 +336,71 @@ register_recipe(Recipe(embed=_embed_dinov2, layers=lambda t: t.encoder.layer,
                 "dinov2", "dinov2_with_registers")
 
 
+# DINOv3 ViT: CLS + registers, no absolute position codes; 2-D RoPE on patch tokens only
+
+def _patch_centers(h: int, w: int, device) -> torch.Tensor:
+    """(h*w, 2) patch centers (y, x) in [-1, 1] of an h x w grid, float32 (HF's
+    get_patches_center_coordinates: each image's own grid, whatever its size)."""
+    ys = torch.arange(0.5, h, dtype=torch.float32, device=device) / h
+    xs = torch.arange(0.5, w, dtype=torch.float32, device=device) / w
+    return 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) - 1.0
+
+
+def _rope_augmentation(rope: nn.Module) -> dict | None:
+    """HF's training-time coordinate augmentation (shift / jitter / rescale), None in eval."""
+    cfg = rope.config
+    aug = {"shift": cfg.pos_embed_shift, "jitter": cfg.pos_embed_jitter, "rescale": cfg.pos_embed_rescale}
+    return aug if rope.training and any(v is not None for v in aug.values()) else None
+
+
+def _dinov3_rope(rope: nn.Module, grid: tuple[int, int], dtype: torch.dtype, augment: dict | None,
+                 device) -> torch.Tensor:
+    """(h*w, 2*head_dim) [cos | sin] of one image, as DINOv3ViTRopePositionEmbedding computes
+    them for that image alone: float32 angles from the (possibly low-precision) inv_freq
+    buffer, autocast off (transformers 5.17 forces that), cast to the patch weights' dtype."""
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        coords = _patch_centers(*grid, device)
+        if augment is not None:  # one random draw per image, as each image alone would get
+            from transformers.models.dinov3_vit import modeling_dinov3_vit as hf
+            coords = hf.augment_patches_center_coordinates(coords, **augment)
+        angles = 2 * math.pi * coords[:, :, None] * rope.inv_freq[None, None, :]
+        angles = angles.flatten(1, 2).tile(2)
+        return torch.cat([torch.cos(angles), torch.sin(angles)], -1).to(dtype)
+
+
+def _embed_dinov3(tower, packed, cache):
+    """Prefix tokens (CLS, then registers) get no position code and, in HF, no rotation:
+    its apply_rotary_pos_emb rotates the LAST cos.shape[-2] tokens of the sequence and
+    leaves the first (seq_len - that) alone. In a packed sequence the prefixes sit inside,
+    so cos/sin are built full-length, with identity rows (cos 1, sin 0) at every prefix
+    position: q * 1 + rotate_half(q) * 0 == q exactly, and every token goes through the
+    same formula."""
+    emb = tower.embeddings
+    conv = emb.patch_embeddings
+    x = _conv_patches(packed, conv)
+    prefix = torch.cat([emb.cls_token.reshape(1, -1), emb.register_tokens.reshape(-1, x.shape[-1])])
+    hidden, cu = _with_prefix(prefix, x, packed)
+
+    rope, dtype = tower.rope_embeddings, conv.weight.dtype
+    augment = _rope_augmentation(rope)
+    grids = [tuple(g) for g in packed.grid_hw.tolist()]
+    if augment is None:  # eval: deterministic per (grid, dtype, device), cached
+        rows = [cache.get(rope.inv_freq, f"dinov3-rope-{dtype}", g,
+                          lambda g=g: _dinov3_rope(rope, g, dtype, None, x.device)) for g in grids]
+    else:
+        rows = [_dinov3_rope(rope, g, dtype, augment, x.device) for g in grids]
+    head_dim = rows[0].shape[-1] // 2
+    identity = torch.cat([x.new_ones(prefix.shape[0], head_dim), x.new_zeros(prefix.shape[0], head_dim)], -1)
+    cos_sin, _ = _with_prefix(identity.to(dtype), torch.cat(rows), packed)
+    cos, sin = cos_sin.split(head_dim, -1)
+    return Embedded(hidden, cu, prefix.shape[0], {"position_embeddings": (cos, sin)})
+
+
+register_recipe(Recipe(embed=_embed_dinov3, layers=lambda t: t.model.layer, final_norm=lambda t: t.norm,
+                       pool=lambda t, tok, cu: tok[cu[:-1].long()]),  # pooler_output: normed CLS
+                "dinov3_vit")
+
+
 # running HF layers on the packed sequence
 
 @contextlib.contextmanager
@@ -385,7 +450,8 @@ def run_layers(layers, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 @register_backend("packed")
 class PackedEncoder(Encoder):
-    """Patch-n-pack execution of an HF ViT / DeiT / CLIP / SigLIP / SigLIP2 / DINOv2 encoder."""
+    """Patch-n-pack execution of an HF ViT / DeiT / CLIP / SigLIP / SigLIP2 / DINOv2 / DINOv3 ViT
+    encoder."""
 
     # patch_size, mean_std and num_prefix are the base class's: asked of mixres.vision_utils
 
