@@ -168,7 +168,7 @@ AutoModel.register(NaViTConfig, NaViTModel, exist_ok=True)
 PRESETS = {
     "navit-b16": dict(image_size=1024, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12,
                       mlp_dim=3072, dim_head=64),
-    "tiny-navit": dict(image_size=512, patch_size=16, num_classes=10, dim=64, depth=2, heads=4,
+    "tiny-navit": dict(image_size=1024, patch_size=16, num_classes=10, dim=64, depth=2, heads=4,
                        mlp_dim=128, dim_head=16),
 }
 
@@ -186,7 +186,7 @@ def navit_b16() -> NaViTModel:
 
 
 def tiny_navit() -> NaViTModel:
-    """Test-sized NaViT (dim 64, 2 blocks, 4 heads), images up to 512x512, random weights (seed 0)."""
+    """Test-sized NaViT (dim 64, 2 blocks, 4 heads), images up to 1024x1024, random weights (seed 0)."""
     return _build("tiny-navit")
 
 
