@@ -99,6 +99,22 @@ def test_select_layer_matches_hidden_states(navit, select_layer):
     assert rel_err(feats.unpack()[1], seen["h"][0]) <= 1e-5
 
 
+@torch.no_grad()
+def test_pil_images_fit_the_position_tables(navit):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [(40, 2000), (2000, 40), (300, 500), (129, 130)]  # (H, W); the table is 8 x 8 patches
+    pils = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+            for h, w in sizes]
+    enc = NaViTEncoder(navit)
+    feats = enc.encode(pils)
+    assert feats.grid_hw.tolist() == [[1, 8], [8, 1], [5, 7], [7, 8]]
+    for i, (tokens, img) in enumerate(zip(feats.unpack(), enc.prepare(pils))):
+        assert img.abs().max() <= 1.0  # mean = std = 0.5: pixels in [-1, 1]
+        assert rel_err(tokens, _alone(navit, img)[0]) <= 1e-5, f"image {i}"
+
+
 def test_gradients_equal_vit_pytorch():
     navit = na_vit.NaViT(**TINY).train()  # dropout 0: training mode is deterministic
     images = _images()

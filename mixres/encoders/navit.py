@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from einops import rearrange, repeat
@@ -190,7 +191,8 @@ class NaViTEncoder(Encoder):
 
     NaViT defines no pixel normalization; images given as PIL/paths are normalized with
     mean = std = (0.5, 0.5, 0.5) (pixels to [-1, 1]), tensors are used as given.
-    The patch size is the model's; there are no prefix tokens (num_prefix 0).
+    The patch size is the model's; there are no prefix tokens (num_prefix 0). PIL/path
+    inputs are also shrunk (aspect kept) so their grid fits the model's position tables.
     """
 
     def __init__(self, model: nn.Module, **kwargs):
@@ -210,6 +212,28 @@ class NaViTEncoder(Encoder):
     @property
     def num_prefix(self) -> int:
         return 0
+
+    def prepare(self, images) -> list[torch.Tensor]:
+        from mixres.images import load_image
+
+        if isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "mode"):
+            images = [images]
+        return [img if isinstance(img, torch.Tensor) else self._fit(load_image(img)) for img in images]
+
+    def _fit(self, img) -> torch.Tensor:
+        """A PIL image -> normalized tensor whose grid fits the position tables (max_h x max_w)."""
+        from mixres.images import preprocess
+
+        max_h, max_w = self.navit.pos_embed_height.shape[0], self.navit.pos_embed_width.shape[0]
+        ratio = img.width / img.height
+        # the most tokens a grid of this aspect can have: h = sqrt(t/r) <= max_h, w = sqrt(t*r) <= max_w;
+        # past the point where one side clamps to a single patch, (1, t) or (t, 1) fits while t <= max
+        cap = max(1, int(min(max_h ** 2 * ratio, max_w ** 2 / ratio)),
+                  min(max_w, int(ratio)), min(max_h, int(1 / ratio)))
+        max_tokens = cap if self.max_tokens is None else min(self.max_tokens, cap)
+        mean, std = self.mean_std
+        return preprocess(img, self.patch_size, min_tokens=min(self.min_tokens, max_tokens),
+                          max_tokens=max_tokens, mean=mean, std=std)
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
         tokens, pooled = packed_forward(self.navit, packed, self.select_layer)
