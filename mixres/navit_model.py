@@ -126,7 +126,7 @@ class NaViTModel(PreTrainedModel):
 
     config_class = NaViTConfig
     main_input_name = "images"
-    _no_split_modules = ["Attention", "FeedForward"]
+    _no_split_modules = ["Attention"]  # vit_pytorch.na_vit.Attention blocks
 
     def __init__(self, config: NaViTConfig):
         super().__init__(config)

@@ -179,3 +179,9 @@ def test_presets_are_deterministic_and_leave_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert not a.training and a.config.dim == 64 and a.config.num_classes == 10
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # registered with mixres.presets: the same weights by name, and usable as an encoder spec
+    from mixres.encoders import load_encoder
+    from mixres.presets import build, state_digest
+
+    assert state_digest(build("tiny-navit")) == state_digest(a)
+    assert isinstance(load_encoder("tiny-navit", backend="navit").model, NaViTModel)

@@ -197,8 +197,7 @@ class NaViTEncoder(Encoder):
 
     def __init__(self, model: nn.Module, **kwargs):
         super().__init__(model, **kwargs)
-        self.navit = unwrap_navit(model)
-        recipe_for(self.navit)
+        self.navit = unwrap_navit(model)  # a TypeError naming the supported classes otherwise
 
     @property
     def patch_size(self) -> int:
