@@ -161,6 +161,27 @@ def test_automodel_round_trip(tmp_path):
         assert torch.equal(loaded(images).logits, out.logits)
 
 
+@torch.no_grad()
+def test_hf_style_call_and_loop_backend():
+    model = AutoModel.from_config(NaViTConfig(**TINY)).eval()
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 2)  # HF names map
+    x = torch.randn(2, 3, 48, 80)
+    out = model(pixel_values=x, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 15, 32) and len(out.hidden_states) == 3
+    for i in range(2):
+        assert rel_err(out.last_hidden_state[i], _alone(model.navit, x[i])[0]) <= 1e-5
+    # the per-image "loop" backend runs NaViTModel through that HF-style call
+    from mixres.encoders import load_encoder
+
+    images = _images()
+    for layer in (-1, -2):
+        loop = load_encoder(model, backend="loop", select_layer=layer).encode(images)
+        ours = _encode(model, images, select_layer=layer)
+        assert all(rel_err(a, b) <= 1e-5 for a, b in zip(ours.unpack(), loop.unpack()))
+    with pytest.raises(ValueError, match="either images"):
+        model(images, pixel_values=x)
+
+
 def test_backend_registered_and_errors(navit):
     assert get_backend("navit") is NaViTEncoder
     enc = NaViTEncoder(tiny_navit())

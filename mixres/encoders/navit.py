@@ -138,11 +138,18 @@ def attention(attn: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu_q, cu_k,
 
 
 def transformer(navit: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu: torch.Tensor, max_len: int,
-                num_layers: int, final_norm: bool) -> torch.Tensor:
-    """The first `num_layers` pre-norm blocks on packed tokens (N, D), then the final norm if asked."""
+                num_layers: int, final_norm: bool, collect: list | None = None) -> torch.Tensor:
+    """The first `num_layers` pre-norm blocks on packed tokens (N, D), then the final norm if asked.
+
+    `collect`, when given, receives the input and every block's output (HF hidden_states).
+    """
+    if collect is not None:
+        collect.append(x)
     for attn, ff in navit.transformer.layers[:num_layers]:
         x = attention(attn, recipe, x, cu, cu, max_len, max_len) + x
         x = ff(x) + x
+        if collect is not None:
+            collect.append(x)
     return navit.transformer.norm(x) if final_norm else x
 
 
@@ -158,12 +165,13 @@ def attention_pool(navit: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu: t
     return navit.to_latent(out)
 
 
-def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -1
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -1,
+                   hidden_states: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Packed tokens (N, D) and pooled latents (B, D) of a NaViT (pooled None unless select_layer=-1).
 
     select_layer -1: final-norm output (and the pooled latent); otherwise the HF
     `hidden_states[select_layer]` convention (0 = embeddings, -2 = penultimate block), no norm.
+    `hidden_states`, when given, receives the packed (N, D) hidden states computed.
     """
     navit = unwrap_navit(model)
     recipe = recipe_for(navit)
@@ -178,8 +186,9 @@ def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -
     max_len = packed.max_seqlen
     x = embed(navit, packed)
     if select_layer != -1:
-        return transformer(navit, recipe, x, cu, max_len, select_layer % (depth + 1), False), None
-    x = transformer(navit, recipe, x, cu, max_len, depth, True)
+        return transformer(navit, recipe, x, cu, max_len, select_layer % (depth + 1), False,
+                           hidden_states), None
+    x = transformer(navit, recipe, x, cu, max_len, depth, True, hidden_states)
     return x, attention_pool(navit, recipe, x, cu, max_len)
 
 
