@@ -7,7 +7,7 @@ attention (no padding, no mask), cut into bins of the same token budget. Both se
 mixed-N workload (DESIGN.md) and report tokens per second; `ratio` is each method's
 throughput over vit-pytorch's measured in the same run.
 
-    python -m benchmarks.navit_bench --model tiny-navit --n 32
+    python -m benchmarks.navit_bench --model tiny-navit --n 32 --threads 1
     python -m benchmarks.navit_bench --model navit-b16 --n 16 --repeats 2
 
 `navit_rows(...)` returns the rows (dicts) for the throughput benchmark's table.
@@ -91,7 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--token-budget", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (1 gives stable numbers on an oversubscribed machine)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = navit_rows(args.model, args.n, args.seed, args.device, getattr(torch, args.dtype),
                       args.token_budget, args.repeats)
     print(f"{rows[0]['model']}, mixed-{args.n} ({rows[0]['tokens']} tokens), {args.device} "
