@@ -442,7 +442,7 @@ def encode_images_sequentially(image_encoder, images) -> torch.Tensor:
                 continue
             if fc.whole_patches:  # SigLIP2 takes patches: what its processor would give
                 img = crop_for(model, img)
-            out = fc.call(tower, img[None].to(device=device, dtype=dtype))
+            out = fc.call(tower, img[None].to(device=device, dtype=dtype).contiguous())
             pooled = getattr(out, "pooler_output", None)
             if pooled is not None:
                 embs.append(pooled.flatten(1)[0])
