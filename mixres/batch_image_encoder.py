@@ -92,8 +92,9 @@ def run_grouped(model: nn.Module, images: Sequence[torch.Tensor], *,
     """Run `model` on `images` (list of (C, H, W), already cropped) in same-shape batches.
 
     Returns, in input order, one (tokens (n, D), pooled (D',) or None, grid (h, w)) per
-    image. A batch holds at most `max_batch_pixels` input pixels (an image larger than
-    that runs alone); None puts a whole shape group in one batch.
+    image; select_layer=-k reads HF's hidden_states[-k] (no final norm, no pooled). A
+    batch holds at most `max_batch_pixels` input pixels (an image larger than that runs
+    alone); None puts a whole shape group in one batch.
     """
     tower = vision_tower(model)
     fc = call_for(tower)
@@ -118,7 +119,8 @@ def run_grouped(model: nn.Module, images: Sequence[torch.Tensor], *,
                 out = fc.call_list(tower, batch, **kw)
             hidden = out.last_hidden_state if select_layer == -1 else out.hidden_states[select_layer]
             tokens, fmap_grid = output_tokens(hidden)
-            pooled = getattr(out, "pooler_output", None)
+            # the pooler reads the last layer: it belongs to select_layer=-1 only (as in "packed")
+            pooled = getattr(out, "pooler_output", None) if select_layer == -1 else None
             pooled = pooled.flatten(1) if pooled is not None else None
             for j, i in enumerate(chunk):
                 _, H, W = images[i].shape

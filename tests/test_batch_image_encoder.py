@@ -332,6 +332,7 @@ def test_select_layer_penultimate():
     with torch.no_grad():
         ref = model(pixel_values=img[None], output_hidden_states=True).hidden_states[-2][0]
     assert rel_err(feats.unpack()[1], ref) <= 1e-5
+    assert feats.pooled is None
 
 
 def test_route_table_falls_back_to_grouped():
