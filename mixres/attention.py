@@ -17,12 +17,15 @@ sees every key.
 The HF hook at the bottom registers `varlen_attention` in transformers'
 AttentionInterface under the name "mixres_varlen"; HF layers then pass the offsets
 through their **kwargs untouched (`cu_seq_lens_q`, `cu_seq_lens_k`, `max_length_q`,
-`max_length_k`, the names HF's own flash path uses).
+`max_length_k`, the names HF's own flash path uses). Layers that do not forward
+**kwargs to their attention (DINOv2 in transformers 5.17) get the same offsets from
+`varlen_context`, a context variable the encoder sets around the call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import os
 from collections.abc import Callable
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["varlen_attention", "available_backends", "use_backend", "register_backend",
-           "HF_ATTN_NAME", "register_hf_attention", "hf_varlen_kwargs"]
+           "HF_ATTN_NAME", "register_hf_attention", "hf_varlen_kwargs", "varlen_context"]
 
 
 # helpers
@@ -219,6 +222,8 @@ def _hf_varlen_forward(module, query, key, value, attention_mask, scaling=None, 
     **kwargs. An attention mask cannot be honoured here (there is no padding to mask),
     so one given is an error rather than silently ignored.
     """
+    if "cu_seq_lens_q" not in kwargs and _CONTEXT.get() is not None:
+        kwargs = {**_CONTEXT.get(), **kwargs}
     if attention_mask is not None:
         raise ValueError("mixres_varlen attention got an attention_mask; packed sequences "
                          "need none (segments come from cu_seq_lens_q/k)")
@@ -238,6 +243,24 @@ def _hf_varlen_forward(module, query, key, value, attention_mask, scaling=None, 
                            kwargs.get("max_length_k"), causal=bool(getattr(module, "is_causal", False)),
                            scale=scaling)
     return out[None], None
+
+
+_CONTEXT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mixres_varlen_kwargs",
+                                                                       default=None)
+
+
+@contextlib.contextmanager
+def varlen_context(kwargs: dict):
+    """Make `kwargs` (from `hf_varlen_kwargs`) visible to the hook inside a `with` block.
+
+    For HF layers whose forward takes no **kwargs and so cannot pass the offsets on;
+    kwargs given to the hook directly take precedence.
+    """
+    token = _CONTEXT.set(kwargs)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
 
 
 def register_hf_attention() -> str:

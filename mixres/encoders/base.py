@@ -80,15 +80,17 @@ class Encoder:
 
     def prepare(self, images) -> list[torch.Tensor]:
         """User inputs -> list of normalized (C, H, W) tensors on the grid of the patch size."""
-        from mixres.images import preprocess
-
         if isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "mode"):
             images = [images]
+        if all(isinstance(img, torch.Tensor) for img in images):
+            return list(images)  # already resized and normalized; validated when packed
+        from mixres.images import preprocess
+
         mean, std = self.mean_std
         out = []
         for img in images:
             if isinstance(img, torch.Tensor):
-                out.append(img)  # already resized and normalized; validated when packed
+                out.append(img)
             else:
                 out.append(preprocess(img, self.patch_size, min_tokens=self.min_tokens,
                                       max_tokens=self.max_tokens, mean=mean, std=std))

@@ -1,0 +1,276 @@
+"""Throughput benchmark: packed vs padded+mask vs shape-grouped vs per-image loop, with the
+dense oracle (uniform 224x224 images, same total tokens) as the ceiling.
+
+Workload mixed-N (mixres.workloads): N images, aspect ratio in [0.5, 2], 64-1024 tokens.
+Methods, all on the same images and the same model object:
+
+    packed   mixres patch-n-pack (one sequence per chunk, block-diagonal varlen attention)
+    padded   every image zero-padded to the largest H and the largest W, one batch, with
+             HF's own attention-mask path: ViT/DeiT/DINOv2 take attention_mask (B, L) over
+             CLS + real patches; SigLIP2 gets its NaFlex pixel_attention_mask; families
+             whose forward takes no mask (CLIP, SigLIP) run padded without one (same cost,
+             wrong features: this benchmark measures speed only)
+    grouped  images grouped by exact shape, one dense batch per shape (the registry's
+             "grouped" backend when it is available, else a simple one here)
+    loop     the unmodified model on each image alone
+    oracle   dense batch of uniform 224x224 images with the same token count
+
+Warm-up on a few images, then timed repeats in one run (median). Prints tokens/s, images/s,
+peak memory (CUDA), ratios vs the oracle and vs packed; writes results.json (machine,
+versions, exact command), results.md and throughput.png into --out.
+
+    python -m benchmarks.throughput --model vit-b16 --dtype float32 --device cpu --quick --out out/tp
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import env_info, write_json
+
+METHODS = ["packed", "padded", "grouped", "loop"]
+
+
+# models
+
+def _fallback(name: str):
+    """A few configs for when mixres.presets is not importable (random init, fixed seed)."""
+    import transformers as T
+
+    table = {
+        "vit-b16": lambda: T.ViTModel(T.ViTConfig()),
+        "tiny-vit": lambda: T.ViTModel(T.ViTConfig(hidden_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=128)),
+    }
+    if name not in table:
+        raise ValueError(f"unknown model {name!r} (mixres.presets is not available; "
+                         f"built-in: {sorted(table)})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return table[name]()
+
+
+def load_model(name: str):
+    try:
+        from mixres.presets import load_model as load
+    except ImportError:
+        return _fallback(name).eval()
+    return load(name).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# methods: each takes (model, images) and returns nothing; timed from outside
+
+def run_packed(model, images, **_):
+    from mixres.encoders import get_backend
+    get_backend("packed")(model).encode(images)
+
+
+def run_loop(model, images, **_):
+    from mixres.encoders import get_backend
+    get_backend("loop")(model).encode(images)
+
+
+def _tower_kwargs(tower, pixel_values):
+    kw = {"pixel_values": pixel_values}
+    if "interpolate_pos_encoding" in inspect.signature(tower.forward).parameters:
+        kw["interpolate_pos_encoding"] = True
+    return kw
+
+
+def run_grouped(model, images, **_):
+    try:
+        from mixres.encoders import get_backend
+        cls = get_backend("grouped")
+    except (ImportError, ValueError):
+        cls = None
+    if cls is not None:
+        cls(model).encode(images)
+        return
+    from mixres.encoders.loop import naflex_inputs
+    from mixres.encoders.packed import vision_tower
+
+    tower = vision_tower(model)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for img in images:
+        groups.setdefault(tuple(img.shape), []).append(img)
+    for same in groups.values():
+        batch = torch.stack(same)
+        if "spatial_shapes" in inspect.signature(tower.forward).parameters:
+            parts = [naflex_inputs(x, tower.config.patch_size) for x in same]
+            tower(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+        else:
+            tower(**_tower_kwargs(tower, batch))
+
+
+def run_padded(model, images, patch_size, **_):
+
+    from mixres.encoders.packed import recipe_for, vision_tower
+
+    tower = vision_tower(model)
+    p = patch_size
+    H = max(img.shape[1] for img in images)
+    W = max(img.shape[2] for img in images)
+    batch = images[0].new_zeros(len(images), images[0].shape[0], H, W)
+    valid = torch.zeros(len(images), H // p, W // p, dtype=torch.bool, device=batch.device)
+    for i, img in enumerate(images):
+        batch[i, :, :img.shape[1], :img.shape[2]] = img
+        valid[i, :img.shape[1] // p, :img.shape[2] // p] = True
+    params = inspect.signature(tower.forward).parameters
+    if "spatial_shapes" in params:  # SigLIP2 NaFlex: its own padding + mask
+        h, w = H // p, W // p
+        pv = batch.reshape(len(images), -1, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
+        pv = pv.reshape(len(images), h * w, -1)  # NaFlex: channel-last patches
+        tower(pixel_values=pv, pixel_attention_mask=valid.flatten(1).long(),
+              spatial_shapes=torch.tensor([[h, w]] * len(images), device=batch.device))
+        return
+    kw = _tower_kwargs(tower, batch)
+    if "attention_mask" in params:
+        prefix = recipe_for(tower).num_prefix(tower)
+        mask = torch.cat([valid.new_ones(len(images), prefix), valid.flatten(1)], 1)
+        kw["attention_mask"] = mask.long()
+    tower(**kw)
+
+
+def run_oracle(model, images, **_):
+    from mixres.encoders.packed import vision_tower
+
+    tower = vision_tower(model)
+    tower(**_tower_kwargs(tower, torch.stack(images)))
+
+
+RUNNERS = {"packed": run_packed, "padded": run_padded, "grouped": run_grouped, "loop": run_loop,
+           "oracle": run_oracle}
+
+
+def time_method(name, model, images, warm, repeats, device, patch_size):
+    fn = RUNNERS[name]
+    with torch.inference_mode():
+        fn(model, warm, patch_size=patch_size)  # warm-up (kernels, caches, allocator)
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(model, images, patch_size=patch_size)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return statistics.median(times), times, peak
+
+
+# report
+
+def write_markdown(res: dict, path: Path) -> None:
+    lines = [f"# Throughput: {res['model']} {res['dtype']} on {res['device_name']}", "",
+             f"mixed-{res['n']} workload: {res['tokens']} tokens in {res['n']} images "
+             f"({res['distinct_shapes']} distinct shapes); oracle: {res['oracle_images']} images of 224x224.",
+             "", "| method | seconds | tokens/s | images/s | peak MiB | vs oracle | vs packed |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in res["methods"].items():
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['images_per_s']:.2f} | "
+                     f"{peak} | {r['vs_oracle']:.2f} | {r['vs_packed']:.2f} |")
+    lines += ["", f"command: `{res['command']}`", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in res["methods"] if n != "oracle"]
+    vals = [res["methods"][n]["tokens_per_s"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, vals, color=["tab:green" if n == "packed" else "tab:gray" for n in names])
+    if "oracle" in res["methods"]:
+        ax.axhline(res["methods"]["oracle"]["tokens_per_s"], color="tab:red", ls="--",
+                   label="oracle (224x224 dense)")
+        ax.legend()
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"{res['model']} {res['dtype']} {res['device_name']}, mixed-{res['n']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# entry points
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="vit-b16", help="preset name, local path or hub id")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("-n", type=int, default=256, help="images in the mixed-N workload")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", default=",".join(METHODS + ["oracle"]))
+    p.add_argument("--quick", action="store_true", help="small workload, one repeat (CPU smoke run)")
+    p.add_argument("--out", default="out/throughput")
+
+
+def run(args) -> int:
+    from mixres.workloads import mixed_images, oracle_images
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    n, repeats = (6, 1) if args.quick else (args.n, args.repeats)
+    model = load_model(args.model).to(device=device, dtype=dtype)
+    from mixres.encoders.packed import PackedEncoder
+    p = PackedEncoder(model).patch_size
+    images = [x.to(device, dtype) for x in mixed_images(n, seed=args.seed, patch_size=p)]
+    tokens = sum(x.shape[1] * x.shape[2] // p ** 2 for x in images)
+    oracle = [x.to(device, dtype) for x in oracle_images(tokens, patch_size=p, side=224 // 16 * p)]
+    oracle_tokens = len(oracle) * (224 // 16) ** 2
+    warm = [min(images, key=lambda x: x.numel())]  # one small image: warms kernels, costs little
+    res = {"model": args.model, "dtype": args.dtype, "device": str(device), "n": n,
+           "tokens": tokens, "distinct_shapes": len({tuple(x.shape) for x in images}),
+           "oracle_images": len(oracle), "repeats": repeats,
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+           f"CPU ({torch.get_num_threads()} threads)",
+           "env": env_info(str(device)), "command": " ".join([sys.executable, *sys.argv]),
+           "methods": {}}
+    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if name not in RUNNERS:
+            raise ValueError(f"unknown method {name!r}; choose from {sorted(RUNNERS)}")
+        imgs, toks = (oracle, oracle_tokens) if name == "oracle" else (images, tokens)
+        sec, times, peak = time_method(name, model, imgs, oracle[:1] if name == "oracle" else warm,
+                                       repeats, device, p)
+        res["methods"][name] = {"seconds": sec, "times": times, "tokens_per_s": toks / sec,
+                                "images_per_s": len(imgs) / sec, "peak_mib": peak}
+        print(f"{name:8s} {sec:8.3f} s  {toks / sec:10.0f} tok/s  {len(imgs) / sec:7.2f} img/s"
+              + (f"  peak {peak:.0f} MiB" if peak is not None else ""), flush=True)
+    ms = res["methods"]
+    for r in ms.values():
+        r["vs_oracle"] = r["tokens_per_s"] / ms["oracle"]["tokens_per_s"] if "oracle" in ms else float("nan")
+        r["vs_packed"] = r["tokens_per_s"] / ms["packed"]["tokens_per_s"] if "packed" in ms else float("nan")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(res, out / "results.json")
+    write_markdown(res, out / "results.md")
+    plot(res, out / "throughput.png")
+    print((out / "results.md").read_text())
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
