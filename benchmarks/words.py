@@ -34,7 +34,7 @@ from benchmarks.report import env_info, write_json
 
 # preset -> model specs: mixres presets by name, or local builders (families without one)
 PRESETS = {
-    "tiny": ["tiny-vit", "tiny-siglip2", "tiny-dinov2", "tiny-resnet", "tiny-swinv2"],
+    "tiny": ["tiny-vit", "tiny-siglip2", "tiny-dinov2", "tiny-navit", "tiny-resnet", "tiny-swinv2"],
     "small": ["small-vit", "small-resnet"],
 }
 METHODS = ["sequential", "auto", "grouped", "packed", "naive"]
@@ -79,6 +79,8 @@ LOCAL = {"small-vit": _small_vit, "small-resnet": _small_resnet, "tiny-resnet": 
 def load(spec: str):
     if spec in LOCAL:
         return _seeded(LOCAL[spec])
+    if spec.endswith("navit"):
+        import mixres.navit_model  # noqa: F401  (registers the NaViT presets)
     from mixres.presets import load_model
     return load_model(spec).eval()
 
@@ -144,8 +146,8 @@ def to_markdown(results: dict) -> str:
             lines.append(f"| {row['model']} | {row['route']} | {m} | {r['images_per_s']:.1f} | "
                          f"{r.get('speedup_vs_sequential', float('nan')):.2f}x | {err} |")
     lines += ["", "Every ratio is against `sequential` measured in the same run (median of "
-              f"{results['repeats']} interleaved repeats after a warm-up). `auto` and `grouped` "
-              "are the same code while the packed backend is not installed."]
+              f"{results['repeats']} interleaved repeats after a warm-up). `auto` is the "
+              "family's route (packed varlen for ViT-family, NaViT natively, else grouped)."]
     return "\n".join(lines) + "\n"
 
 
