@@ -356,3 +356,16 @@ def test_route_falls_back_to_grouped_where_the_backend_refuses(monkeypatch):
     assert bie.route_for(build("dinov3_vit")) == "grouped"
     with pytest.raises(ValueError, match="packed backend"):
         encode_images_group(build("dinov3_vit"), [torch.randn(3, 16, 16)], route="packed")
+
+
+def test_gradients_flow_like_one_at_a_time():
+    model = build("resnet")
+    x, dims = padded_batch()
+    grads = []
+    with torch.enable_grad():
+        for fn in (lambda: encode_images(model, x, dims), lambda: encode_images_sequentially(
+                model, crops_of(x, dims))):
+            model.zero_grad()
+            fn().square().sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0 and rel_err(grads[0], grads[1]) <= 1e-5
