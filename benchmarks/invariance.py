@@ -23,7 +23,6 @@ and its worst deviation is kept. Writes results.json, results.md and invariance.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -119,9 +118,10 @@ def _photos():
 
 # naive padding
 
-def naive_padding(model, images, ref_enc):
+def naive_padding(model, images, ref_enc, ref):
     """Pad all images to the largest with zeros, run the model without masks, read back
-    each image's content tokens (prefix + content patches) and pooled output.
+    each image's content tokens (prefix + the top-left block of the padded grid that has
+    the size of the image's own grid in `ref`) and pooled output.
 
     Without masks the images of a padded batch do not interact, so running each padded
     image alone through the unmodified model is exactly the padded batch, and needs no
@@ -137,10 +137,8 @@ def naive_padding(model, images, ref_enc):
         padded.append(canvas)
     out = ref_enc.encode(padded)
     tokens, lens, grids = [], [], []
-    for img, t, g in zip(images, out.unpack(), out.grid_hw.tolist()):
+    for t, g, (h, w) in zip(out.unpack(), out.grid_hw.tolist(), ref.grid_hw.tolist()):
         gh, gw = g
-        h = max(1, math.ceil(img.shape[1] * gh / H))
-        w = max(1, math.ceil(img.shape[2] * gw / W))
         pre = t[:out.num_prefix]
         grid = t[out.num_prefix:].reshape(gh, gw, -1)[:h, :w].reshape(h * w, -1)
         tokens.append(torch.cat([pre, grid]))
@@ -152,25 +150,36 @@ def naive_padding(model, images, ref_enc):
 
 # one cell of the table
 
-def run_cell(model, method, images, compositions, seed, device, dtype):
+def reference(model, images, device, dtype):
+    """Each image through the unmodified model, alone: the loop backend for HF ViT-family
+    models; a CNN through the grouped backend and NaViT through the navit backend, called
+    with one image at a time (which is the model on that image alone)."""
+    from mixres import vision_utils
+    from mixres.encoders import load_encoder
+    from mixres.packing import PackedFeatures
+
+    if vision_utils.family(model) == "navit":
+        backend = "navit"
+    elif vision_utils.patch_size(model) is None:
+        backend = "grouped"
+    else:
+        backend = "loop"
+    enc = load_encoder(model, backend=backend, device=device, dtype=dtype)
+    if backend == "loop":
+        return enc, enc.encode(images)
+    return enc, PackedFeatures.cat([enc.encode([img]) for img in images])
+
+
+def run_cell(model, method, images, ref, ref_enc, compositions, seed, device, dtype):
     from mixres.encoders import load_encoder
     from mixres.invariance import compare_features
 
-    kw = {"device": device, "dtype": dtype}
-    ref_backend = "navit" if method == "navit" else "loop"
-    ref_enc = load_encoder(model, backend=ref_backend, **kw)
     with torch.inference_mode():
-        if method == "navit":
-            # the reference is NaViT on each image alone
-            from mixres.packing import PackedFeatures
-            ref = PackedFeatures.cat([ref_enc.encode([img]) for img in images])
-        else:
-            ref = ref_enc.encode(images)
         if method == "naive":
-            out = naive_padding(model, images, ref_enc)
-            devs = compare_features(out, ref)
-            return devs, 1
-        enc = load_encoder(model, backend=method, **kw)
+            if ref_enc.backend == "navit":
+                raise TypeError("NaViT takes a list of images; there is no padded batch to compare")
+            return compare_features(naive_padding(model, images, ref_enc, ref), ref), 1
+        enc = load_encoder(model, backend=method, device=device, dtype=dtype)
         g = torch.Generator().manual_seed(seed)
         batches = [list(range(len(images)))]
         for _ in range(compositions - 1):
@@ -286,15 +295,17 @@ def run(args) -> int:
     t0 = time.perf_counter()
     for fam, spec in families.items():
         model = build_model(spec).to(args.device, dtype)
-        from mixres.encoders import load_encoder
-        probe = load_encoder(model, backend="navit" if "navit" in spec else "loop")
-        images, names = workload(probe, n, args.seed, tokens, photos=True)
-        images = [i.to(args.device, dtype) for i in images]
+        with torch.inference_mode():
+            ref_enc, _ = reference(model, [torch.zeros(3, 64, 64, device=args.device, dtype=dtype)],
+                                   args.device, dtype)
+            images, names = workload(ref_enc, n, args.seed, tokens, photos=True)
+            images = [i.to(args.device, dtype) for i in images]
+            ref_enc, ref = reference(model, images, args.device, dtype)
         results["cells"][fam] = {}
         for method in methods:
             try:
-                devs, comps = run_cell(model, method, images, args.compositions, args.seed,
-                                       args.device, dtype)
+                devs, comps = run_cell(model, method, images, ref, ref_enc, args.compositions,
+                                       args.seed, args.device, dtype)
                 cell = {**summarize(devs), "compositions": comps}
             except (ValueError, TypeError, NotImplementedError) as e:
                 cell = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}

@@ -10,8 +10,7 @@ Methods, all on the same images and the same model object:
              CLS + real patches; SigLIP2 gets its NaFlex pixel_attention_mask; families
              whose forward takes no mask (CLIP, SigLIP) run padded without one (same cost,
              wrong features: this benchmark measures speed only)
-    grouped  images grouped by exact shape, one dense batch per shape (the registry's
-             "grouped" backend when it is available, else a simple one here)
+    grouped  images grouped by exact shape, one dense batch per shape (backend "grouped")
     loop     the unmodified model on each image alone
     oracle   dense batch of uniform 224x224 images with the same token count
 
@@ -25,7 +24,6 @@ versions, exact command), results.md and throughput.png into --out.
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import sys
 import time
@@ -82,43 +80,15 @@ def run_loop(model, images, **_):
     get_backend("loop")(model).encode(images)
 
 
-def _tower_kwargs(tower, pixel_values):
-    kw = {"pixel_values": pixel_values}
-    if "interpolate_pos_encoding" in inspect.signature(tower.forward).parameters:
-        kw["interpolate_pos_encoding"] = True
-    return kw
-
-
 def run_grouped(model, images, **_):
-    try:
-        from mixres.encoders import get_backend
-        cls = get_backend("grouped")
-    except (ImportError, ValueError):
-        cls = None
-    if cls is not None:
-        cls(model).encode(images)
-        return
-    from mixres.encoders.loop import naflex_inputs
-    from mixres.encoders.packed import vision_tower
-
-    tower = vision_tower(model)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for img in images:
-        groups.setdefault(tuple(img.shape), []).append(img)
-    for same in groups.values():
-        batch = torch.stack(same)
-        if "spatial_shapes" in inspect.signature(tower.forward).parameters:
-            parts = [naflex_inputs(x, tower.config.patch_size) for x in same]
-            tower(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
-        else:
-            tower(**_tower_kwargs(tower, batch))
+    from mixres.encoders import get_backend
+    get_backend("grouped")(model).encode(images)
 
 
 def run_padded(model, images, patch_size, **_):
+    from mixres import vision_utils
 
-    from mixres.encoders.packed import recipe_for, vision_tower
-
-    tower = vision_tower(model)
+    tower = vision_utils.vision_tower(model)
     p = patch_size
     H = max(img.shape[1] for img in images)
     W = max(img.shape[2] for img in images)
@@ -127,27 +97,21 @@ def run_padded(model, images, patch_size, **_):
     for i, img in enumerate(images):
         batch[i, :, :img.shape[1], :img.shape[2]] = img
         valid[i, :img.shape[1] // p, :img.shape[2] // p] = True
-    params = inspect.signature(tower.forward).parameters
-    if "spatial_shapes" in params:  # SigLIP2 NaFlex: its own padding + mask
-        h, w = H // p, W // p
-        pv = batch.reshape(len(images), -1, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
-        pv = pv.reshape(len(images), h * w, -1)  # NaFlex: channel-last patches
-        tower(pixel_values=pv, pixel_attention_mask=valid.flatten(1).long(),
-              spatial_shapes=torch.tensor([[h, w]] * len(images), device=batch.device))
-        return
-    kw = _tower_kwargs(tower, batch)
-    if "attention_mask" in params:
-        prefix = recipe_for(tower).num_prefix(tower)
+    kw = vision_utils.forward_kwargs(tower, batch)
+    if "pixel_attention_mask" in kw:  # SigLIP2 NaFlex: its own padding mask
+        kw["pixel_attention_mask"] = valid.flatten(1).long()
+    elif vision_utils.accepts(tower, "attention_mask"):
+        prefix = vision_utils.num_prefix_tokens(tower)
         mask = torch.cat([valid.new_ones(len(images), prefix), valid.flatten(1)], 1)
         kw["attention_mask"] = mask.long()
     tower(**kw)
 
 
 def run_oracle(model, images, **_):
-    from mixres.encoders.packed import vision_tower
+    from mixres import vision_utils
 
-    tower = vision_tower(model)
-    tower(**_tower_kwargs(tower, torch.stack(images)))
+    tower = vision_utils.vision_tower(model)
+    tower(**vision_utils.forward_kwargs(tower, torch.stack(images)))
 
 
 RUNNERS = {"packed": run_packed, "padded": run_padded, "grouped": run_grouped, "loop": run_loop,

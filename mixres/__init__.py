@@ -23,6 +23,10 @@ _LAZY = {
     "check_invariance": "mixres.invariance",
     "InvarianceReport": "mixres.invariance",
     "load_model": "mixres.presets",
+    "patch_vit": "mixres.masked_vit_patcher",
+    "unpatch_vit": "mixres.masked_vit_patcher",
+    "encode_images": "mixres.batch_image_encoder",
+    "encode_nested": "mixres.batch_image_encoder",
 }
 
 __all__ = ["PackedFeatures", "PackedImages", "pack_into_bins", "load_encoder", "list_backends",

@@ -109,39 +109,50 @@ def _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     return varlen_attn(q, k, v, cu_q.int(), cu_k.int(), int(max_q), int(max_k), **kw)
 
 
+def _gather(t: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
+    """(G, heads, length, d) from G segments of `t` (T, heads, d) of the same length."""
+    if len(starts) == 1:  # a view: no copy for a segment whose length is unique
+        return t[starts[0]:starts[0] + length].transpose(0, 1)[None]
+    return t[_segment_index(starts, length, t.device)].transpose(1, 2)
+
+
 @register_backend("sdpa", priority=10, supports=lambda q: True)
 def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     # Group segments by equal (len_q, len_k) so each group is one dense SDPA call over
     # (G, heads, L, d): no padding, and few kernel launches when many images share a size.
+    # The outputs are concatenated back in segment order (no scatter, no zero fill).
     lens_q, lens_k = _lengths(cu_q), _lengths(cu_k)
+    if sum(lens_q) != q.shape[0] or sum(lens_k) != k.shape[0]:
+        raise ValueError(f"varlen_attention: offsets cover {sum(lens_q)} queries / {sum(lens_k)} keys, "
+                         f"the tensors hold {q.shape[0]} / {k.shape[0]}")
     starts_q, starts_k = cu_q[:-1].tolist(), cu_k[:-1].tolist()
     groups: dict[tuple[int, int], list[int]] = {}
     for i, key in enumerate(zip(lens_q, lens_k)):
         if key[0] > 0:
             groups.setdefault(key, []).append(i)
     gqa = q.shape[1] != k.shape[1]
-    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
-    outs, rows = [], []
+    pieces: list[torch.Tensor | None] = [None] * len(lens_q)
     for (lq, lk), seg in groups.items():
-        iq = _segment_index([starts_q[i] for i in seg], lq, q.device)
-        if lk == 0:  # no keys: the output stays zero
+        if lk == 0:  # no keys to attend to: the output is zero
+            for i in seg:
+                pieces[i] = q.new_zeros(lq, q.shape[1], v.shape[-1])
             continue
-        ik = _segment_index([starts_k[i] for i in seg], lk, q.device)
-        qg, kg, vg = (t[idx].transpose(1, 2) for t, idx in ((q, iq), (k, ik), (v, ik)))
-        mask = None
-        if causal and lq == lk:
-            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale,
-                                               enable_gqa=gqa)
+        qg = _gather(q, [starts_q[i] for i in seg], lq)
+        kg = _gather(k, [starts_k[i] for i in seg], lk)
+        vg = _gather(v, [starts_k[i] for i in seg], lk)
+        if causal and lq != lk:
+            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=_causal_mask(lq, lk, q.device),
+                                               scale=scale, enable_gqa=gqa)
         else:
-            if causal:
-                mask = _causal_mask(lq, lk, q.device)
-            o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale,
+            o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale,
                                                enable_gqa=gqa)
-        outs.append(o.transpose(1, 2).reshape(-1, q.shape[1], v.shape[-1]))
-        rows.append(iq.reshape(-1))
-    if outs:
-        out = out.index_copy(0, torch.cat(rows), torch.cat(outs).to(out.dtype))
-    return out
+        o = o.transpose(1, 2)  # (G, lq, heads, d)
+        for j, i in enumerate(seg):
+            pieces[i] = o[j]
+    parts = [p for p in pieces if p is not None]
+    if not parts:
+        return q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    return torch.cat(parts)
 
 
 _VARLEN_PARAMS: set[str] | None = None

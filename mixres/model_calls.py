@@ -65,11 +65,9 @@ def _call_naflex_list(model: nn.Module, images: list[torch.Tensor], **kw):
     Its position embeddings are resized per image from `spatial_shapes`, so images of one
     token count need no padding to share a batch.
     """
-    p = _cfg_patch(model.config)
-    patches = torch.cat([vision_utils.naflex_patches(img[None], p) for img in images])
-    shapes = torch.tensor([[img.shape[-2] // p, img.shape[-1] // p] for img in images],
-                          dtype=torch.long, device=patches.device)
-    mask = torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device)
+    parts = [vision_utils.forward_kwargs(model, img[None]) for img in images]
+    patches, mask, shapes = (torch.cat([part[k] for part in parts])
+                             for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes"))
     return model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes, **kw)
 
 

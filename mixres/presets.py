@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
+import json
 import os
 from collections.abc import Callable
 
@@ -31,6 +33,16 @@ __all__ = ["PRESETS", "PRESET_SEED", "UnknownModelError", "build", "list_presets
 PRESET_SEED = 0
 
 PRESETS: dict[str, Callable[[], nn.Module]] = {}
+
+# Presets and model types defined by modules with heavy imports (vit-pytorch pulls in
+# torchvision): imported the first time one of their names is asked for.
+LAZY_PRESETS = {"navit-b16": "mixres.navit_model", "tiny-navit": "mixres.navit_model"}
+LAZY_MODEL_TYPES = {"navit": "mixres.navit_model"}
+
+
+def _import_for(name: str, table: dict[str, str]) -> None:
+    if name in table:
+        importlib.import_module(table[name])
 
 
 class UnknownModelError(ValueError):
@@ -51,16 +63,17 @@ def register_preset(name: str):
 
 
 def list_presets() -> list[str]:
-    return sorted(PRESETS)
+    return sorted(set(PRESETS) | set(LAZY_PRESETS))
 
 
 def _did_you_mean(name: str) -> str:
-    close = difflib.get_close_matches(name, PRESETS, n=1)
+    close = difflib.get_close_matches(name, list_presets(), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def build(name: str) -> nn.Module:
     """The preset `name` with its seeded random weights, in eval mode."""
+    _import_for(name, LAZY_PRESETS)
     if name not in PRESETS:
         raise UnknownModelError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}."
                                 + _did_you_mean(name))
@@ -102,9 +115,10 @@ def load_model(spec, *, trust_remote_code: bool = False) -> nn.Module:
         raise TypeError(f"load_model: expected an nn.Module, a preset name, a local directory "
                         f"or a hub id, got {type(spec).__name__}")
     name = os.fspath(spec)
-    if name in PRESETS:
+    if name in PRESETS or name in LAZY_PRESETS:
         return build(name)
     if os.path.isdir(name):
+        _import_for(_saved_model_type(name), LAZY_MODEL_TYPES)
         return tf.AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
     offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
     try:
@@ -117,6 +131,14 @@ def load_model(spec, *, trust_remote_code: bool = False) -> nn.Module:
             f"{name!r} is neither a mixres preset nor a local directory, and the Hugging Face "
             f"Hub could not provide it ({why}). Presets: {', '.join(list_presets())}."
             + _did_you_mean(name)) from None
+
+
+def _saved_model_type(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 # presets

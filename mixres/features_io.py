@@ -1,0 +1,267 @@
+"""On-disk format of `mixres embed`, its crash-safe journal, and `read_features`.
+
+    DIR/
+      meta.json                   settings (+ their fingerprint), preprocessing, versions, status
+      shard-000000.safetensors    the features of inputs [0, S), S = shard_size; one per shard
+      shard-000001.safetensors    ...
+      progress-r{rank}.jsonl      journal: one line per finished shard (its rows and errors)
+      index.jsonl                 one line per embedded input, in input order
+      errors.jsonl                one line per rejected input: path, reason
+
+A shard holds plain tensors, so `safetensors.numpy.load_file` reads it with numpy alone:
+
+    tokens      (N, D)    float32 or float16 (meta.json "store_dtype"; bf16 has no numpy
+                          dtype, so bf16 models are stored as float32), every image's tokens
+                          concatenated without padding, prefix tokens first
+    cu_seqlens  (B+1,)    int64 offsets of each row's tokens
+    grid_hw     (B, 2)    int64 patch grid of each row
+    pooled      (B, D')   only when features were pooled (pool != "none")
+
+Why a journal: a shard is written to a temporary name, fsynced and renamed, and only
+then is its journal line appended (and fsynced). So after a `kill -9` at any moment a
+shard on disk without a journal line is an orphan (deleted on restart), a journal line
+always points at a complete shard, and a torn last line is dropped. Each rank appends to
+its own journal, so ranks never write the same file; `index.jsonl` / `errors.jsonl`
+are derived from the journals (in input order) when a run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["FORMAT", "shard_name", "write_shard", "append_journal", "read_journals", "write_jsonl",
+           "write_json", "merge_index", "Features", "FeatureRecord", "read_features"]
+
+FORMAT = "mixres-features-1"
+JOURNAL_GLOB = "progress-r*.jsonl"
+
+
+# durable writes
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` so that `path` is either absent/old or complete: temp name, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def write_jsonl(path: Path, rows) -> None:
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:06d}.safetensors"
+
+
+def write_shard(root: Path, shard: int, tokens: torch.Tensor, cu_seqlens: torch.Tensor,
+                grid_hw: torch.Tensor, pooled: torch.Tensor | None, paths: list[str],
+                num_prefix: int) -> str:
+    """Write one shard durably; returns its file name (relative to `root`)."""
+    from safetensors.torch import save
+
+    tensors = {"tokens": tokens.contiguous(), "cu_seqlens": cu_seqlens.to(torch.int64).contiguous(),
+               "grid_hw": grid_hw.to(torch.int64).contiguous()}
+    if pooled is not None:
+        tensors["pooled"] = pooled.contiguous()
+    meta = {"format": FORMAT, "num_prefix": str(num_prefix), "paths": json.dumps(paths)}
+    name = shard_name(shard)
+    write_atomic(root / name, save(tensors, metadata=meta))
+    return name
+
+
+def append_journal(path: Path, record: dict) -> None:
+    """Append one line and fsync it; a kill during the write leaves a torn line, dropped later."""
+    new = not path.exists()
+    with open(path, "a") as f:
+        f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if new:
+        _fsync_dir(path.parent)
+
+
+def _read_journal(path: Path) -> tuple[list[dict], bool]:
+    """(records, clean): records up to the first torn or unparsable line."""
+    records, clean = [], True
+    with open(path, "rb") as f:
+        data = f.read()
+    for line in data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            clean = False
+            break
+        if not isinstance(rec, dict) or "shard" not in rec:
+            clean = False
+            break
+        records.append(rec)
+    if data and not data.endswith(b"\n"):
+        clean = False
+    return records, clean
+
+
+def read_journals(root: Path) -> dict[Path, tuple[list[dict], bool]]:
+    return {p: _read_journal(p) for p in sorted(root.glob(JOURNAL_GLOB))}
+
+
+def merge_index(root: Path) -> tuple[int, int]:
+    """Write index.jsonl and errors.jsonl from all journals, in input order.
+
+    Returns (rows, errors). Call only when no rank is writing (after a barrier).
+    """
+    rows, errors = [], []
+    for records, _ in read_journals(root).values():
+        for rec in records:
+            for it in rec["items"]:
+                rows.append((it["pos"], {"path": it["path"], "shard": rec["file"], "row": it["row"],
+                                         "grid": it["grid"], "tokens": it["tokens"],
+                                         "sha256": it["sha256"]}))
+            for er in rec["errors"]:
+                errors.append((er["pos"], {"path": er["path"], "reason": er["reason"]}))
+    rows.sort(key=lambda r: r[0])
+    errors.sort(key=lambda r: r[0])
+    write_jsonl(root / "index.jsonl", [r for _, r in rows])
+    write_jsonl(root / "errors.jsonl", [e for _, e in errors])
+    return len(rows), len(errors)
+
+
+# reading
+
+@dataclass
+class FeatureRecord:
+    """One embedded input as read back from disk."""
+
+    path: str
+    tokens: torch.Tensor         # (n, D): prefix tokens first, then patches row-major
+    pooled: torch.Tensor | None  # (D',) or None
+    grid_hw: tuple[int, int]
+    num_prefix: int
+    sha256: str
+
+    def patch_grid(self) -> torch.Tensor:
+        """The patch tokens as an (h, w, D) grid."""
+        return self.tokens[self.num_prefix:].reshape(*self.grid_hw, -1)
+
+
+class Features:
+    """The features of a `mixres embed` output folder: lookup by path, iteration in input order.
+
+    features = mixres.read_features("out/demo")
+    features["photos/cat.jpg"].tokens      # (n, D) torch tensor
+    for rec in features: ...               # input order, each shard loaded once
+    features.meta                          # meta.json (model, settings, versions)
+    """
+
+    def __init__(self, root: str | os.PathLike, cache_shards: int = 2):
+        self.root = Path(root)
+        index = self.root / "index.jsonl"
+        if not index.is_file():
+            raise FileNotFoundError(f"{index}: no index; is {self.root} the --out folder of a "
+                                    "finished `mixres embed` run? (rerun the command to finish it)")
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{self.root}/meta.json: format {self.meta.get('format')!r}, "
+                             f"expected {FORMAT!r}")
+        with open(index) as f:
+            self.index = [json.loads(line) for line in f if line.strip()]
+        self._by_path = {r["path"]: i for i, r in enumerate(self.index)}
+        errors = self.root / "errors.jsonl"
+        self.errors = [json.loads(x) for x in errors.read_text().splitlines() if x.strip()] \
+            if errors.is_file() else []
+        self._cache: OrderedDict[str, dict] = OrderedDict()
+        self._cache_size = cache_shards
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def paths(self) -> list[str]:
+        return [r["path"] for r in self.index]
+
+    def _key(self, path) -> int | None:
+        p = os.fspath(path)
+        if p in self._by_path:
+            return self._by_path[p]
+        return self._by_path.get(os.path.abspath(p))
+
+    def __contains__(self, path) -> bool:
+        return self._key(path) is not None
+
+    def _shard(self, name: str) -> dict:
+        if name not in self._cache:
+            from safetensors.torch import load_file
+
+            self._cache[name] = load_file(self.root / name)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(name)
+        return self._cache[name]
+
+    def _record(self, i: int) -> FeatureRecord:
+        row = self.index[i]
+        t = self._shard(row["shard"])
+        r = row["row"]
+        a, b = int(t["cu_seqlens"][r]), int(t["cu_seqlens"][r + 1])
+        pooled = t["pooled"][r] if "pooled" in t else None
+        return FeatureRecord(row["path"], t["tokens"][a:b], pooled, tuple(row["grid"]),
+                             int(self.meta["num_prefix"]), row["sha256"])
+
+    def __getitem__(self, key: str | os.PathLike | int) -> FeatureRecord:
+        if isinstance(key, int):
+            return self._record(key)
+        i = self._key(key)
+        if i is None:
+            raise KeyError(f"{os.fspath(key)!r} is not in {self.root}/index.jsonl "
+                           f"({len(self)} inputs; see errors.jsonl for rejected ones)")
+        return self._record(i)
+
+    def __iter__(self) -> Iterator[FeatureRecord]:
+        for i in range(len(self)):
+            yield self._record(i)
+
+    def to_packed(self, paths=None):
+        """Selected inputs (all by default) as one PackedFeatures, in the order asked."""
+        from mixres.packing import PackedFeatures, seqlens_to_cu
+
+        recs = list(self) if paths is None else [self[p] for p in paths]
+        if not recs:
+            raise ValueError(f"{self.root}: no features to pack")
+        pooled = torch.stack([r.pooled for r in recs]) if recs[0].pooled is not None else None
+        return PackedFeatures(torch.cat([r.tokens for r in recs]),
+                              seqlens_to_cu([r.tokens.shape[0] for r in recs]),
+                              torch.tensor([r.grid_hw for r in recs], dtype=torch.long),
+                              int(self.meta["num_prefix"]), pooled)
+
+    def __repr__(self) -> str:
+        return (f"Features({str(self.root)!r}, {len(self)} inputs, {len(self.errors)} errors, "
+                f"model={self.meta.get('model')!r})")
+
+
+def read_features(root: str | os.PathLike) -> Features:
+    """Open the output folder of `mixres embed` (see `Features`)."""
+    return Features(root)
