@@ -1,0 +1,46 @@
+"""mixres.vlm: a vision-language model wrapper on packed, never padded, mixed-size images.
+
+Every image brings as many tokens as its grid has (a quarter with merge2x2), samples
+hold any number of images, and the tokens flow encoder -> adapter -> LM as one packed
+sequence with offsets. Parts come from registries (encoders, adapters, strategies,
+decoder blocks); `VLMConfig` documents the knobs.
+
+    from mixres.vlm import build_vlm
+    vlm = build_vlm({"encoder": "tiny-vit", "adapter": "merge2x2", "strategy": "joint_decoder",
+                     "lm": "tiny", "freeze": {"encoder": True}})       # or a TOML path
+    batch = vlm.collate([{"images": [img_a], "text": "<image> a cat"},
+                         {"images": [img_b, img_c], "prompt": "<image> vs <image>?",
+                          "response": "the left one"}])
+    out = vlm(batch)        # out.loss, out.logits (T_text, V), out.cu_seqlens (B+1,)
+    out.loss.backward()
+    vlm.generate([img_a], "What is it?", max_new_tokens=16)
+
+For token-budget batches: `vlm.collator.num_positions(sample)` + `mixres.pack_into_bins`.
+"""
+
+from mixres.vlm.adapters import Adapter, build_adapter
+from mixres.vlm.build import build_lm, build_vlm
+from mixres.vlm.config import VLMConfig
+from mixres.vlm.data import IGNORE, IMAGE, TEXT, Collator, VLMBatch
+from mixres.vlm.lm import Decoder, DecoderConfig, KVCache, SeqContext
+from mixres.vlm.model import VLM, VLMOutput, apply_freeze
+from mixres.vlm.registry import (
+           ADAPTERS,
+           BLOCKS,
+           ENCODERS,
+           STRATEGIES,
+           register_adapter,
+           register_block,
+           register_encoder,
+           register_strategy,
+)
+from mixres.vlm.strategies import ModalityStrategy, build_strategy
+from mixres.vlm.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from mixres.vlm.vision import MixresEncoder, RandomEncoder, build_tower
+
+__all__ = ["build_vlm", "VLMConfig", "VLM", "VLMOutput", "VLMBatch", "Collator", "apply_freeze",
+           "Adapter", "build_adapter", "build_lm", "Decoder", "DecoderConfig", "KVCache", "SeqContext",
+           "ModalityStrategy", "build_strategy", "ByteTokenizer", "HFTokenizer", "load_tokenizer",
+           "MixresEncoder", "RandomEncoder", "build_tower", "ENCODERS", "ADAPTERS", "STRATEGIES",
+           "BLOCKS", "register_encoder", "register_adapter", "register_strategy", "register_block",
+           "IGNORE", "TEXT", "IMAGE"]

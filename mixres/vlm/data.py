@@ -1,0 +1,225 @@
+"""Samples -> one packed VLM batch: images as PackedImages, all text in one sequence.
+
+A sample is `{"images": [...], "text": "..."}` (loss on every text token) or
+`{"images": [...], "prompt": "...", "response": "..."}` (loss on the response and the
+final <eos> only). Images are (C, H, W) float tensors already resized and normalized
+(validated), PIL images or paths (loaded and resized with `mixres.images.preprocess`
+to the encoder's patch size, mean and std). With a grid-merging adapter the resize unit
+is `grid_multiple` patches, so every grid side stays even.
+
+Layout of sample i in the packed sequence: <bos>, its text with each `<image>`
+placeholder expanded to the tokens its image brings (or, with no placeholder, the
+images first, right after <bos>), <eos>. Strategies that keep images out of the
+sequence (cross_attention) keep the placeholder as one text token instead.
+Nothing is padded: every tensor is as long as the real content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from mixres.packing import PackedImages, seqlens_to_cu
+
+__all__ = ["VLMBatch", "Collator", "TEXT", "IMAGE", "IGNORE"]
+
+TEXT, IMAGE = 0, 1     # modality ids
+IGNORE = -100          # label of positions that are not trained on
+
+
+@dataclass
+class VLMBatch:
+    """A packed batch of B samples (T positions in all, N image tokens in all).
+
+    input_ids          (T,) token ids; image positions hold the image token id
+    cu_seqlens         (B+1,) int32 offsets of each sample in the sequence
+    max_seqlen         longest sample
+    position_ids       (T,) restart at 0 for every sample
+    modality_ids       (T,) TEXT or IMAGE
+    image_positions    (N,) where the image tokens go, in image order (empty when the
+                       strategy keeps images out of the sequence)
+    text_positions     (T_text,) the text positions, sample by sample (what .logits covers)
+    text_cu_seqlens    (B+1,) int32 offsets of each sample's text positions
+    labels             (T,) target token at each position, IGNORE on images, prompts, <bos>
+    images             PackedImages of every sample's images in order, or None
+    image_token_counts tokens each image brings after the adapter, in image order
+    images_per_sample  how many images each sample holds
+    image_token_cu     (B+1,) int32 offsets of each sample's image tokens among all of them
+    """
+
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    position_ids: torch.Tensor
+    modality_ids: torch.Tensor
+    image_positions: torch.Tensor
+    text_positions: torch.Tensor
+    text_cu_seqlens: torch.Tensor
+    labels: torch.Tensor | None
+    images: PackedImages | None
+    image_token_counts: list[int]
+    images_per_sample: list[int]
+    image_token_cu: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def to(self, device) -> VLMBatch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            moved[f.name] = v.to(device) if isinstance(v, (torch.Tensor, PackedImages)) else v
+        return VLMBatch(**moved)
+
+
+class Collator:
+    """Turns samples into a VLMBatch for one VLM (its tokenizer, tower, adapter, strategy)."""
+
+    def __init__(self, tokenizer, tower, adapter, expands_images: bool, *, min_image_tokens: int = 1,
+                 max_image_tokens: int | None = 1024, max_seq_tokens: int | None = None):
+        self.tok, self.tower, self.adapter = tokenizer, tower, adapter
+        self.expands_images = expands_images
+        self.min_image_tokens, self.max_image_tokens = min_image_tokens, max_image_tokens
+        self.max_seq_tokens = max_seq_tokens
+
+    # images
+
+    def prepare_image(self, image, where: str) -> torch.Tensor:
+        """One image -> a normalized (C, H, W) tensor whose grid sides are multiples of the
+        adapter's grid_multiple (token bounds are in encoder patches)."""
+        from mixres.images import preprocess
+
+        m = self.adapter.grid_multiple
+        unit = self.tower.patch_size * m
+        mean, std = self.tower.mean_std
+        lo = max(1, -(-self.min_image_tokens // (m * m)))
+        hi = None if self.max_image_tokens is None else max(1, self.max_image_tokens // (m * m))
+        try:
+            return preprocess(image, unit, min_tokens=lo, max_tokens=hi, mean=mean, std=std)
+        except ValueError as e:
+            name = getattr(self.adapter, "name", type(self.adapter).__name__)
+            extra = (f" (the {name} adapter needs grids in multiples of {m} patches of "
+                     f"{self.tower.patch_size} px)") if m > 1 else ""
+            raise ValueError(f"{where}: {e}{extra}") from e
+
+    def _add_image(self, image, where: str, pixels: list) -> int:
+        """Prepare one image, append it to `pixels`; the LM tokens it will bring."""
+        pixels.append(self.prepare_image(image, where))
+        p = self.tower.patch_size
+        grid = (pixels[-1].shape[1] // p, pixels[-1].shape[2] // p)
+        return self.adapter.num_tokens(grid, self.tower.num_prefix)
+
+    # text
+
+    def _text(self, sample: dict, where: str, add_eos: bool) -> tuple[list[int], list[bool]]:
+        """Token ids (with <bos>, <eos>) and which of them are trained on."""
+        tok = self.tok
+        if "text" in sample:
+            ids = tok.encode(sample["text"])
+            body = [(i, True) for i in ids]
+        elif "prompt" in sample and "response" in sample:
+            body = ([(i, False) for i in tok.encode(sample["prompt"])]
+                    + [(i, True) for i in tok.encode(sample["response"])])
+        else:
+            raise ValueError(f"{where}: expected a 'text' key or 'prompt' and 'response' keys, got "
+                             f"{sorted(sample)}")
+        n_img = len(sample.get("images") or [])
+        n_ph = sum(i == tok.image_token_id for i, _ in body)
+        if n_ph == 0 and n_img:
+            body = [(tok.image_token_id, False)] * n_img + body
+        elif n_ph != n_img:
+            raise ValueError(f"{where}: the text has {n_ph} <image> placeholders but the sample has "
+                             f"{n_img} images")
+        ids = ([tok.bos_id] if tok.bos_id is not None else []) + [i for i, _ in body]
+        train = ([False] if tok.bos_id is not None else []) + [t for _, t in body]
+        if add_eos and tok.eos_id is not None:
+            # <eos> is always trained on: the model learns where a text or a response ends
+            ids.append(tok.eos_id)
+            train.append(True)
+        return ids, train
+
+    def num_positions(self, sample: dict, add_eos: bool = True) -> int:
+        """The LM positions `sample` takes once collated (for token-budget batching with
+        `mixres.pack_into_bins`); images are preprocessed but not patchified."""
+        toks, _ = self._text(sample, "sample", add_eos)
+        images = list(sample.get("images") or [])
+        n = len(toks) - len(images)
+        if self.expands_images:
+            p = self.tower.patch_size
+            for k, image in enumerate(images):
+                t = self.prepare_image(image, f"sample image {k}")
+                n += self.adapter.num_tokens((t.shape[1] // p, t.shape[2] // p), self.tower.num_prefix)
+        else:
+            n += len(images)
+        return n
+
+    # batch
+
+    def __call__(self, samples: Sequence[dict], add_eos: bool = True) -> VLMBatch:
+        """Pack samples; `add_eos=False` leaves each sample open for generation."""
+        if isinstance(samples, dict):
+            samples = [samples]
+        if not samples:
+            raise ValueError("collate: got no samples")
+        img_id = self.tok.image_token_id
+        pixels, counts, per_sample = [], [], []
+        ids, labels, modality, lengths = [], [], [], []
+        for s, sample in enumerate(samples):
+            where = f"sample {s}"
+            if not isinstance(sample, dict):
+                raise TypeError(f"{where}: expected a dict with 'images' and 'text' (or 'prompt' and "
+                                f"'response'), got {type(sample).__name__}")
+            images = list(sample.get("images") or [])
+            toks, train = self._text(sample, where, add_eos)
+            start = len(ids)
+            img_iter = iter(range(len(images)))
+            for t, tr in zip(toks, train):
+                if t != img_id:
+                    ids.append(t)
+                    modality.append(TEXT)
+                    labels.append(t if tr else IGNORE)
+                    continue
+                k = next(img_iter)
+                n = self._add_image(images[k], f"{where} image {k}", pixels)
+                counts.append(n)
+                if self.expands_images:
+                    ids += [img_id] * n
+                    modality += [IMAGE] * n
+                    # the token after an image block is predicted from its last position
+                    labels += [IGNORE] * n
+                else:  # cross-attention: the placeholder stays one text token, images go aside
+                    ids.append(t)
+                    modality.append(TEXT)
+                    labels.append(IGNORE)
+            per_sample.append(len(images))
+            lengths.append(len(ids) - start)
+            if self.max_seq_tokens is not None and lengths[-1] > self.max_seq_tokens:
+                raise ValueError(f"{where}: {lengths[-1]} LM positions exceed max_seq_tokens "
+                                 f"{self.max_seq_tokens}; use fewer/smaller images or a larger budget")
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        mod_t = torch.tensor(modality, dtype=torch.long)
+        lens_t = torch.tensor(lengths)
+        cu = seqlens_to_cu(lens_t)
+        pos = torch.arange(len(ids)) - torch.repeat_interleave(cu[:-1].long(), lens_t)
+        is_text = mod_t == TEXT
+        text_lens = torch.stack([is_text[a:b].sum() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+        img_counts_per_sample = []
+        it = iter(counts)
+        for n in per_sample:
+            img_counts_per_sample.append(sum(next(it) for _ in range(n)))
+        lab = torch.tensor(labels, dtype=torch.long)
+        return VLMBatch(
+            input_ids=ids_t, cu_seqlens=cu, max_seqlen=int(lens_t.max()), position_ids=pos,
+            modality_ids=mod_t, image_positions=(~is_text).nonzero().squeeze(1),
+            text_positions=is_text.nonzero().squeeze(1), text_cu_seqlens=seqlens_to_cu(text_lens),
+            labels=lab if bool((lab != IGNORE).any()) else None,
+            images=PackedImages.from_images(pixels, self.tower.patch_size) if pixels else None,
+            image_token_counts=counts, images_per_sample=per_sample,
+            image_token_cu=seqlens_to_cu(img_counts_per_sample))

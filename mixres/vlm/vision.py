@@ -1,0 +1,130 @@
+"""Vision towers of the VLM: every mixres encoder backend, and a `random` stub for tests.
+
+A tower is an nn.Module with
+    forward(PackedImages) -> PackedFeatures      packed in, packed out, never padded
+    patch_size, mean_std, num_prefix, hidden_size  what preprocessing and the adapter need
+so the collator can count each image's tokens before anything runs.
+
+Specs (`build_tower`): a registered name ("random", or a mixres backend "packed", "loop",
+...) with keyword arguments, or anything else -> the "packed" backend on that model
+(preset name, local path, hub id or nn.Module).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mixres.packing import PackedFeatures, PackedImages
+from mixres.vlm.registry import ENCODERS, register_encoder
+
+__all__ = ["RandomEncoder", "MixresEncoder", "build_tower"]
+
+
+@register_encoder("random")
+class RandomEncoder(nn.Module):
+    """A deterministic stand-in for a ViT: each patch becomes one token, grid-many per image.
+
+    token = sin(patch @ W + position code of its (row, col)) with W drawn from `seed`, so
+    the same image gives the same tokens in every process, different images give
+    different tokens, and W is a parameter (freeze specs and gradients can be tested).
+    `num_prefix` learned prefix tokens (CLS-like) are put first, as HF ViTs do.
+    """
+
+    def __init__(self, hidden: int = 32, patch_size: int = 8, num_prefix: int = 0, seed: int = 0,
+                 channels: int = 3, mean: float = 0.5, std: float = 0.5):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        dim = channels * patch_size ** 2
+        self.proj = nn.Parameter(torch.randn(dim, hidden, generator=g) / math.sqrt(dim))
+        self.prefix = nn.Parameter(torch.randn(num_prefix, hidden, generator=g))
+        self.patch_size, self.num_prefix, self.hidden_size = patch_size, num_prefix, hidden
+        self.mean_std = ((mean,) * channels, (std,) * channels)
+
+    def _positions(self, grid_hw: torch.Tensor) -> torch.Tensor:
+        rows = [torch.arange(h).repeat_interleave(w) for h, w in grid_hw.tolist()]
+        cols = [torch.arange(w).repeat(h) for h, w in grid_hw.tolist()]
+        r, c = torch.cat(rows).float(), torch.cat(cols).float()
+        freq = torch.arange(1, self.hidden_size + 1) / self.hidden_size
+        return torch.sin(r[:, None] * freq) + torch.cos(c[:, None] * freq * 1.7)
+
+    def forward(self, packed: PackedImages) -> PackedFeatures:
+        x = torch.sin(packed.patches.to(self.proj.dtype) @ self.proj
+                      + self._positions(packed.grid_hw).to(self.proj))
+        if self.num_prefix:
+            parts = torch.split(x, packed.seqlens.tolist())
+            x = torch.cat([t for p in parts for t in (self.prefix, p)])
+        lens = packed.seqlens + self.num_prefix
+        return PackedFeatures(x, torch.nn.functional.pad(lens.cumsum(0).int(), (1, 0)),
+                              packed.grid_hw, self.num_prefix)
+
+
+class MixresEncoder(nn.Module):
+    """A mixres encoder backend as a module: `.model` is the HF model (what freeze specs
+    like "encoder.model.encoder.layer.1" name); the backend object runs it packed."""
+
+    def __init__(self, model, backend: str = "packed", **kwargs):
+        super().__init__()
+        from mixres.encoders import load_encoder
+
+        runner = load_encoder(model, backend=backend, **kwargs)
+        self.model = runner.model
+        # a plain attribute, not a submodule: it only holds a reference to self.model
+        self.__dict__["runner"] = runner
+        self.backend = backend
+
+    @property
+    def patch_size(self) -> int:
+        return self.runner.patch_size
+
+    @property
+    def mean_std(self):
+        return self.runner.mean_std
+
+    @property
+    def num_prefix(self) -> int:
+        return self.runner.num_prefix
+
+    @property
+    def hidden_size(self) -> int:
+        from mixres import vision_utils
+
+        return vision_utils.hidden_size(self.model)
+
+    def forward(self, packed: PackedImages) -> PackedFeatures:
+        return self.runner.encode(packed)
+
+
+def _backend_builder(backend: str):
+    def build(model, **kwargs) -> MixresEncoder:
+        return MixresEncoder(model, backend=backend, **kwargs)
+    build.__doc__ = f"The mixres {backend!r} encoder backend on `model`."
+    return build
+
+
+def _register_backends() -> None:
+    from mixres.encoders import list_backends
+
+    for name in list_backends():
+        if name not in ENCODERS:
+            register_encoder(name)(_backend_builder(name))
+
+
+_register_backends()
+
+
+def build_tower(spec) -> nn.Module:
+    """A tower from a spec: "random", {"name": "random", "hidden": 48}, {"name": "packed",
+    "model": "tiny-vit", "select_layer": -2}, "tiny-vit", a path, or an nn.Module."""
+    if isinstance(spec, nn.Module):
+        if hasattr(spec, "patch_size") and hasattr(spec, "num_prefix") and hasattr(spec, "mean_std"):
+            return spec  # already a tower
+        return MixresEncoder(spec)
+    if isinstance(spec, str):
+        spec = {"name": spec} if spec in ENCODERS else {"name": "packed", "model": spec}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"encoder spec: expected a name, a model or a dict with 'name', got {spec!r}")
+    kwargs = dict(spec)
+    return ENCODERS.get(kwargs.pop("name"))(**kwargs)
