@@ -10,8 +10,7 @@ Methods, all on the same images and the same model object:
              CLS + real patches; SigLIP2 gets its NaFlex pixel_attention_mask; families
              whose forward takes no mask (CLIP, SigLIP) run padded without one (same cost,
              wrong features: this benchmark measures speed only)
-    grouped  images grouped by exact shape, one dense batch per shape (the registry's
-             "grouped" backend when it is available, else a simple one here)
+    grouped  images grouped by exact shape, one dense batch per shape (backend "grouped")
     loop     the unmodified model on each image alone
     oracle   dense batch of uniform 224x224 images with the same token count
 
@@ -25,7 +24,6 @@ versions, exact command), results.md and throughput.png into --out.
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import sys
 import time
@@ -35,7 +33,7 @@ import torch
 
 from benchmarks.report import env_info, write_json
 
-METHODS = ["packed", "padded", "grouped", "loop"]
+METHODS = ["packed", "padded", "masked", "grouped", "loop"]
 
 
 # models
@@ -72,53 +70,22 @@ def _sync(device: torch.device) -> None:
 
 # methods: each takes (model, images) and returns nothing; timed from outside
 
-def run_packed(model, images, **_):
-    from mixres.encoders import get_backend
-    get_backend("packed")(model).encode(images)
-
-
-def run_loop(model, images, **_):
-    from mixres.encoders import get_backend
-    get_backend("loop")(model).encode(images)
-
-
-def _tower_kwargs(tower, pixel_values):
-    kw = {"pixel_values": pixel_values}
-    if "interpolate_pos_encoding" in inspect.signature(tower.forward).parameters:
-        kw["interpolate_pos_encoding"] = True
-    return kw
-
-
-def run_grouped(model, images, **_):
-    try:
+def _backend_runner(name):
+    def run_backend(model, images, **_):
         from mixres.encoders import get_backend
-        cls = get_backend("grouped")
-    except (ImportError, ValueError):
-        cls = None
-    if cls is not None:
-        cls(model).encode(images)
-        return
-    from mixres.encoders.loop import naflex_inputs
-    from mixres.encoders.packed import vision_tower
+        get_backend(name)(model).encode(images)
+    run_backend.__name__ = f"run_{name}"
+    return run_backend
 
-    tower = vision_tower(model)
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for img in images:
-        groups.setdefault(tuple(img.shape), []).append(img)
-    for same in groups.values():
-        batch = torch.stack(same)
-        if "spatial_shapes" in inspect.signature(tower.forward).parameters:
-            parts = [naflex_inputs(x, tower.config.patch_size) for x in same]
-            tower(**{k: torch.cat([p[k] for p in parts]) for k in parts[0]})
-        else:
-            tower(**_tower_kwargs(tower, batch))
+
+run_packed, run_masked, run_grouped, run_loop = (_backend_runner(n) for n in
+                                                 ("packed", "masked", "grouped", "loop"))
 
 
 def run_padded(model, images, patch_size, **_):
+    from mixres import vision_utils
 
-    from mixres.encoders.packed import recipe_for, vision_tower
-
-    tower = vision_tower(model)
+    tower = vision_utils.vision_tower(model)
     p = patch_size
     H = max(img.shape[1] for img in images)
     W = max(img.shape[2] for img in images)
@@ -127,48 +94,48 @@ def run_padded(model, images, patch_size, **_):
     for i, img in enumerate(images):
         batch[i, :, :img.shape[1], :img.shape[2]] = img
         valid[i, :img.shape[1] // p, :img.shape[2] // p] = True
-    params = inspect.signature(tower.forward).parameters
-    if "spatial_shapes" in params:  # SigLIP2 NaFlex: its own padding + mask
-        h, w = H // p, W // p
-        pv = batch.reshape(len(images), -1, h, p, w, p).permute(0, 2, 4, 3, 5, 1)
-        pv = pv.reshape(len(images), h * w, -1)  # NaFlex: channel-last patches
-        tower(pixel_values=pv, pixel_attention_mask=valid.flatten(1).long(),
-              spatial_shapes=torch.tensor([[h, w]] * len(images), device=batch.device))
-        return
-    kw = _tower_kwargs(tower, batch)
-    if "attention_mask" in params:
-        prefix = recipe_for(tower).num_prefix(tower)
+    kw = vision_utils.forward_kwargs(tower, batch)
+    if "pixel_attention_mask" in kw:  # SigLIP2 NaFlex: its own padding mask
+        kw["pixel_attention_mask"] = valid.flatten(1).long()
+    elif vision_utils.accepts(tower, "attention_mask"):
+        prefix = vision_utils.num_prefix_tokens(tower)
         mask = torch.cat([valid.new_ones(len(images), prefix), valid.flatten(1)], 1)
         kw["attention_mask"] = mask.long()
     tower(**kw)
 
 
 def run_oracle(model, images, **_):
-    from mixres.encoders.packed import vision_tower
+    from mixres import vision_utils
 
-    tower = vision_tower(model)
-    tower(**_tower_kwargs(tower, torch.stack(images)))
-
-
-RUNNERS = {"packed": run_packed, "padded": run_padded, "grouped": run_grouped, "loop": run_loop,
-           "oracle": run_oracle}
+    tower = vision_utils.vision_tower(model)
+    tower(**vision_utils.forward_kwargs(tower, torch.stack(images)))
 
 
-def time_method(name, model, images, warm, repeats, device, patch_size):
-    fn = RUNNERS[name]
+RUNNERS = {"packed": run_packed, "padded": run_padded, "masked": run_masked, "grouped": run_grouped,
+           "loop": run_loop, "oracle": run_oracle}
+
+
+def time_methods(names, model, inputs, warm, repeats, device, patch_size):
+    """Warm every method up, then time them round-robin, `repeats` rounds: machine noise
+    (other processes, clock changes) then hits every method alike. Returns, per method,
+    the best and the median time of its rounds and its peak CUDA memory."""
+    times = {n: [] for n in names}
+    peaks = {}
     with torch.inference_mode():
-        fn(model, warm, patch_size=patch_size)  # warm-up (kernels, caches, allocator)
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(model, images, patch_size=patch_size)
+        for n in names:
+            RUNNERS[n](model, warm[n], patch_size=patch_size)  # kernels, caches, allocator
             _sync(device)
-            times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return statistics.median(times), times, peak
+        for _ in range(repeats):
+            for n in names:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                RUNNERS[n](model, inputs[n], patch_size=patch_size)
+                _sync(device)
+                times[n].append(time.perf_counter() - t0)
+                if device.type == "cuda":
+                    peaks[n] = max(peaks.get(n, 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
+    return {n: (min(t), statistics.median(t), t, peaks.get(n)) for n, t in times.items()}
 
 
 # report
@@ -242,15 +209,32 @@ def run(args) -> int:
            f"CPU ({torch.get_num_threads()} threads)",
            "env": env_info(str(device)), "command": " ".join([sys.executable, *sys.argv]),
            "methods": {}}
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for name in names:
         if name not in RUNNERS:
             raise ValueError(f"unknown method {name!r}; choose from {sorted(RUNNERS)}")
-        imgs, toks = (oracle, oracle_tokens) if name == "oracle" else (images, tokens)
-        sec, times, peak = time_method(name, model, imgs, oracle[:1] if name == "oracle" else warm,
-                                       repeats, device, p)
-        res["methods"][name] = {"seconds": sec, "times": times, "tokens_per_s": toks / sec,
-                                "images_per_s": len(imgs) / sec, "peak_mib": peak}
-        print(f"{name:8s} {sec:8.3f} s  {toks / sec:10.0f} tok/s  {len(imgs) / sec:7.2f} img/s"
+    # a backend that does not apply to this model (masked is ViT-only) is left out, said why
+    for name in list(names):
+        try:
+            if name in ("masked", "grouped", "packed", "loop"):
+                from mixres.encoders import get_backend
+                get_backend(name)(model)
+        except (TypeError, ValueError) as e:
+            print(f"{name:8s} skipped: {str(e).splitlines()[0][:100]}")
+            res.setdefault("skipped", {})[name] = str(e).splitlines()[0]
+            names.remove(name)
+    inputs = {n: oracle if n == "oracle" else images for n in names}
+    warms = {n: oracle[:1] if n == "oracle" else warm for n in names}
+    timed = time_methods(names, model, inputs, warms, repeats, device, p)
+    for name in names:
+        best, median, times, peak = timed[name]
+        toks = oracle_tokens if name == "oracle" else tokens
+        nimg = len(inputs[name])
+        # best of the rounds: on a shared CPU the minimum is the least disturbed run
+        res["methods"][name] = {"seconds": best, "median_seconds": median, "times": times,
+                                "tokens_per_s": toks / best, "images_per_s": nimg / best,
+                                "peak_mib": peak}
+        print(f"{name:8s} {best:8.3f} s  {toks / best:10.0f} tok/s  {nimg / best:7.2f} img/s"
               + (f"  peak {peak:.0f} MiB" if peak is not None else ""), flush=True)
     ms = res["methods"]
     for r in ms.values():

@@ -34,7 +34,7 @@ from benchmarks.report import env_info, write_json
 
 # preset -> model specs: mixres presets by name, or local builders (families without one)
 PRESETS = {
-    "tiny": ["tiny-vit", "tiny-siglip2", "tiny-dinov2", "tiny-resnet", "tiny-swinv2"],
+    "tiny": ["tiny-vit", "tiny-siglip2", "tiny-dinov2", "tiny-navit", "tiny-resnet", "tiny-swinv2"],
     "small": ["small-vit", "small-resnet"],
 }
 METHODS = ["sequential", "auto", "grouped", "packed", "naive"]
@@ -79,50 +79,51 @@ LOCAL = {"small-vit": _small_vit, "small-resnet": _small_resnet, "tiny-resnet": 
 def load(spec: str):
     if spec in LOCAL:
         return _seeded(LOCAL[spec])
+    if spec.endswith("navit"):
+        import mixres.navit_model  # noqa: F401  (registers the NaViT presets)
     from mixres.presets import load_model
     return load_model(spec).eval()
 
 
 # timing
 
-def _timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    out = fn()  # warm-up (and the result to compare)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
 def bench_model(spec: str, x: torch.Tensor, dims: torch.Tensor, methods, repeats: int) -> dict:
+    """Time each method on one model; repeats are interleaved (method A, B, ..., A, B, ...)
+    so that a busy machine slows every method alike, and the median is kept."""
     from mixres import batch_image_encoder as bie
 
     model = load(spec)
     n = int((dims > 0).all(-1).sum())
     crops = [x[b, s, :, :h, :w] for b in range(x.shape[0]) for s in range(x.shape[1])
              for h, w in [dims[b, s].tolist()]]
+    filled = (dims > 0).all(-1, keepdim=True)
     runs = {
         "sequential": lambda: bie.encode_images_sequentially(model, crops).reshape(*dims.shape[:2], -1),
         "auto": lambda: bie.encode_images(model, x, dims),
         "grouped": lambda: bie.encode_images(model, x, dims, route="grouped"),
         "packed": lambda: bie.encode_images(model, x, dims, route="packed"),
-        "naive": lambda: bie.encode_images_batch(model, x.flatten(0, 1)).reshape(*dims.shape[:2], -1)
-                 * (dims > 0).all(-1, keepdim=True),
+        "naive": lambda: bie.encode_images_batch(model, x.flatten(0, 1)).reshape(*filled.shape[:2], -1)
+        * filled,
     }
-    row = {"model": spec, "family": bie.family(model), "route": bie.route_for(model), "images": n,
-           "methods": {}}
-    ref = None
+    route = bie.route_for(model)
+    row = {"model": spec, "family": bie.family(model), "route": route, "images": n, "methods": {}}
+    todo = [m for m in methods if m != "packed" or route == "packed"]
+    if "packed" in methods and route != "packed":
+        row["methods"]["packed"] = {"skipped": "packed backend not installed or not for this family"}
+    times: dict[str, list[float]] = {m: [] for m in todo}
     with torch.inference_mode():
-        for m in methods:
-            if m == "packed" and bie.route_for(model) != "packed":
-                row["methods"][m] = {"skipped": "packed backend not installed or not for this family"}
-                continue
-            sec, out = _timed(runs[m], repeats)
-            if m == "sequential":
-                ref = out
-            err = None if ref is None else float((out - ref).abs().max())
-            row["methods"][m] = {"seconds": sec, "images_per_s": n / sec, "max_abs_err": err}
+        outs = {m: runs[m]() for m in todo}  # warm-up, and the results to compare
+        for _ in range(repeats):
+            for m in todo:
+                t0 = time.perf_counter()
+                runs[m]()
+                times[m].append(time.perf_counter() - t0)
+    ref = outs.get("sequential")
+    for m in todo:
+        sec = statistics.median(times[m])
+        err = None if ref is None else float((outs[m] - ref).abs().max())
+        row["methods"][m] = {"seconds": sec, "images_per_s": n / sec, "max_abs_err": err,
+                             "all_seconds": times[m]}
     seq = row["methods"].get("sequential", {}).get("seconds")
     for r in row["methods"].values():
         if seq and "seconds" in r:
@@ -145,7 +146,8 @@ def to_markdown(results: dict) -> str:
             lines.append(f"| {row['model']} | {row['route']} | {m} | {r['images_per_s']:.1f} | "
                          f"{r.get('speedup_vs_sequential', float('nan')):.2f}x | {err} |")
     lines += ["", "Every ratio is against `sequential` measured in the same run (median of "
-              f"{results['repeats']} repeats after a warm-up)."]
+              f"{results['repeats']} interleaved repeats after a warm-up). `auto` is the "
+              "family's route (packed varlen for ViT-family, NaViT natively, else grouped)."]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,7 @@ pads internally and CNNs use every pixel: their images keep their exact size.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -92,8 +93,9 @@ def run_grouped(model: nn.Module, images: Sequence[torch.Tensor], *,
     """Run `model` on `images` (list of (C, H, W), already cropped) in same-shape batches.
 
     Returns, in input order, one (tokens (n, D), pooled (D',) or None, grid (h, w)) per
-    image. A batch holds at most `max_batch_pixels` input pixels (an image larger than
-    that runs alone); None puts a whole shape group in one batch.
+    image; select_layer=-k reads HF's hidden_states[-k] (no final norm, no pooled). A
+    batch holds at most `max_batch_pixels` input pixels (an image larger than that runs
+    alone); None puts a whole shape group in one batch.
     """
     tower = vision_tower(model)
     fc = call_for(tower)
@@ -118,7 +120,8 @@ def run_grouped(model: nn.Module, images: Sequence[torch.Tensor], *,
                 out = fc.call_list(tower, batch, **kw)
             hidden = out.last_hidden_state if select_layer == -1 else out.hidden_states[select_layer]
             tokens, fmap_grid = output_tokens(hidden)
-            pooled = getattr(out, "pooler_output", None)
+            # the pooler reads the last layer: it belongs to select_layer=-1 only (as in "packed")
+            pooled = getattr(out, "pooler_output", None) if select_layer == -1 else None
             pooled = pooled.flatten(1) if pooled is not None else None
             for j, i in enumerate(chunk):
                 _, H, W = images[i].shape
@@ -308,10 +311,18 @@ ROUTES: dict[str, str] = {
 
 # model -> {route: usable}; weak keys, so a model's entry goes with the model
 _ROUTE_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the last few backend encoders built, reused across calls (the packed backend caches its
+# position tables); an encoder holds its model, so this keeps at most that many alive
+_ENCODERS: OrderedDict[tuple[int, str], Encoder] = OrderedDict()
+_KEEP_ENCODERS = 4
 
 
 def _route_encoder(model: nn.Module, route: str, strict: bool) -> Encoder | None:
     """The backend `route` for `model`, or None where it is not installed or not for it."""
+    cached = _ENCODERS.get((id(model), route))
+    if cached is not None and cached.model is model:
+        _ENCODERS.move_to_end((id(model), route))
+        return cached
     ok = _ROUTE_OK.setdefault(model, {})
     if ok.get(route) is False and not strict:
         return None
@@ -324,6 +335,9 @@ def _route_encoder(model: nn.Module, route: str, strict: bool) -> Encoder | None
         ok[route] = False
         return None
     ok[route] = True
+    _ENCODERS[(id(model), route)] = enc
+    while len(_ENCODERS) > _KEEP_ENCODERS:
+        _ENCODERS.popitem(last=False)
     return enc
 
 
@@ -392,8 +406,7 @@ def _encode_crops(model, crops, route, max_batch_pixels) -> torch.Tensor | None:
         return torch.stack([_embedding(t, p) for t, p, _ in res])
     enc = _route_encoder(model, name, strict=True)
     p = enc.patch_size
-    if max_batch_pixels is not None:
-        enc.max_batch_tokens = max(1, max_batch_pixels // (p * p))
+    enc.max_batch_tokens = None if max_batch_pixels is None else max(1, max_batch_pixels // (p * p))
     feats = enc.encode([img[:, :img.shape[1] // p * p, :img.shape[2] // p * p] for img in crops])
     if feats.pooled is not None:
         return feats.pooled.flatten(1)
@@ -442,7 +455,7 @@ def encode_images_sequentially(image_encoder, images) -> torch.Tensor:
                 continue
             if fc.whole_patches:  # SigLIP2 takes patches: what its processor would give
                 img = crop_for(model, img)
-            out = fc.call(tower, img[None].to(device=device, dtype=dtype))
+            out = fc.call(tower, img[None].to(device=device, dtype=dtype).contiguous())
             pooled = getattr(out, "pooler_output", None)
             if pooled is not None:
                 embs.append(pooled.flatten(1)[0])

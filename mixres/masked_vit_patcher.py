@@ -100,7 +100,7 @@ class _Patch:
 
     had_forward: bool  # whether the instance had its own `forward` before (kept and restored)
     old_forward: object = None
-    hooks: list = field(default_factory=list)
+    hook_id: int | None = None  # a layer's zeroing hook (removed by id: handles do not survive deepcopy)
     call: _Call | None = None  # set while a patched forward runs
     pending: tuple | None = None  # (image_sizes, pad_value) handed down by a task head's forward
     pad_value: float = 0.0
@@ -125,8 +125,9 @@ def _set_forward(module: nn.Module, fn, **rec_kwargs) -> _Patch:
 
 def _restore_forward(module: nn.Module) -> None:
     rec: _Patch = module.__dict__.pop(_ATTR)
-    for h in rec.hooks:
-        h.remove()
+    if rec.hook_id is not None:
+        module._forward_hooks.pop(rec.hook_id, None)
+        return
     if rec.had_forward:
         module.forward = rec.old_forward
     else:
@@ -257,17 +258,19 @@ class _ZeroPadding(torch.autograd.Function):
         return grad.masked_fill(ctx.drop, 0.0), None
 
 
-def _zero_padding_hook(vrec: _Patch):
-    """A ViT layer's forward hook: zero the layer's output at the padded positions."""
-    def hook(module, args, output):
-        call = vrec.call
-        if call is None:
-            return None
-        keep = call.keep[..., None]
-        if isinstance(output, tuple):
-            return (_ZeroPadding.apply(output[0], keep), *output[1:])
-        return _ZeroPadding.apply(output, keep)
-    return hook
+def _zero_padding_hook(module, args, output):
+    """A ViT layer's forward hook: zero the layer's output at the padded positions.
+
+    It finds the masks through the layer's own record (not a closure), so a deepcopy of a
+    patched model hooks its own copy.
+    """
+    call = getattr(module, _ATTR).current_call()
+    if call is None:
+        return None
+    keep = call.keep[..., None]
+    if isinstance(output, tuple):
+        return (_ZeroPadding.apply(output[0], keep), *output[1:])
+    return _ZeroPadding.apply(output, keep)
 
 
 def _vit_forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
@@ -404,7 +407,9 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch_vit(model: nn.Module, pad_value: float = 0.0) -> nn.Module:
-    """Make `model` padding-invariant in place and return it (a no-op if already patched).
+    """Make `model` padding-invariant in place and return it.
+
+    Patching a patched model changes nothing (its first `pad_value` stays).
 
     After patching, `model(pixel_values, image_sizes=sizes)` takes a zero-padded batch
     (B, C, H, W) with each image's content at the top-left and its true (H, W) in
@@ -421,7 +426,8 @@ def patch_vit(model: nn.Module, pad_value: float = 0.0) -> nn.Module:
     _set_forward(vit.embeddings, _embeddings_forward, owner=vrec)
     for layer in vit.layers:
         # prepended: HF's hidden_states capture hooks must see the zeroed output
-        vrec.hooks.append(layer.register_forward_hook(_zero_padding_hook(vrec), prepend=True))
+        handle = layer.register_forward_hook(_zero_padding_hook, prepend=True)
+        setattr(layer, _ATTR, _Patch(had_forward=False, hook_id=handle.id, owner=vrec))
     if head_forward is not None:
         _set_forward(model, head_forward)
     return model
@@ -435,6 +441,8 @@ def unpatch_vit(model: nn.Module) -> nn.Module:
     vit = model if isinstance(model, ViTModel) else model.vit
     if vit is not model:
         _restore_forward(model)
+    for layer in vit.layers:
+        _restore_forward(layer)
     _restore_forward(vit.embeddings)
     _restore_forward(vit)
     return model
@@ -472,38 +480,63 @@ class MaskedViTEncoder(Encoder):
     Works on the ViTModel inside a task model (its pooler output, if any, is `pooled`).
     The patch is applied for the duration of each forward and removed in `finally`, so the
     user's model is unchanged after `encode` (a model the user patched stays patched).
-    Pads cost compute: this backend exists for comparison and for users of the padded API;
+
+    max_padding  None (default): each chunk is one padded batch, as large as its largest
+                 rows x largest cols. A number r >= 1: images are sorted by grid and cut
+                 into padded batches whose padded grid holds at most r times their real
+                 tokens (plus the first image of each), trading more forwards for less
+                 padding. Results are the same either way.
+
+    Pads cost compute: this backend exists for users of the padded API and for comparison;
     backend="packed" does the same work without padding.
     """
 
-    def __init__(self, model: nn.Module, **kwargs):
+    def __init__(self, model: nn.Module, *, max_padding: float | None = None, **kwargs):
         self.vit = _base_vit(model)
+        if max_padding is not None and max_padding < 1:
+            raise ValueError(f"backend 'masked': max_padding must be None or >= 1, got {max_padding}")
+        self.max_padding = max_padding
         super().__init__(model, **kwargs)
 
-    @property
-    def patch_size(self) -> int:
-        return _patch_size(self.vit)
-
-    @property
-    def num_prefix(self) -> int:
-        return 1
-
     def forward(self, packed: PackedImages) -> PackedFeatures:
+        groups = _padding_groups(packed.grid_hw.tolist(), self.max_padding)
+        with patched(self.vit):
+            if len(groups) == 1:
+                return self._forward_padded(packed)
+            outs = [self._forward_padded(packed.select(g)) for g in groups]
+        order = torch.tensor([i for g in groups for i in g])
+        return PackedFeatures.cat(outs).select(torch.argsort(order).tolist())
+
+    def _forward_padded(self, packed: PackedImages) -> PackedFeatures:
         p, c = packed.patch_size, packed.channels
         grid = packed.grid_hw.to(packed.patches.device)
         gh, gw = (int(v) for v in grid.max(0).values.tolist())
         # packed patches are image-major and row-major, the order of the True entries of the
         # padded grid's content mask: one scatter pads every image (no per-image loop)
-        inside = _keep_mask(grid, gh, gw)[:, 1:]
+        keep = _keep_mask(grid, gh, gw)
         cells = packed.patches.new_zeros(grid.shape[0], gh * gw, c * p * p)
-        cells[inside] = packed.patches
+        cells[keep[:, 1:]] = packed.patches
         batch = cells.view(-1, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, gh * p, gw * p)
-        H, W = gh * p, gw * p
         want_hidden = self.select_layer != -1
-        with patched(self.vit):
-            out = self.vit(batch, image_sizes=grid * p, output_hidden_states=want_hidden)
+        out = self.vit(batch, image_sizes=grid * p, output_hidden_states=want_hidden)
         hidden = out.last_hidden_state if not want_hidden else out.hidden_states[self.select_layer]
-        keep = _keep_mask(grid, H // p, W // p)
-        lens = grid.prod(1) + 1
-        return PackedFeatures(hidden[keep], seqlens_to_cu(lens, device=hidden.device), packed.grid_hw,
-                              num_prefix=1, pooled=out.pooler_output)
+        return PackedFeatures(hidden[keep], seqlens_to_cu(grid.prod(1) + 1, device=hidden.device),
+                              packed.grid_hw, num_prefix=1, pooled=out.pooler_output)
+
+
+def _padding_groups(grids: list[list[int]], max_padding: float | None) -> list[list[int]]:
+    """Indices cut into padded batches whose padded grid holds <= max_padding x real tokens."""
+    if max_padding is None or len(grids) < 2:
+        return [list(range(len(grids)))]
+    order = sorted(range(len(grids)), key=lambda i: (grids[i][0], grids[i][1], i))
+    groups, real, rows, cols = [], 0, 0, 0
+    for i in order:
+        h, w = grids[i]
+        r, c = max(rows, h), max(cols, w)
+        if groups and (len(groups[-1]) + 1) * r * c <= max_padding * (real + h * w):
+            groups[-1].append(i)
+            real, rows, cols = real + h * w, r, c
+        else:
+            groups.append([i])
+            real, rows, cols = h * w, h, w
+    return groups

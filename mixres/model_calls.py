@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mixres import vision_utils
 from mixres.vision_utils import vision_tower
@@ -64,12 +65,22 @@ def _call_naflex_list(model: nn.Module, images: list[torch.Tensor], **kw):
     Its position embeddings are resized per image from `spatial_shapes`, so images of one
     token count need no padding to share a batch.
     """
-    p = _cfg_patch(model.config)
-    patches = torch.cat([vision_utils.naflex_patches(img[None], p) for img in images])
-    shapes = torch.tensor([[img.shape[-2] // p, img.shape[-1] // p] for img in images],
-                          dtype=torch.long, device=patches.device)
-    mask = torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device)
+    parts = [vision_utils.forward_kwargs(model, img[None]) for img in images]
+    patches, mask, shapes = (torch.cat([part[k] for part in parts])
+                             for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes"))
     return model(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes, **kw)
+
+
+def _call_navit(model: nn.Module, pixels: torch.Tensor, **kw):
+    """mixres' NaViT AutoModel: it takes a list of images and packs them along one
+    sequence (1, B*n, D); images of one shape give back a (B, n, D) batch."""
+    if kw.get("output_hidden_states"):
+        raise ValueError("NaViTModel returns no hidden_states; use select_layer=-1 with the "
+                         "grouped route, or the 'navit' backend for other layers")
+    out = model(images=list(pixels.unbind(0)))
+    tokens = out.last_hidden_state
+    return BaseModelOutputWithPooling(last_hidden_state=tokens.reshape(pixels.shape[0], -1, tokens.shape[-1]),
+                                      pooler_output=out.pooler_output)
 
 
 # grids of sequence outputs
@@ -140,6 +151,8 @@ CALLS: dict[str, FamilyCall] = {
         crop=_cfg_patch, call_list=_call_naflex_list, whole_patches=True,
         key=lambda cfg, chw: (chw[0], (chw[1] // _cfg_patch(cfg)) * (chw[2] // _cfg_patch(cfg))),
         grid=_grid_patch, stride=_cfg_patch, min_size=_cfg_patch),
+    "navit": FamilyCall(crop=_cfg_patch, call=_call_navit, whole_patches=True, grid=_grid_patch,
+                        stride=_cfg_patch, min_size=_cfg_patch),
     "swin": FamilyCall(grid=_grid_swin, stride=_stride_swin),
     "swinv2": FamilyCall(grid=_grid_swin, stride=_stride_swin),
     "resnet": FamilyCall(stride=_stride_resnet),

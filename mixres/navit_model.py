@@ -13,6 +13,9 @@ saves, loads and builds like any HF model:
                        sequence (the flash-attention / Qwen2-VL convention: a "batch" of
                        one packed sequence); out.cu_seqlens (B+1,) says where each image
                        starts, out.grid_hw (B, 2) its patch grid. `out.unpack()` splits it.
+    model(pixel_values=x)  x (B, C, H, W) same-size images, the usual HF call: outputs are
+                       dense, last_hidden_state (B, h*w, dim), so mixres's loop and grouped
+                       backends (and generic HF code) run NaViTModel like any vision model.
 
 The forward runs packed (mixres.encoders.navit.packed_forward: varlen attention, no
 padding); `model.navit(images)` is still vit-pytorch's own forward (logits only).
@@ -49,6 +52,9 @@ class NaViTConfig(PreTrainedConfig):
     """
 
     model_type = "navit"
+    # the names generic HF tooling (and mixres.vision_utils) reads
+    attribute_map = {"hidden_size": "dim", "num_hidden_layers": "depth", "num_attention_heads": "heads",
+                     "intermediate_size": "mlp_dim", "num_channels": "channels"}
 
     image_size: int | list[int] | tuple[int, int] = 1024
     patch_size: int = 16
@@ -83,7 +89,7 @@ class NaViTModelOutput(BaseModelOutputWithPooling):
     def unpack(self) -> list[torch.Tensor]:
         """Each image's (h*w, dim) patch tokens."""
         lens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
-        return list(torch.split(self.last_hidden_state[0], lens))
+        return list(torch.split(self.last_hidden_state.flatten(0, 1), lens))
 
 
 # vit-pytorch's own initialization (torch defaults, randn embeddings), not HF's normal(0.02):
@@ -126,7 +132,7 @@ class NaViTModel(PreTrainedModel):
 
     config_class = NaViTConfig
     main_input_name = "images"
-    _no_split_modules = ["Attention", "FeedForward"]
+    _no_split_modules = ["Attention"]  # vit_pytorch.na_vit.Attention blocks
 
     def __init__(self, config: NaViTConfig):
         super().__init__(config)
@@ -143,18 +149,31 @@ class NaViTModel(PreTrainedModel):
     def patch_size(self) -> int:
         return self.navit.patch_size
 
-    def forward(self, images, select_layer: int = -1, return_dict: bool = True, **kwargs) -> NaViTModelOutput:
-        """images: list of (C, H, W) tensors (H, W multiples of the patch size), or list of lists.
+    def forward(self, images=None, *, pixel_values: torch.Tensor | None = None, select_layer: int = -1,
+                output_hidden_states: bool = False, return_dict: bool = True, **kwargs) -> NaViTModelOutput:
+        """images: list of (C, H, W) tensors (H, W multiples of the patch size), or list of lists;
+        or pixel_values (B, C, H, W), a batch of same-size images (the usual HF input).
 
         select_layer -1: final-norm tokens, pooled latent and logits; other values give
         HF `hidden_states[select_layer]` tokens (no norm) with pooler_output/logits None.
+        output_hidden_states: `hidden_states`, a tuple of (1, N, dim) packed tensors: the
+        embeddings, then each block's output (the last one before the final norm, as HF).
         """
-        flat = _flatten(images)
+        if (images is None) == (pixel_values is None):
+            raise ValueError("NaViTModel: pass either images (a list of (C, H, W)) or pixel_values "
+                             "(B, C, H, W), not both or neither")
+        flat = _flatten(images if images is not None else pixel_values)
         p = next(self.parameters())
         packed = PackedImages.from_images(flat, self.navit.patch_size).to(p.device, p.dtype)
-        tokens, pooled = packed_forward(self.navit, packed, select_layer)
+        hidden = [] if output_hidden_states else None
+        tokens, pooled = packed_forward(self.navit, packed, select_layer, hidden)
         logits = self.navit.mlp_head(pooled) if pooled is not None else None
-        out = NaViTModelOutput(last_hidden_state=tokens[None], pooler_output=pooled, logits=logits,
+
+        def layout(t):  # same-size pixel_values: HF's dense (B, n, dim); a mixed list: packed (1, N, dim)
+            return t.reshape(len(flat), -1, t.shape[-1]) if pixel_values is not None else t[None]
+
+        out = NaViTModelOutput(last_hidden_state=layout(tokens), pooler_output=pooled, logits=logits,
+                               hidden_states=tuple(map(layout, hidden)) if hidden else None,
                                cu_seqlens=packed.cu_seqlens, grid_hw=packed.grid_hw)
         return out if return_dict else out.to_tuple()
 
@@ -168,7 +187,7 @@ AutoModel.register(NaViTConfig, NaViTModel, exist_ok=True)
 PRESETS = {
     "navit-b16": dict(image_size=1024, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12,
                       mlp_dim=3072, dim_head=64),
-    "tiny-navit": dict(image_size=512, patch_size=16, num_classes=10, dim=64, depth=2, heads=4,
+    "tiny-navit": dict(image_size=1024, patch_size=16, num_classes=10, dim=64, depth=2, heads=4,
                        mlp_dim=128, dim_head=16),
 }
 
@@ -186,7 +205,7 @@ def navit_b16() -> NaViTModel:
 
 
 def tiny_navit() -> NaViTModel:
-    """Test-sized NaViT (dim 64, 2 blocks, 4 heads), images up to 512x512, random weights (seed 0)."""
+    """Test-sized NaViT (dim 64, 2 blocks, 4 heads), images up to 1024x1024, random weights (seed 0)."""
     return _build("tiny-navit")
 
 

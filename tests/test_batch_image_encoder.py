@@ -22,6 +22,7 @@ from mixres.batch_image_encoder import (
     encode_nested,
 )
 from mixres.encoders import load_encoder
+from mixres.navit_model import NaViTConfig, NaViTModel
 from mixres.packing import PackedImages
 from mixres.vision_utils import image_encoder_size
 
@@ -46,7 +47,13 @@ FAMILIES = {
     "siglip2": (tf.Siglip2VisionModel, lambda: tf.Siglip2VisionConfig(
         **{k: v for k, v in VIT.items() if k != "image_size"}, num_patches=16)),
     "dinov2": (tf.Dinov2Model, lambda: tf.Dinov2Config(**VIT)),
+    "navit": (NaViTModel, lambda: NaViTConfig(image_size=64, patch_size=8, dim=32, depth=2, heads=4,
+                                              mlp_dim=64, dim_head=8, num_classes=10)),
 }
+
+# the route `encode_images` takes by itself (packed / navit backends where they apply)
+ROUTE = {"vit": "packed", "clip": "packed", "siglip": "packed", "siglip2": "packed",
+         "dinov2": "packed", "dinov3_vit": "packed", "navit": "navit"}
 
 _MODELS = {}
 
@@ -117,7 +124,10 @@ def alone(model, img):
     params = inspect.signature(model.forward).parameters
     kw = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in params else {}
     with torch.no_grad():
-        if model.config.model_type == "siglip2_vision_model":
+        if model.config.model_type == "navit":  # takes a list of images (whole patches)
+            p = model.config.patch_size
+            out = model(images=[img[:, :img.shape[1] // p * p, :img.shape[2] // p * p]])
+        elif model.config.model_type == "siglip2_vision_model":
             p = model.config.patch_size
             img = img[:, :img.shape[1] // p * p, :img.shape[2] // p * p]
             c, H, W = img.shape
@@ -146,9 +156,14 @@ def test_batch_equals_one_at_a_time(name):
     torch.testing.assert_close(out[0, 0], pooled, atol=1e-5, rtol=0)
     empty = (dims == 0).any(-1)
     assert bool((out[empty] == 0).all()) and bool((out[~empty].abs().sum(-1) > 0).all())
-    assert out.shape[-1] == image_encoder_size(model)
-    # the auto route (packed where installed, else grouped) gives the same numbers
+    # vision_utils has no width rule for NaViT (its config says `dim`)
+    assert out.shape[-1] == (model.config.dim if name == "navit" else image_encoder_size(model))
+    # the route of the family's own (packed varlen / NaViT) gives the same numbers
+    assert bie.route_for(model) == ROUTE.get(name, "grouped")
     torch.testing.assert_close(encode_images(model, x, dims), ref, atol=1e-5, rtol=0)
+    if name in ROUTE:
+        again = encode_images_group(model, crops_of(x, dims), max_batch_pixels=600).reshape(2, 4, -1)
+        torch.testing.assert_close(again, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -332,10 +347,25 @@ def test_select_layer_penultimate():
     with torch.no_grad():
         ref = model(pixel_values=img[None], output_hidden_states=True).hidden_states[-2][0]
     assert rel_err(feats.unpack()[1], ref) <= 1e-5
+    assert feats.pooled is None
 
 
-def test_route_table_falls_back_to_grouped():
-    # windowed and convolutional families never pack
-    for name in ["swinv2", "resnet", "mobilevit", "dinov3_convnext"]:
-        assert bie.route_for(build(name)) == "grouped"
-    assert bie.route_for(build("vit")) in ("packed", "grouped")
+def test_route_falls_back_to_grouped_where_the_backend_refuses(monkeypatch):
+    # a family the packed backend has no recipe for (windowed Swin) goes grouped by itself
+    monkeypatch.setitem(bie.ROUTES, "swinv2", "packed")
+    assert bie.route_for(build("swinv2")) == "grouped"
+    with pytest.raises(ValueError, match="packed backend"):
+        encode_images_group(build("swinv2"), [torch.randn(3, 16, 16)], route="packed")
+
+
+def test_gradients_flow_like_one_at_a_time():
+    model = build("resnet")
+    x, dims = padded_batch()
+    grads = []
+    with torch.enable_grad():
+        for fn in (lambda: encode_images(model, x, dims), lambda: encode_images_sequentially(
+                model, crops_of(x, dims))):
+            model.zero_grad()
+            fn().square().sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0 and rel_err(grads[0], grads[1]) <= 1e-5

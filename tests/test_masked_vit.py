@@ -1,11 +1,21 @@
 """masked_vit_patcher: a patched HF ViT on a zero-padded mixed batch == each image alone."""
 
+import copy
+
 import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTForMaskedImageModeling, ViTModel
 
-from mixres.encoders import get_backend
-from mixres.masked_vit_patcher import MaskedViTEncoder, content_grid, is_patched, patch_vit, unpatch_vit
+from mixres import presets
+from mixres.encoders import get_backend, load_encoder
+from mixres.masked_vit_patcher import (
+    MaskedViTEncoder,
+    _padding_groups,
+    content_grid,
+    is_patched,
+    patch_vit,
+    unpatch_vit,
+)
 from mixres.packing import PackedImages
 from tests.conftest import rel_err
 
@@ -59,7 +69,8 @@ def padding_of(tokens, k, size, padded_hw):
 @torch.no_grad()
 def test_each_image_in_a_padded_batch_equals_the_image_alone(attn):
     model = ViTModel(config(attn_implementation=attn)).eval()
-    imgs = images() + [black_edged()]
+    # + an image whose size is no multiple of the patch: HF's conv drops the remainder
+    imgs = images() + [black_edged(), torch.randn(3, 20, 30)]
     refs = [model(i[None], interpolate_pos_encoding=True) for i in imgs]
     batch, sizes = pad(imgs)
     patch_vit(model)
@@ -160,6 +171,25 @@ def test_unpatch_restores_exactly_and_patching_twice_is_patching_once(cls):
 
 
 @torch.no_grad()
+def test_a_deepcopy_of_a_patched_model_is_patched_on_its_own():
+    model = patch_vit(ViTForImageClassification(config()).eval())
+    twin = copy.deepcopy(model)
+    batch, sizes = pad(images())
+    out = twin(batch, image_sizes=sizes, output_hidden_states=True)
+    for hidden in out.hidden_states:
+        for k, size in enumerate(sizes.tolist()):
+            assert padding_of(hidden, k, size, batch.shape[2:]).abs().max() == 0
+    assert torch.equal(out.logits, model(batch, image_sizes=sizes).logits)
+    unpatch_vit(twin)
+
+    def zeroing_hooks(m):
+        return [h for h in m._forward_hooks.values() if h.__name__ == "_zero_padding_hook"]
+
+    assert is_patched(model) and all(len(zeroing_hooks(layer)) == 1 for layer in model.vit.layers)
+    assert not is_patched(twin) and not any(zeroing_hooks(m) for m in twin.modules())
+
+
+@torch.no_grad()
 def test_other_instances_and_the_hf_classes_are_unaffected():
     forward, emb_forward = ViTModel.forward, type(ViTModel(config()).embeddings).forward
     other = ViTModel(config()).eval()
@@ -232,14 +262,17 @@ def test_pad_value_fallback_finds_padding_and_misses_black_borders():
     assert content_grid(shifted, P, pad_value=-1.0).tolist() == [[2, 5], [5, 2], [2, 3]]
 
 
-@pytest.mark.parametrize("select_layer", [-1, -2])
+@pytest.mark.parametrize("select_layer,max_padding", [(-1, None), (-2, None), (-1, 1.3)])
 @torch.no_grad()
-def test_masked_backend_gives_each_image_its_own_tokens(select_layer):
+def test_masked_backend_gives_each_image_its_own_tokens(select_layer, max_padding):
     model = ViTModel(config()).eval()
     assert get_backend("masked") is MaskedViTEncoder
-    enc = MaskedViTEncoder(model, select_layer=select_layer, max_tokens=None)
+    enc = MaskedViTEncoder(model, select_layer=select_layer, max_padding=max_padding)
     imgs = images() + [black_edged()]
-    feats = enc.encode(PackedImages.from_images(imgs, P))
+    packed = PackedImages.from_images(imgs, P)
+    if max_padding is not None:  # several padded batches, results back in input order
+        assert len(_padding_groups(packed.grid_hw.tolist(), max_padding)) > 1
+    feats = enc.encode(packed)
     assert feats.num_prefix == 1 and feats.grid_hw.tolist() == [[h // P, w // P] for h, w in
                                                                [i.shape[1:] for i in imgs]]
     for k, img in enumerate(imgs):
@@ -263,3 +296,22 @@ def test_masked_backend_on_a_classifier_has_no_pooled_output():
     assert feats.pooled is None
     for k, ref in enumerate(refs):
         assert rel_err(feats.unpack()[k], ref) <= 1e-5, k
+
+
+@torch.no_grad()
+def test_load_encoder_masked_on_a_preset_and_on_pil_images():
+    from PIL import Image
+
+    enc = load_encoder("tiny-vit", backend="masked")
+    assert isinstance(enc, MaskedViTEncoder)
+    model = presets.build("tiny-vit")
+    g = torch.Generator().manual_seed(1)
+    pil = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for h, w in
+           [(40, 70), (64, 64), (90, 30)]]
+    feats = enc.encode(pil)
+    for k, img in enumerate(enc.prepare(pil)):
+        ref = model(img[None], interpolate_pos_encoding=True)
+        assert rel_err(feats.unpack()[k], ref.last_hidden_state[0]) <= 1e-5, k
+        assert rel_err(feats.pooled[k], ref.pooler_output[0]) <= 1e-5, k
+    with pytest.raises(TypeError, match="expected an HF ViT model"):
+        load_encoder("tiny-clip", backend="masked")

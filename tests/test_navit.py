@@ -99,6 +99,22 @@ def test_select_layer_matches_hidden_states(navit, select_layer):
     assert rel_err(feats.unpack()[1], seen["h"][0]) <= 1e-5
 
 
+@torch.no_grad()
+def test_pil_images_fit_the_position_tables(navit):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [(40, 2000), (2000, 40), (300, 500), (129, 130)]  # (H, W); the table is 8 x 8 patches
+    pils = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+            for h, w in sizes]
+    enc = NaViTEncoder(navit)
+    feats = enc.encode(pils)
+    assert feats.grid_hw.tolist() == [[1, 8], [8, 1], [5, 7], [7, 8]]
+    for i, (tokens, img) in enumerate(zip(feats.unpack(), enc.prepare(pils))):
+        assert img.abs().max() <= 1.0  # mean = std = 0.5: pixels in [-1, 1]
+        assert rel_err(tokens, _alone(navit, img)[0]) <= 1e-5, f"image {i}"
+
+
 def test_gradients_equal_vit_pytorch():
     navit = na_vit.NaViT(**TINY).train()  # dropout 0: training mode is deterministic
     images = _images()
@@ -145,6 +161,27 @@ def test_automodel_round_trip(tmp_path):
         assert torch.equal(loaded(images).logits, out.logits)
 
 
+@torch.no_grad()
+def test_hf_style_call_and_loop_backend():
+    model = AutoModel.from_config(NaViTConfig(**TINY)).eval()
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 2)  # HF names map
+    x = torch.randn(2, 3, 48, 80)
+    out = model(pixel_values=x, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (2, 15, 32) and len(out.hidden_states) == 3
+    for i in range(2):
+        assert rel_err(out.last_hidden_state[i], _alone(model.navit, x[i])[0]) <= 1e-5
+    # the per-image "loop" backend runs NaViTModel through that HF-style call
+    from mixres.encoders import load_encoder
+
+    images = _images()
+    for layer in (-1, -2):
+        loop = load_encoder(model, backend="loop", select_layer=layer).encode(images)
+        ours = _encode(model, images, select_layer=layer)
+        assert all(rel_err(a, b) <= 1e-5 for a, b in zip(ours.unpack(), loop.unpack()))
+    with pytest.raises(ValueError, match="either images"):
+        model(images, pixel_values=x)
+
+
 def test_backend_registered_and_errors(navit):
     assert get_backend("navit") is NaViTEncoder
     enc = NaViTEncoder(tiny_navit())
@@ -163,3 +200,9 @@ def test_presets_are_deterministic_and_leave_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert not a.training and a.config.dim == 64 and a.config.num_classes == 10
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # registered with mixres.presets: the same weights by name, and usable as an encoder spec
+    from mixres.encoders import load_encoder
+    from mixres.presets import build, state_digest
+
+    assert state_digest(build("tiny-navit")) == state_digest(a)
+    assert isinstance(load_encoder("tiny-navit", backend="navit").model, NaViTModel)

@@ -2,13 +2,14 @@
 that image alone (tokens, pooled, any select_layer), for every supported family; and the
 user's model is exactly as it was afterwards."""
 
+import json
+
 import pytest
 import torch
 import transformers as T
 
-from mixres.encoders import get_backend
-from mixres.encoders.loop import naflex_inputs
-from mixres.encoders.packed import vision_tower
+import mixres
+from mixres import vision_utils
 from tests.conftest import rel_err
 
 TOL = 1e-5
@@ -38,7 +39,7 @@ def build(family):
 
 
 def encoder(model, backend="packed", **kw):
-    return get_backend(backend)(model, **kw)
+    return mixres.load_encoder(model, backend=backend, **kw)
 
 
 def images(grids=GRIDS, seed=0):
@@ -48,13 +49,9 @@ def images(grids=GRIDS, seed=0):
 
 def alone(model, image, select_layer=-1):
     """The unmodified HF vision model on one image: (tokens, pooled)."""
-    tower = vision_tower(model)
-    if isinstance(tower, T.Siglip2VisionModel):
-        kw = naflex_inputs(image, P)
-    elif isinstance(tower, (T.Dinov2Model, T.Dinov2WithRegistersModel)):
-        kw = {"pixel_values": image[None]}
-    else:
-        kw = {"pixel_values": image[None], "interpolate_pos_encoding": True}
+    tower = vision_utils.vision_tower(model)
+    # interpolate_pos_encoding=True where the forward takes it; SigLIP2: its NaFlex inputs
+    kw = vision_utils.forward_kwargs(tower, image[None])
     with torch.no_grad():
         out = tower(**kw, output_hidden_states=True)
     if select_layer == -1:
@@ -134,27 +131,34 @@ def test_chunking_and_order_do_not_change_results(family):
         assert rel_err(shuffled.pooled[j], whole.pooled[i]) <= TOL
 
 
+def gradients(model, imgs, backend):
+    """Parameter gradients of a fixed random projection of the features (tokens + pooled)."""
+    model.zero_grad()
+    feats = encoder(model, backend=backend).encode(imgs)
+    # random weights: a plain sum through a layernorm cancels to ~0 and measures only noise
+    g = torch.Generator().manual_seed(1)
+    loss = (feats.tokens * torch.randn(feats.tokens.shape, generator=g)).sum() \
+        + (feats.pooled * torch.randn(feats.pooled.shape, generator=g)).sum()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_gradients_match(got, ref, tol=1e-4):
+    assert got.keys() == ref.keys()
+    scale = max(float(g.abs().max()) for g in ref.values())
+    for n, g in ref.items():
+        if float(g.abs().max()) < 1e-5 * scale:
+            continue  # a gradient that is zero in exact arithmetic (key biases under softmax)
+        assert rel_err(got[n], g) <= tol, n
+
+
 @pytest.mark.parametrize("family", ["vit", "siglip", "siglip2", "dinov2"])
 def test_gradients_equal_the_per_image_loop(family):
     model = build(family)
     imgs = images(GRIDS[:3])
-    grads = {}
-    for backend in ("packed", "loop"):
-        model.zero_grad()
-        feats = encoder(model, backend=backend).encode(imgs)
-        # random weights: a plain sum through a layernorm cancels to ~0 and measures only noise
-        g = torch.Generator().manual_seed(1)
-        loss = (feats.tokens * torch.randn(feats.tokens.shape, generator=g)).sum() \
-            + (feats.pooled * torch.randn(feats.pooled.shape, generator=g)).sum()
-        loss.backward()
-        grads[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert grads["packed"].keys() == grads["loop"].keys()
-    assert any("patch_embedding" in n for n in grads["packed"])
-    scale = max(float(g.abs().max()) for g in grads["loop"].values())
-    for n, g in grads["loop"].items():
-        if float(g.abs().max()) < 1e-5 * scale:
-            continue  # a gradient that is zero in exact arithmetic (key biases under softmax)
-        assert rel_err(grads["packed"][n], g) <= 1e-4, n
+    packed = gradients(model, imgs, "packed")
+    assert any("patch_embedding" in n for n in packed)
+    assert_gradients_match(packed, gradients(model, imgs, "loop"))
 
 
 def test_training_mode_and_weight_updates_are_respected():
@@ -192,19 +196,33 @@ def test_bad_select_layer_and_unknown_family_are_named():
         encoder(swin)
 
 
-def test_pil_images_and_paths_go_through_preprocessing(tmp_path):
-    pytest.importorskip("mixres.images")
+def test_pil_images_and_paths_use_the_models_patch_size_and_normalization(tmp_path):
     from PIL import Image
 
-    from mixres.encoders.base import Encoder
+    from mixres.images import preprocess
 
-    model = build("vit")
-    enc = encoder(model)
-    pil = Image.fromarray((torch.rand(45, 70, 3) * 255).byte().numpy())
-    path = tmp_path / "x.png"
-    pil.save(path)
-    prepared = Encoder.prepare(enc, [pil])
-    feats = enc.encode([pil, path])
-    assert feats.num_images == 2
-    assert rel_err(feats.unpack()[0], feats.unpack()[1]) <= TOL
-    assert rel_err(feats.unpack()[0], alone(model, prepared[0])[0]) <= TOL
+    # a saved model whose processor normalizes with its own, unusual statistics
+    mean, std = (0.2, 0.3, 0.4), (0.6, 0.5, 0.4)
+    build("vit").save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "ViTImageProcessor", "do_normalize": True,
+         "image_mean": mean, "image_std": std}))
+    g = torch.Generator().manual_seed(0)
+    pils = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+            for h, w in [(45, 70), (90, 30)]]
+    paths = []
+    for i, pil in enumerate(pils):
+        paths.append(tmp_path / f"{i}.png")
+        pil.save(paths[-1])
+
+    feats = encoder(str(tmp_path / "model")).encode([pils[0], paths[1]])
+    # independently: resize to multiples of the model's patch (8, not the usual 16), normalize
+    # with the saved statistics, then the per-image loop on those tensors
+    ready = [preprocess(pils[0], P, mean=mean, std=std, max_tokens=1024),
+             preprocess(paths[1], P, mean=mean, std=std, max_tokens=1024)]
+    assert [tuple(t.shape[1:]) for t in ready] == [(48, 72), (88, 32)]
+    assert feats.grid_hw.tolist() == [[6, 9], [11, 4]]
+    ref = encoder(str(tmp_path / "model"), backend="loop").encode(ready)
+    for i in range(2):
+        assert rel_err(feats.unpack()[i], ref.unpack()[i]) <= TOL
+        assert rel_err(feats.pooled[i], ref.pooled[i]) <= TOL

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from einops import rearrange, repeat
@@ -137,11 +138,18 @@ def attention(attn: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu_q, cu_k,
 
 
 def transformer(navit: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu: torch.Tensor, max_len: int,
-                num_layers: int, final_norm: bool) -> torch.Tensor:
-    """The first `num_layers` pre-norm blocks on packed tokens (N, D), then the final norm if asked."""
+                num_layers: int, final_norm: bool, collect: list | None = None) -> torch.Tensor:
+    """The first `num_layers` pre-norm blocks on packed tokens (N, D), then the final norm if asked.
+
+    `collect`, when given, receives the input and every block's output (HF hidden_states).
+    """
+    if collect is not None:
+        collect.append(x)
     for attn, ff in navit.transformer.layers[:num_layers]:
         x = attention(attn, recipe, x, cu, cu, max_len, max_len) + x
         x = ff(x) + x
+        if collect is not None:
+            collect.append(x)
     return navit.transformer.norm(x) if final_norm else x
 
 
@@ -157,12 +165,13 @@ def attention_pool(navit: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu: t
     return navit.to_latent(out)
 
 
-def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -1
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -1,
+                   hidden_states: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Packed tokens (N, D) and pooled latents (B, D) of a NaViT (pooled None unless select_layer=-1).
 
     select_layer -1: final-norm output (and the pooled latent); otherwise the HF
     `hidden_states[select_layer]` convention (0 = embeddings, -2 = penultimate block), no norm.
+    `hidden_states`, when given, receives the packed (N, D) hidden states computed.
     """
     navit = unwrap_navit(model)
     recipe = recipe_for(navit)
@@ -177,8 +186,9 @@ def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -
     max_len = packed.max_seqlen
     x = embed(navit, packed)
     if select_layer != -1:
-        return transformer(navit, recipe, x, cu, max_len, select_layer % (depth + 1), False), None
-    x = transformer(navit, recipe, x, cu, max_len, depth, True)
+        return transformer(navit, recipe, x, cu, max_len, select_layer % (depth + 1), False,
+                           hidden_states), None
+    x = transformer(navit, recipe, x, cu, max_len, depth, True, hidden_states)
     return x, attention_pool(navit, recipe, x, cu, max_len)
 
 
@@ -190,13 +200,13 @@ class NaViTEncoder(Encoder):
 
     NaViT defines no pixel normalization; images given as PIL/paths are normalized with
     mean = std = (0.5, 0.5, 0.5) (pixels to [-1, 1]), tensors are used as given.
-    The patch size is the model's; there are no prefix tokens (num_prefix 0).
+    The patch size is the model's; there are no prefix tokens (num_prefix 0). PIL/path
+    inputs are also shrunk (aspect kept) so their grid fits the model's position tables.
     """
 
     def __init__(self, model: nn.Module, **kwargs):
         super().__init__(model, **kwargs)
-        self.navit = unwrap_navit(model)
-        recipe_for(self.navit)
+        self.navit = unwrap_navit(model)  # a TypeError naming the supported classes otherwise
 
     @property
     def patch_size(self) -> int:
@@ -210,6 +220,28 @@ class NaViTEncoder(Encoder):
     @property
     def num_prefix(self) -> int:
         return 0
+
+    def prepare(self, images) -> list[torch.Tensor]:
+        from mixres.images import load_image
+
+        if isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "mode"):
+            images = [images]
+        return [img if isinstance(img, torch.Tensor) else self._fit(load_image(img)) for img in images]
+
+    def _fit(self, img) -> torch.Tensor:
+        """A PIL image -> normalized tensor whose grid fits the position tables (max_h x max_w)."""
+        from mixres.images import preprocess
+
+        max_h, max_w = self.navit.pos_embed_height.shape[0], self.navit.pos_embed_width.shape[0]
+        ratio = img.width / img.height
+        # the most tokens a grid of this aspect can have: h = sqrt(t/r) <= max_h, w = sqrt(t*r) <= max_w;
+        # past the point where one side clamps to a single patch, (1, t) or (t, 1) fits while t <= max
+        cap = max(1, int(min(max_h ** 2 * ratio, max_w ** 2 / ratio)),
+                  min(max_w, int(ratio)), min(max_h, int(1 / ratio)))
+        max_tokens = cap if self.max_tokens is None else min(self.max_tokens, cap)
+        mean, std = self.mean_std
+        return preprocess(img, self.patch_size, min_tokens=min(self.min_tokens, max_tokens),
+                          max_tokens=max_tokens, mean=mean, std=std)
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
         tokens, pooled = packed_forward(self.navit, packed, self.select_layer)

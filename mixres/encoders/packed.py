@@ -6,8 +6,8 @@ run on it unchanged; only the attention function is swapped, for the duration of
 call, to the registered "mixres_varlen" (block-diagonal over `cu_seqlens`), so every
 image attends only to itself and its tokens equal the model run on that image alone.
 
-What differs per family is small and lives in a `Recipe` (a table keyed by the vision
-config's `model_type`):
+What differs per family is small and lives in a `Recipe` (a table keyed by
+`mixres.vision_utils.family`, the vision config's model_type without "_vision_model"):
 
     embed(tower, packed, cache) -> Embedded   patch projection as ONE GEMM over all packed
                                               patches, prefix tokens inserted per image,
@@ -16,9 +16,9 @@ config's `model_type`):
     final_norm(tower) -> module | None        what turns the last layer into last_hidden_state
     pool(tower, tokens, cu) -> (B, D') | None the family's pooler_output
 
-`Embedded.layer_kwargs` carries extra per-layer kwargs, so a RoPE family (DINOv3) plugs
-in by returning each image's rotary (cos, sin) concatenated in packed order as
-`position_embeddings` there; nothing else changes.
+`Embedded.layer_kwargs` carries extra per-layer kwargs: the RoPE family (DINOv3 ViT)
+returns each image's rotary (cos, sin) concatenated in packed order as
+`position_embeddings` there (identity rows at prefix tokens); nothing else changes.
 
 The user's model is never modified: the attention implementation of the tower's
 configs is restored in `finally`, no hooks are installed and no module is patched.
@@ -39,26 +39,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixres import vision_utils
 from mixres.attention import hf_varlen_kwargs, register_hf_attention, varlen_attention, varlen_context
 from mixres.encoders import register_backend
 from mixres.encoders.base import Encoder
 from mixres.packing import PackedFeatures, PackedImages, seqlens_to_cu
+from mixres.vision_utils import vision_tower
 
-__all__ = ["PackedEncoder", "Recipe", "Embedded", "RECIPES", "register_recipe", "vision_tower",
-           "recipe_for", "resolve_layer"]
+__all__ = ["PackedEncoder", "Recipe", "Embedded", "RECIPES", "register_recipe", "recipe_for",
+           "resolve_layer"]
 
 
 # helpers
-
-def vision_tower(model: nn.Module) -> nn.Module:
-    """The module that holds the vision embeddings and layers (CLIPModel -> vision_model)."""
-    if isinstance(getattr(model, "vision_model", None), nn.Module):
-        return model.vision_model
-    inner = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
-    if isinstance(inner, nn.Module) and hasattr(inner, "embeddings"):
-        return inner  # ViTForImageClassification.vit, Dinov2ForImageClassification.dinov2
-    return model
-
 
 def resolve_layer(select_layer: int, num_layers: int) -> int:
     """Index into HF's hidden_states (0 = embeddings, num_layers = last layer, pre-norm)."""
@@ -72,6 +64,11 @@ def resolve_layer(select_layer: int, num_layers: int) -> int:
 def _project(patches: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """All packed patches through the patch embedding as one GEMM."""
     return F.linear(patches, weight.flatten(1), bias)
+
+
+def _conv_patches(packed: PackedImages, conv: nn.Conv2d) -> torch.Tensor:
+    """(N, D) patch tokens of a stride-p conv patch embedding, packed patches cast to its dtype."""
+    return _project(packed.patches.to(conv.weight.dtype), conv.weight, conv.bias)
 
 
 def _with_prefix(prefix: torch.Tensor, patch_tokens: torch.Tensor,
@@ -173,26 +170,33 @@ class Recipe:
     layers: Callable[[nn.Module], nn.ModuleList]
     final_norm: Callable[[nn.Module], nn.Module | None]
     pool: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor | None]
-    num_prefix: Callable[[nn.Module], int]
 
 
 RECIPES: dict[str, Recipe] = {}
 
 
-def register_recipe(recipe: Recipe, *model_types: str) -> Recipe:
-    """Make `recipe` the packed recipe of these config.model_type values (vision tower's)."""
-    for t in model_types:
-        RECIPES[t] = recipe
+def register_recipe(recipe: Recipe, *families: str) -> Recipe:
+    """Make `recipe` the packed recipe of these `vision_utils.family` keys ("vit", "clip", ...;
+    a vision config's model_type such as "clip_vision_model" is taken too).
+
+    The family's prefix-token count, patch size and normalization are `vision_utils`' to know:
+    a new family needs its row in `vision_utils.FAMILIES` as well.
+    """
+    for f in families:
+        RECIPES[f.removesuffix("_vision_model")] = recipe
     return recipe
 
 
 def recipe_for(tower: nn.Module) -> Recipe:
-    model_type = getattr(getattr(tower, "config", None), "model_type", None)
-    if model_type not in RECIPES:
-        raise ValueError(f"packed backend: no recipe for model_type {model_type!r} "
+    try:
+        key = vision_utils.family(tower)
+    except vision_utils.UnknownImageEncoderError:
+        key = None
+    if key not in RECIPES:
+        raise ValueError(f"packed backend: no recipe for model_type {key!r} "
                          f"({type(tower).__name__}); supported: {sorted(RECIPES)}. "
                          f"backend='loop' or 'grouped' run any HF vision model")
-    return RECIPES[model_type]
+    return RECIPES[key]
 
 
 # ViT / DeiT: conv patches, CLS (+ distillation) token, bicubic position codes, dropout
@@ -206,8 +210,7 @@ def _vit_prefix(emb: nn.Module) -> list[torch.Tensor]:
 
 def _embed_vit(tower, packed, cache):
     emb = tower.embeddings
-    conv = emb.patch_embeddings.projection
-    x = _project(packed.patches.to(conv.weight.dtype), conv.weight, conv.bias)
+    x = _conv_patches(packed, emb.patch_embeddings.projection)
     table = emb.position_embeddings[0]
     p = len(_vit_prefix(emb))
     prefix = torch.cat(_vit_prefix(emb)) + table[:p]
@@ -223,7 +226,7 @@ def _pool_vit(tower, tokens, cu):
 
 
 register_recipe(Recipe(embed=_embed_vit, layers=lambda t: t.layers, final_norm=lambda t: t.layernorm,
-                       pool=_pool_vit, num_prefix=lambda t: len(_vit_prefix(t.embeddings))),
+                       pool=_pool_vit),
                 "vit", "deit")
 
 
@@ -231,8 +234,7 @@ register_recipe(Recipe(embed=_embed_vit, layers=lambda t: t.layers, final_norm=l
 
 def _embed_clip(tower, packed, cache):
     emb = tower.embeddings
-    w = emb.patch_embedding.weight
-    x = _project(packed.patches.to(w.dtype), w, emb.patch_embedding.bias)
+    x = _conv_patches(packed, emb.patch_embedding)
     table = emb.position_embedding.weight
     prefix = emb.class_embedding.reshape(1, -1) + table[:1]
     pos = cache.per_grid(table, "clip", packed, lambda g: _bicubic(table[1:], g))
@@ -241,9 +243,8 @@ def _embed_clip(tower, packed, cache):
 
 
 register_recipe(Recipe(embed=_embed_clip, layers=lambda t: t.encoder.layers, final_norm=lambda t: None,
-                       pool=lambda t, tok, cu: t.post_layernorm(tok[cu[:-1].long()]),
-                       num_prefix=lambda t: 1),
-                "clip_vision_model")
+                       pool=lambda t, tok, cu: t.post_layernorm(tok[cu[:-1].long()])),
+                "clip")
 
 
 # SigLIP / SigLIP2: no prefix, post-layernorm, attention-pooling head
@@ -277,8 +278,7 @@ def _attention_pool(tower, tokens, cu):
 
 def _embed_siglip(tower, packed, cache):
     emb = tower.embeddings
-    conv = emb.patch_embedding
-    x = _project(packed.patches.to(conv.weight.dtype), conv.weight, conv.bias)
+    x = _conv_patches(packed, emb.patch_embedding)
     table = emb.position_embedding.weight
     pos = cache.per_grid(table, "siglip", packed, lambda g: _bicubic(table, g))
     return Embedded(x + pos, packed.cu_seqlens, 0)
@@ -308,17 +308,16 @@ def _embed_siglip2(tower, packed, cache):
 
 
 _siglip_common = dict(layers=lambda t: t.encoder.layers, final_norm=lambda t: t.post_layernorm,
-                      pool=_attention_pool, num_prefix=lambda t: 0)
-register_recipe(Recipe(embed=_embed_siglip, **_siglip_common), "siglip_vision_model")
-register_recipe(Recipe(embed=_embed_siglip2, **_siglip_common), "siglip2_vision_model")
+                      pool=_attention_pool)
+register_recipe(Recipe(embed=_embed_siglip, **_siglip_common), "siglip")
+register_recipe(Recipe(embed=_embed_siglip2, **_siglip_common), "siglip2")
 
 
 # DINOv2 (+ registers): float32 bicubic (antialiased with registers), registers after CLS
 
 def _embed_dinov2(tower, packed, cache):
     emb = tower.embeddings
-    conv = emb.patch_embeddings.projection
-    x = _project(packed.patches.to(conv.weight.dtype), conv.weight, conv.bias)
+    x = _conv_patches(packed, emb.patch_embeddings.projection)
     table = emb.position_embeddings[0]
     registers = getattr(emb, "register_tokens", None)
     antialias = registers is not None
@@ -333,9 +332,73 @@ def _embed_dinov2(tower, packed, cache):
 
 
 register_recipe(Recipe(embed=_embed_dinov2, layers=lambda t: t.encoder.layer,
-                       final_norm=lambda t: t.layernorm, pool=lambda t, tok, cu: tok[cu[:-1].long()],
-                       num_prefix=lambda t: 1 + int(getattr(t.config, "num_register_tokens", 0) or 0)),
+                       final_norm=lambda t: t.layernorm, pool=lambda t, tok, cu: tok[cu[:-1].long()]),
                 "dinov2", "dinov2_with_registers")
+
+
+# DINOv3 ViT: CLS + registers, no absolute position codes; 2-D RoPE on patch tokens only
+
+def _patch_centers(h: int, w: int, device) -> torch.Tensor:
+    """(h*w, 2) patch centers (y, x) in [-1, 1] of an h x w grid, float32 (HF's
+    get_patches_center_coordinates: each image's own grid, whatever its size)."""
+    ys = torch.arange(0.5, h, dtype=torch.float32, device=device) / h
+    xs = torch.arange(0.5, w, dtype=torch.float32, device=device) / w
+    return 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) - 1.0
+
+
+def _rope_augmentation(rope: nn.Module) -> dict | None:
+    """HF's training-time coordinate augmentation (shift / jitter / rescale), None in eval."""
+    cfg = rope.config
+    aug = {"shift": cfg.pos_embed_shift, "jitter": cfg.pos_embed_jitter, "rescale": cfg.pos_embed_rescale}
+    return aug if rope.training and any(v is not None for v in aug.values()) else None
+
+
+def _dinov3_rope(rope: nn.Module, grid: tuple[int, int], dtype: torch.dtype, augment: dict | None,
+                 device) -> torch.Tensor:
+    """(h*w, 2*head_dim) [cos | sin] of one image, as DINOv3ViTRopePositionEmbedding computes
+    them for that image alone: float32 angles from the (possibly low-precision) inv_freq
+    buffer, autocast off (transformers 5.17 forces that), cast to the patch weights' dtype."""
+    with torch.autocast(device_type=torch.device(device).type, enabled=False):
+        coords = _patch_centers(*grid, device)
+        if augment is not None:  # one random draw per image, as each image alone would get
+            from transformers.models.dinov3_vit import modeling_dinov3_vit as hf
+            coords = hf.augment_patches_center_coordinates(coords, **augment)
+        angles = 2 * math.pi * coords[:, :, None] * rope.inv_freq[None, None, :]
+        angles = angles.flatten(1, 2).tile(2)
+        return torch.cat([torch.cos(angles), torch.sin(angles)], -1).to(dtype)
+
+
+def _embed_dinov3(tower, packed, cache):
+    """Prefix tokens (CLS, then registers) get no position code and, in HF, no rotation:
+    its apply_rotary_pos_emb rotates the LAST cos.shape[-2] tokens of the sequence and
+    leaves the first (seq_len - that) alone. In a packed sequence the prefixes sit inside,
+    so cos/sin are built full-length, with identity rows (cos 1, sin 0) at every prefix
+    position: q * 1 + rotate_half(q) * 0 == q exactly, and every token goes through the
+    same formula."""
+    emb = tower.embeddings
+    conv = emb.patch_embeddings
+    x = _conv_patches(packed, conv)
+    prefix = torch.cat([emb.cls_token.reshape(1, -1), emb.register_tokens.reshape(-1, x.shape[-1])])
+    hidden, cu = _with_prefix(prefix, x, packed)
+
+    rope, dtype = tower.rope_embeddings, conv.weight.dtype
+    augment = _rope_augmentation(rope)
+    grids = [tuple(g) for g in packed.grid_hw.tolist()]
+    if augment is None:  # eval: deterministic per (grid, dtype, device), cached
+        rows = [cache.get(rope.inv_freq, f"dinov3-rope-{dtype}", g,
+                          lambda g=g: _dinov3_rope(rope, g, dtype, None, x.device)) for g in grids]
+    else:
+        rows = [_dinov3_rope(rope, g, dtype, augment, x.device) for g in grids]
+    head_dim = rows[0].shape[-1] // 2
+    identity = torch.cat([x.new_ones(prefix.shape[0], head_dim), x.new_zeros(prefix.shape[0], head_dim)], -1)
+    cos_sin, _ = _with_prefix(identity.to(dtype), torch.cat(rows), packed)
+    cos, sin = cos_sin.split(head_dim, -1)
+    return Embedded(hidden, cu, prefix.shape[0], {"position_embeddings": (cos, sin)})
+
+
+register_recipe(Recipe(embed=_embed_dinov3, layers=lambda t: t.model.layer, final_norm=lambda t: t.norm,
+                       pool=lambda t, tok, cu: tok[cu[:-1].long()]),  # pooler_output: normed CLS
+                "dinov3_vit")
 
 
 # running HF layers on the packed sequence
@@ -387,7 +450,10 @@ def run_layers(layers, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 @register_backend("packed")
 class PackedEncoder(Encoder):
-    """Patch-n-pack execution of an HF ViT / DeiT / CLIP / SigLIP / SigLIP2 / DINOv2 encoder."""
+    """Patch-n-pack execution of an HF ViT / DeiT / CLIP / SigLIP / SigLIP2 / DINOv2 / DINOv3 ViT
+    encoder."""
+
+    # patch_size, mean_std and num_prefix are the base class's: asked of mixres.vision_utils
 
     def __init__(self, model: nn.Module, **kwargs):
         super().__init__(model, **kwargs)
@@ -395,20 +461,6 @@ class PackedEncoder(Encoder):
         self.recipe = recipe_for(self.tower)
         resolve_layer(self.select_layer, len(self.recipe.layers(self.tower)))  # fail early
         self.cache = PosCache()
-
-    @property
-    def patch_size(self) -> int:
-        p = self.tower.config.patch_size
-        return int(p[0] if isinstance(p, (tuple, list)) else p)
-
-    @property
-    def num_prefix(self) -> int:
-        return self.recipe.num_prefix(self.tower)
-
-    @property
-    def mean_std(self):
-        from mixres import vision_utils
-        return vision_utils.image_mean_std(self.model)
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
         tower, recipe = self.tower, self.recipe
