@@ -95,7 +95,7 @@ def make_encoder(model, *, backend: str = "packed", **kwargs):
 
 
 def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, pool: str = "model",
-           min_tokens: int = 1, max_tokens: int | None = 1024, max_batch_tokens: int | None = None,
+           min_tokens: int = 1, max_tokens: int | None = 1024, max_batch_tokens: int | str | None = "auto",
            device=None, dtype=None) -> PackedFeatures:
     """Encode paths, PIL images or (C, H, W) tensors; PackedFeatures with `pooled` as asked.
 
@@ -252,7 +252,7 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         dev = resolve_device(device, dist_)
         paths = collect_inputs(inputs, limit)
         enc = make_encoder(model, backend=backend, select_layer=select_layer, min_tokens=min_tokens,
-                           max_tokens=max_tokens, max_batch_tokens=None, device=dev, dtype=dtype)
+                           max_tokens=max_tokens, max_batch_tokens="auto", device=dev, dtype=dtype)
         settings = Settings.of(enc, model, model_name, pool=pool, min_tokens=min_tokens,
                                max_tokens=max_tokens, max_pixels=max_pixels,
                                max_batch_tokens=max_batch_tokens, store_dtype=store_dtype,

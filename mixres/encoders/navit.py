@@ -204,6 +204,8 @@ class NaViTEncoder(Encoder):
     inputs are also shrunk (aspect kept) so their grid fits the model's position tables.
     """
 
+    cpu_chunk_tokens = 2048  # see Encoder: cache-sized GEMMs on the CPU
+
     def __init__(self, model: nn.Module, **kwargs):
         super().__init__(model, **kwargs)
         self.navit = unwrap_navit(model)  # a TypeError naming the supported classes otherwise

@@ -453,6 +453,8 @@ class PackedEncoder(Encoder):
     """Patch-n-pack execution of an HF ViT / DeiT / CLIP / SigLIP / SigLIP2 / DINOv2 / DINOv3 ViT
     encoder."""
 
+    cpu_chunk_tokens = 2048  # see Encoder: cache-sized GEMMs on the CPU
+
     # patch_size, mean_std and num_prefix are the base class's: asked of mixres.vision_utils
 
     def __init__(self, model: nn.Module, **kwargs):
