@@ -246,8 +246,7 @@ def plot_heatmap(results, path: Path):
             if cell and "max_rel" in cell:
                 z[i, j] = max(cell["max_rel"], 1e-9)
     fig, ax = plt.subplots(figsize=(1.3 * len(fams) + 2.5, 0.7 * len(methods) + 1.8))
-    cmap = plt.get_cmap("RdYlGn_r").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("RdYlGn_r").with_extremes(bad="#dddddd")
     im = ax.imshow(np.ma.masked_invalid(z), cmap=cmap, norm=LogNorm(vmin=1e-8, vmax=1.0), aspect="auto")
     ax.set_xticks(range(len(fams)), fams, rotation=30, ha="right")
     ax.set_yticks(range(len(methods)), methods)

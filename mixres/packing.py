@@ -63,10 +63,28 @@ def unpatchify(patches: torch.Tensor, grid_hw: Sequence[int], patch_size: int,
     return x.reshape(channels, h * p, w * p)
 
 
+class _Segments:
+    """What both ragged types derive from their `cu_seqlens` offsets."""
+
+    cu_seqlens: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    @property
+    def max_seqlen(self) -> int:
+        return int(self.seqlens.max()) if self.num_images else 0
+
+
 # images
 
 @dataclass
-class PackedImages:
+class PackedImages(_Segments):
     """All images of a batch as one ragged sequence of flattened patches.
 
     patches    (N, C*p*p)  each patch channel-major (c, ph, pw), patches row-major per image
@@ -133,18 +151,6 @@ class PackedImages:
         return cls(flat, grid_hw.to(device),
                    seqlens_to_cu(grid_hw.prod(-1), device=device), patch_size, channels)
 
-    @property
-    def num_images(self) -> int:
-        return self.grid_hw.shape[0]
-
-    @property
-    def seqlens(self) -> torch.Tensor:
-        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-
-    @property
-    def max_seqlen(self) -> int:
-        return int(self.seqlens.max()) if self.num_images else 0
-
     def to(self, device=None, dtype=None) -> PackedImages:
         return PackedImages(self.patches.to(device=device, dtype=dtype),
                             self.grid_hw.to(device), self.cu_seqlens.to(device),
@@ -169,7 +175,7 @@ class PackedImages:
 # features
 
 @dataclass
-class PackedFeatures:
+class PackedFeatures(_Segments):
     """Every image's output tokens as one ragged sequence.
 
     tokens     (N, D)  each image's prefix tokens (CLS, registers) first, then its patch
@@ -195,18 +201,6 @@ class PackedFeatures:
             raise ValueError(f"PackedFeatures.grid_hw must be ({b}, 2), got {tuple(self.grid_hw.shape)}")
         if self.pooled is not None and self.pooled.shape[0] != b:
             raise ValueError(f"PackedFeatures.pooled has {self.pooled.shape[0]} rows for {b} images")
-
-    @property
-    def num_images(self) -> int:
-        return self.cu_seqlens.numel() - 1
-
-    @property
-    def seqlens(self) -> torch.Tensor:
-        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
-
-    @property
-    def max_seqlen(self) -> int:
-        return int(self.seqlens.max()) if self.num_images else 0
 
     def unpack(self) -> list[torch.Tensor]:
         """A list of (n_i, D) tensors, one per image (views, no copy)."""
