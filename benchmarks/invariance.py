@@ -150,13 +150,12 @@ def naive_padding(model, images, ref_enc, ref):
 
 # one cell of the table
 
-def reference(model, images, device, dtype):
-    """Each image through the unmodified model, alone: the loop backend for HF ViT-family
+def reference_encoder(model, device, dtype):
+    """The unmodified model on one image at a time: the loop backend for HF ViT-family
     models; a CNN through the grouped backend and NaViT through the navit backend, called
     with one image at a time (which is the model on that image alone)."""
     from mixres import vision_utils
     from mixres.encoders import load_encoder
-    from mixres.packing import PackedFeatures
 
     if vision_utils.family(model) == "navit":
         backend = "navit"
@@ -164,10 +163,15 @@ def reference(model, images, device, dtype):
         backend = "grouped"
     else:
         backend = "loop"
-    enc = load_encoder(model, backend=backend, device=device, dtype=dtype)
-    if backend == "loop":
-        return enc, enc.encode(images)
-    return enc, PackedFeatures.cat([enc.encode([img]) for img in images])
+    return load_encoder(model, backend=backend, device=device, dtype=dtype)
+
+
+def reference(ref_enc, images):
+    from mixres.packing import PackedFeatures
+
+    if ref_enc.backend == "loop":
+        return ref_enc.encode(images)
+    return PackedFeatures.cat([ref_enc.encode([img]) for img in images])
 
 
 def run_cell(model, method, images, ref, ref_enc, compositions, seed, device, dtype):
@@ -294,12 +298,11 @@ def run(args) -> int:
     t0 = time.perf_counter()
     for fam, spec in families.items():
         model = build_model(spec).to(args.device, dtype)
+        ref_enc = reference_encoder(model, args.device, dtype)
         with torch.inference_mode():
-            ref_enc, _ = reference(model, [torch.zeros(3, 64, 64, device=args.device, dtype=dtype)],
-                                   args.device, dtype)
             images, names = workload(ref_enc, n, args.seed, tokens, photos=True)
             images = [i.to(args.device, dtype) for i in images]
-            ref_enc, ref = reference(model, images, args.device, dtype)
+            ref = reference(ref_enc, images)
         results["cells"][fam] = {}
         for method in methods:
             try:
