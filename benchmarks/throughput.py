@@ -78,8 +78,15 @@ def _backend_runner(name):
     return run_backend
 
 
-run_packed, run_masked, run_grouped, run_loop = (_backend_runner(n) for n in
-                                                 ("packed", "masked", "grouped", "loop"))
+run_packed, run_masked, run_grouped, run_loop, run_navit = (
+    _backend_runner(n) for n in ("packed", "masked", "grouped", "loop", "navit"))
+
+
+def run_vit_pytorch(model, images, **_):
+    """vit-pytorch's own NaViT forward: greedy groups of <= 2048 tokens, each padded to one
+    length with an (L x L) boolean attention mask."""
+    from mixres.encoders.navit import unwrap_navit
+    unwrap_navit(model)(list(images), group_images=True, group_max_seq_len=2048)
 
 
 def run_padded(model, images, patch_size, **_):
@@ -112,7 +119,9 @@ def run_oracle(model, images, **_):
 
 
 RUNNERS = {"packed": run_packed, "padded": run_padded, "masked": run_masked, "grouped": run_grouped,
-           "loop": run_loop, "oracle": run_oracle}
+           "loop": run_loop, "oracle": run_oracle, "navit": run_navit, "vit-pytorch": run_vit_pytorch}
+# a NaViT model: mixres' packed NaViT vs vit-pytorch's own grouped forward
+NAVIT_METHODS = ["navit", "vit-pytorch"]
 
 
 def time_methods(names, model, inputs, warm, repeats, device, patch_size):
@@ -162,7 +171,7 @@ def plot(res: dict, path: Path) -> None:
     names = [n for n in res["methods"] if n != "oracle"]
     vals = [res["methods"][n]["tokens_per_s"] for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, vals, color=["tab:green" if n == "packed" else "tab:gray" for n in names])
+    ax.bar(names, vals, color=["tab:green" if n in ("packed", "navit") else "tab:gray" for n in names])
     if "oracle" in res["methods"]:
         ax.axhline(res["methods"]["oracle"]["tokens_per_s"], color="tab:red", ls="--",
                    label="oracle (224x224 dense)")
@@ -183,7 +192,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", type=int, default=256, help="images in the mixed-N workload")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--methods", default=",".join(METHODS + ["oracle"]))
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated (default: {','.join(METHODS + ['oracle'])}; "
+                        f"{','.join(NAVIT_METHODS)} for a NaViT model)")
     p.add_argument("--quick", action="store_true", help="small workload, one repeat (CPU smoke run)")
     p.add_argument("--out", default="out/throughput")
 
@@ -195,8 +206,11 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype)
     n, repeats = (6, 1) if args.quick else (args.n, args.repeats)
     model = load_model(args.model).to(device=device, dtype=dtype)
-    from mixres.encoders.packed import PackedEncoder
-    p = PackedEncoder(model).patch_size
+    from mixres import vision_utils
+    is_navit = vision_utils.family(model) == "navit"
+    p = vision_utils.patch_size(model)
+    if args.methods is None:
+        args.methods = ",".join(NAVIT_METHODS if is_navit else METHODS + ["oracle"])
     images = [x.to(device, dtype) for x in mixed_images(n, seed=args.seed, patch_size=p)]
     tokens = sum(x.shape[1] * x.shape[2] // p ** 2 for x in images)
     oracle = [x.to(device, dtype) for x in oracle_images(tokens, patch_size=p, side=224 // 16 * p)]
@@ -216,7 +230,7 @@ def run(args) -> int:
     # a backend that does not apply to this model (masked is ViT-only) is left out, said why
     for name in list(names):
         try:
-            if name in ("masked", "grouped", "packed", "loop"):
+            if name in ("masked", "grouped", "packed", "loop", "navit"):
                 from mixres.encoders import get_backend
                 get_backend(name)(model)
         except (TypeError, ValueError) as e:
@@ -239,7 +253,8 @@ def run(args) -> int:
     ms = res["methods"]
     for r in ms.values():
         r["vs_oracle"] = r["tokens_per_s"] / ms["oracle"]["tokens_per_s"] if "oracle" in ms else float("nan")
-        r["vs_packed"] = r["tokens_per_s"] / ms["packed"]["tokens_per_s"] if "packed" in ms else float("nan")
+        base = "packed" if "packed" in ms else "navit" if "navit" in ms else None
+        r["vs_packed"] = r["tokens_per_s"] / ms[base]["tokens_per_s"] if base else float("nan")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(res, out / "results.json")
