@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import env_info, write_json
+from benchmarks.report import command_line, env_info, write_json
 
 # family -> how to build it (a preset, or a config for families without one)
 FAMILIES = {
@@ -256,7 +256,8 @@ def plot_heatmap(results, path: Path):
     ax.set_yticks(range(len(methods)), methods)
     for i in range(len(methods)):
         for j in range(len(fams)):
-            text = "n/a" if np.isnan(z[i, j]) else f"{z[i, j]:.0e}"
+            raw = results["cells"].get(fams[j], {}).get(methods[i], {}).get("max_rel")
+            text = "n/a" if np.isnan(z[i, j]) else "0 (bitwise)" if raw == 0 else f"{z[i, j]:.0e}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="max relative error vs. image alone (log)")
     ax.set_title(f"Padding invariance ({results['dtype']}, {results['device']}): "
@@ -292,7 +293,7 @@ def run(args) -> int:
     methods = args.methods or METHODS
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {"command": " ".join(sys.argv), **env_info(args.device), "dtype": dtype_name,
+    results = {"command": command_line(), **env_info(args.device), "dtype": dtype_name,
                "device": args.device, "n": n, "tokens": tokens, "families": families,
                "methods": methods, "cells": {}}
     t0 = time.perf_counter()

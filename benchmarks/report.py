@@ -28,6 +28,20 @@ def env_info(device: str = "cpu") -> dict:
     return info
 
 
+def command_line() -> str:
+    """The command as the user typed it: `mixres ...` or `python -m benchmarks.X ...`."""
+    import sys
+
+    prog = Path(sys.argv[0])
+    if prog.name in ("mixres", "__main__.py") and prog.parent.name in ("bin", "mixres"):
+        head = "mixres"
+    elif prog.parent.name == "benchmarks":
+        head = f"python -m benchmarks.{prog.stem}"
+    else:
+        head = sys.argv[0]
+    return " ".join([head, *sys.argv[1:]])
+
+
 def write_json(obj: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import env_info, write_json
+from benchmarks.report import command_line, env_info, write_json
 
 METHODS = ["packed", "padded", "masked", "grouped", "loop"]
 
@@ -221,7 +221,7 @@ def run(args) -> int:
            "oracle_images": len(oracle), "repeats": repeats,
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
            f"CPU ({torch.get_num_threads()} threads)",
-           "env": env_info(str(device)), "command": " ".join([sys.executable, *sys.argv]),
+           "env": env_info(str(device)), "command": command_line(),
            "methods": {}}
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     for name in names:
