@@ -149,6 +149,10 @@ def time_methods(names, model, inputs, warm, repeats, device, patch_size):
 
 # report
 
+def _ratio(x: float) -> str:
+    return "-" if x != x else f"{x:.2f}"  # nan: that reference was not measured
+
+
 def write_markdown(res: dict, path: Path) -> None:
     lines = [f"# Throughput: {res['model']} {res['dtype']} on {res['device_name']}", "",
              f"mixed-{res['n']} workload: {res['tokens']} tokens in {res['n']} images "
@@ -158,7 +162,7 @@ def write_markdown(res: dict, path: Path) -> None:
     for name, r in res["methods"].items():
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         lines.append(f"| {name} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['images_per_s']:.2f} | "
-                     f"{peak} | {r['vs_oracle']:.2f} | {r['vs_packed']:.2f} |")
+                     f"{peak} | {_ratio(r['vs_oracle'])} | {_ratio(r['vs_packed'])} |")
     lines += ["", f"command: `{res['command']}`", ""]
     path.write_text("\n".join(lines))
 
