@@ -199,7 +199,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None,
                    help=f"comma-separated (default: {','.join(METHODS + ['oracle'])}; "
                         f"{','.join(NAVIT_METHODS)} for a NaViT model)")
-    p.add_argument("--quick", action="store_true", help="small workload, one repeat (CPU smoke run)")
+    p.add_argument("--quick", action="store_true", help="6 images, two rounds (CPU smoke run)")
     p.add_argument("--out", default="out/throughput")
 
 
@@ -208,7 +208,7 @@ def run(args) -> int:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    n, repeats = (6, 1) if args.quick else (args.n, args.repeats)
+    n, repeats = (6, 2) if args.quick else (args.n, args.repeats)
     model = load_model(args.model).to(device=device, dtype=dtype)
     from mixres import vision_utils
     is_navit = vision_utils.family(model) == "navit"
