@@ -79,7 +79,8 @@ def register_backend(name: str, *, priority: int, supports: Callable[[torch.Tens
 
 
 def _flash_supported(q: torch.Tensor) -> bool:
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256):
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0):
         return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -93,7 +94,12 @@ def _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
-    kw = {"scale": scale}
+    kw = {}
+    if scale is not None:
+        if "scale" in params:
+            kw["scale"] = scale
+        else:  # torch 2.10 has no scale argument: fold it into q (the kernel scales by d^-0.5)
+            q = q * (scale * q.shape[-1] ** 0.5)
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
@@ -101,7 +107,7 @@ def _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     if causal:
-        # torch 2.11 spells causality `is_causal`; later releases use a window
+        # early releases spell causality `is_causal`; later ones use a window
         if "window_size" in params:
             kw["window_size"] = (-1, 0)
         else:
