@@ -40,7 +40,7 @@ def _one(strategy: str, blank: bool, minutes: float, reserve: float, steps: int,
     """Run one training in-process (called in the child)."""
     from mixres.vlm.train import synthetic_config, train
 
-    cfg = synthetic_config(strategy, blank=blank, steps=steps)
+    cfg = synthetic_config(strategy, blank=blank, **({"steps": steps} if steps else {}))
     cfg["train"].update(time_limit=minutes * 60 - reserve, progress=False, threads=threads)
     t0 = time.perf_counter()
     summary = train(cfg, out)
