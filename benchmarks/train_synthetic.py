@@ -11,8 +11,11 @@ and per word (colour, shape, position), next to the machine's load.
 
 Bar (issue 9): >= 0.95 for joint_decoder, >= 0.90 for cross_attention and mot, within 5
 minutes on 2 CPU cores; blank-image runs near chance (mixres.vlm.synthetic.CHANCE).
-Runs go `--jobs` at a time in separate processes (each single-threaded: on a shared or
-small CPU, tiny ops lose more to thread synchronisation than they gain).
+Runs go one after the other (`--jobs 1`), each in its own process with `--threads` torch
+threads; a run's whole wall time (building, training, the final evaluation) stays within
+`--minutes`: training stops `--reserve` seconds early to leave room for the rest. For each
+run the CPU time the other processes of the machine took meanwhile is recorded (from
+/proc/stat, less the run's own CPU time), so a reader can tell a quiet machine from a busy one.
 Writes OUT/results.json, OUT/results.md and each run's folder (metrics, loss.png).
 """
 
@@ -32,16 +35,35 @@ STRATEGIES = ("joint_decoder", "cross_attention", "mot")
 BAR = {"joint_decoder": 0.95, "cross_attention": 0.90, "mot": 0.90}
 
 
-def _one(strategy: str, blank: bool, minutes: float, steps: int, out: Path) -> dict:
+def _one(strategy: str, blank: bool, minutes: float, reserve: float, steps: int, threads: int,
+         out: Path) -> dict:
     """Run one training in-process (called in the child)."""
     from mixres.vlm.train import synthetic_config, train
 
-    cfg = synthetic_config(strategy, blank=blank, steps=steps)
-    cfg["train"].update(time_limit=minutes * 60, progress=False)
+    cfg = synthetic_config(strategy, blank=blank, **({"steps": steps} if steps else {}))
+    cfg["train"].update(time_limit=minutes * 60 - reserve, progress=False, threads=threads)
     t0 = time.perf_counter()
     summary = train(cfg, out)
     summary["wall_seconds"] = time.perf_counter() - t0
     return summary
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes of the machine have used since boot (None off Linux)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_seconds() -> float:
+    """CPU seconds of this process's finished children (the runs)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv=None) -> int:
@@ -49,8 +71,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/train_synthetic")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     p.add_argument("--minutes", type=float, default=5.0, help="wall-time budget of each run")
-    p.add_argument("--steps", type=int, default=3000, help="schedule length (the time limit may cut it)")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    p.add_argument("--reserve", type=float, default=30.0,
+                   help="seconds of the budget kept for building the model and the final evaluation")
+    p.add_argument("--steps", type=int, default=None,
+                   help="schedule length (default: the synthetic config's; the time limit may cut it)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (1 for numbers to report)")
     p.add_argument("--no-blank", action="store_true", help="skip the blank-image baselines")
     p.add_argument("--child", nargs=2, metavar=("STRATEGY", "BLANK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -58,7 +84,7 @@ def main(argv=None) -> int:
     if args.child:
         strategy, blank = args.child[0], args.child[1] == "1"
         name = f"{strategy}{'_blank' if blank else ''}"
-        s = _one(strategy, blank, args.minutes, args.steps, out / name)
+        s = _one(strategy, blank, args.minutes, args.reserve, args.steps, args.threads, out / name)
         write_json(s, out / name / "result.json")
         return 0
 
@@ -67,14 +93,24 @@ def main(argv=None) -> int:
     runs = [(s, b) for s in args.strategies for b in ((False,) if args.no_blank else (False, True))]
     pending, active, t0 = list(runs), [], time.time()
     load_before = os.getloadavg()
+    cpu0, own0 = _busy_seconds(), _children_seconds()
+    loads = []
     while pending or active:
         while pending and len(active) < args.jobs:
             s, b = pending.pop(0)
             cmd = [sys.executable, "-m", "benchmarks.train_synthetic", "--out", str(out), "--minutes",
-                   str(args.minutes), "--steps", str(args.steps), "--child", s, "1" if b else "0"]
+                   str(args.minutes), "--reserve", str(args.reserve), "--threads", str(args.threads),
+                   "--child", s, "1" if b else "0"]
+            if args.steps:
+                cmd += ["--steps", str(args.steps)]
             active.append(subprocess.Popen(cmd))
         time.sleep(2)
+        loads.append(os.getloadavg()[0])
         active = [a for a in active if a.poll() is None]
+    elapsed = time.time() - t0
+    others = None
+    if cpu0 is not None:
+        others = max(0.0, (_busy_seconds() - cpu0) - (_children_seconds() - own0)) / elapsed
     results = []
     for s, b in runs:
         name = f"{s}{'_blank' if b else ''}"
@@ -82,26 +118,35 @@ def main(argv=None) -> int:
         results.append({"strategy": s, "blank_images": b, "content_accuracy": r.get("content_accuracy"),
                         "accuracy_by_word": r.get("accuracy_by_word"), "eval_loss": r.get("eval_loss"),
                         "steps": r["steps"], "train_seconds": r["train_seconds"],
-                        "wall_seconds": r["wall_seconds"],
+                        "wall_seconds": r["wall_seconds"], "eval_samples": r.get("eval_samples"),
                         "bar": None if b else BAR.get(s),
                         "passes": None if b else (r.get("content_accuracy") or 0) >= BAR.get(s, 1)})
     report = {"chance": CHANCE, "minutes_per_run": args.minutes, "jobs": args.jobs,
-              "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "total_seconds": time.time() - t0, "env": env_info(), "results": results,
-              "command": " ".join(sys.argv)}
+              "threads_per_run": args.threads, "load_average_before": load_before,
+              "load_average_after": os.getloadavg(),
+              "load_average_1min_mean_max": [sum(loads) / max(len(loads), 1), max(loads, default=0.0)],
+              "other_processes_cpu_cores": others, "total_seconds": elapsed, "env": env_info(),
+              "results": results,
+              "command": " ".join(["python -m benchmarks.train_synthetic", *sys.argv[1:]])}
     write_json(report, out / "results.json")
     lines = ["# Synthetic shapes task: content accuracy on held-out images", "",
-             f"Each run: at most {args.minutes} min wall time, {args.jobs} runs at a time, 1 thread each; "
-             f"load average before/after {load_before[0]:.1f}/{os.getloadavg()[0]:.1f} on "
-             f"{os.cpu_count()} CPUs. Chance (blank images) = {CHANCE:.3f}.", "",
-             "| strategy | images | content acc. | colour / shape / position | steps | train s | bar |",
-             "|---|---|---|---|---|---|---|"]
+             f"Each run: at most {args.minutes} min wall time (build + train + held-out evaluation), "
+             f"{args.jobs} run(s) at a time, {args.threads} torch threads each, on {os.cpu_count()} CPUs. "
+             f"Load average before {load_before[0]:.1f}, during (1-min, mean/max) "
+             f"{report['load_average_1min_mean_max'][0]:.1f}/{report['load_average_1min_mean_max'][1]:.1f}; "
+             f"other processes used {others if others is not None else float('nan'):.2f} CPU cores on "
+             f"average. Chance (blank images) = {CHANCE:.3f}.", "",
+             f"Command: `{report['command']}`", "",
+             "| strategy | images | content acc. | colour / shape / position | steps | train s | wall s "
+             "| bar |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         words = " / ".join(f"{a:.2f}" for a in (r["accuracy_by_word"] or []))
         bar = "" if r["bar"] is None else f"{r['bar']:.2f} {'pass' if r['passes'] else 'FAIL'}"
         acc = r["content_accuracy"]
         lines.append(f"| {r['strategy']} | {'blank' if r['blank_images'] else 'shapes'} | "
-                     f"{acc:.3f} | {words} | {r['steps']} | {r['train_seconds']:.0f} | {bar} |")
+                     f"{acc:.3f} | {words} | {r['steps']} | {r['train_seconds']:.0f} | "
+                     f"{r['wall_seconds']:.0f} | {bar} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -20,7 +20,7 @@ from torch import nn
 from mixres.packing import PackedFeatures, PackedImages
 from mixres.vlm.registry import ENCODERS, register_encoder
 
-__all__ = ["RandomEncoder", "MixresEncoder", "build_tower"]
+__all__ = ["RandomEncoder", "MixresEncoder", "build_tower", "scratch_vit"]
 
 
 @register_encoder("random")
@@ -113,6 +113,43 @@ def _register_backends() -> None:
 
 
 _register_backends()
+
+
+@register_encoder("vit")
+def scratch_vit(hidden: int = 64, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0,
+                patch_size: int = 8, image_size: int = 64, sincos: float = 0.0,
+                backend: str = "packed", **kwargs) -> MixresEncoder:
+    """An HF ViT built from its shape with random weights (to train from scratch), run by a
+    mixres backend; {"name": "vit", "hidden": 64, "layers": 2, "patch_size": 8}. Its learned
+    position table (image_size / patch_size per side) is interpolated to each image's grid.
+
+    sincos > 0 starts that table at `sincos` times a 2-D sine-cosine code (MAE) instead of
+    HF's near-zero noise, so where a patch lies is visible from the first step."""
+    import transformers as tf
+
+    cfg = tf.ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       intermediate_size=int(hidden * mlp_ratio), patch_size=patch_size,
+                       image_size=image_size)
+    model = tf.ViTModel(cfg, add_pooling_layer=False)
+    if sincos:
+        with torch.no_grad():
+            side = image_size // patch_size
+            model.embeddings.position_embeddings[0, 1:] = sincos * _sincos_2d(side, hidden)
+    return MixresEncoder(model, backend=backend, **kwargs)
+
+
+def _sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """(side*side, dim) MAE 2-D sine-cosine position code: half the channels for the row."""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    grid = torch.arange(side, dtype=torch.float32)
+    rows, cols = torch.meshgrid(grid, grid, indexing="ij")
+    parts = []
+    for coord in (rows.reshape(-1), cols.reshape(-1)):
+        angle = coord[:, None] * freq[None]
+        parts += [angle.sin(), angle.cos()]
+    code = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(code, (0, dim - code.shape[1]))
 
 
 def build_tower(spec) -> nn.Module:
