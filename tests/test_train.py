@@ -197,19 +197,20 @@ def test_ddp_and_fsdp_on_two_processes_match_one(tmp_path):
 # the synthetic task learns to see
 
 def test_synthetic_run_beats_blank_images(tmp_path):
-    """200 steps already read the colour off the image; blank images cannot do better than chance."""
+    """A short run of the synthetic task (its ViT encoder trained from scratch) reads the colour
+    and more off the image; the same run on blank images cannot do better than chance."""
     from mixres.vlm.train import synthetic_config
 
     results = {}
     for blank in (False, True):
-        cfg = synthetic_config("joint_decoder", blank=blank, steps=2000)
-        cfg["vlm"].update(encoder={"name": "random", "hidden": 32, "patch_size": 8},
-                          min_image_tokens=16, max_image_tokens=64)
-        cfg["data"].update(synthetic=4000, synthetic_eval=60, max_tokens=1024)
-        cfg["train"].update(eval_every=0, log_every=50, plot=False)
-        # the schedule of a 2000-step run, cut at 200 steps (the lr is still near its peak)
-        results[blank] = train(cfg, tmp_path / str(blank), stop_after=200, evaluate_at_stop=True)
+        cfg = synthetic_config("joint_decoder", blank=blank, steps=STEPS)
+        cfg["data"].update(synthetic=4000, synthetic_eval=60, max_tokens=512)
+        cfg["train"].update(warmup=20, eval_every=0, log_every=50, plot=False, progress=False, threads=1)
+        results[blank] = train(cfg, tmp_path / str(blank))
     seeing, blind = results[False], results[True]
     assert blind["content_accuracy"] < CHANCE + 0.15, results
-    assert seeing["content_accuracy"] > blind["content_accuracy"] + 0.15, results
-    assert seeing["accuracy_by_word"][0] > 0.6, results  # the colour
+    assert seeing["content_accuracy"] > blind["content_accuracy"] + 0.2, results
+    assert seeing["accuracy_by_word"][0] > 0.8, results  # the colour
+
+
+STEPS = 250
