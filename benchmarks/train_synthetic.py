@@ -42,9 +42,13 @@ def _one(strategy: str, blank: bool, minutes: float, reserve: float, steps: int,
 
     cfg = synthetic_config(strategy, blank=blank, **({"steps": steps} if steps else {}))
     cfg["train"].update(time_limit=minutes * 60 - reserve, progress=False, threads=threads)
-    t0 = time.perf_counter()
+    t0, busy0, own0, load0 = time.perf_counter(), _busy_seconds(), _own_seconds(), os.getloadavg()
     summary = train(cfg, out)
-    summary["wall_seconds"] = time.perf_counter() - t0
+    summary["wall_seconds"] = wall = time.perf_counter() - t0
+    summary["load_average_before_after"] = [load0[0], os.getloadavg()[0]]
+    if busy0 is not None:  # CPU cores the rest of the machine used while this run ran
+        others = (_busy_seconds() - busy0) - (_own_seconds() - own0)
+        summary["other_processes_cpu_cores"] = max(0.0, others) / wall
     return summary
 
 
@@ -58,12 +62,23 @@ def _busy_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def _own_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _children_seconds() -> float:
     """CPU seconds of this process's finished children (the runs)."""
     import resource
 
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
+
+
+def _cores(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def main(argv=None) -> int:
@@ -78,6 +93,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (1 for numbers to report)")
     p.add_argument("--no-blank", action="store_true", help="skip the blank-image baselines")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: rebuild results.json/.md from the run folders under OUT "
+                        "(after rerunning some runs alone)")
     p.add_argument("--child", nargs=2, metavar=("STRATEGY", "BLANK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -95,6 +113,8 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     cpu0, own0 = _busy_seconds(), _children_seconds()
     loads = []
+    if args.collect:
+        pending = []
     while pending or active:
         while pending and len(active) < args.jobs:
             s, b = pending.pop(0)
@@ -109,7 +129,7 @@ def main(argv=None) -> int:
         active = [a for a in active if a.poll() is None]
     elapsed = time.time() - t0
     others = None
-    if cpu0 is not None:
+    if cpu0 is not None and not args.collect:
         others = max(0.0, (_busy_seconds() - cpu0) - (_children_seconds() - own0)) / elapsed
     results = []
     for s, b in runs:
@@ -119,6 +139,8 @@ def main(argv=None) -> int:
                         "accuracy_by_word": r.get("accuracy_by_word"), "eval_loss": r.get("eval_loss"),
                         "steps": r["steps"], "train_seconds": r["train_seconds"],
                         "wall_seconds": r["wall_seconds"], "eval_samples": r.get("eval_samples"),
+                        "other_processes_cpu_cores": r.get("other_processes_cpu_cores"),
+                        "load_average_before_after": r.get("load_average_before_after"),
                         "bar": None if b else BAR.get(s),
                         "passes": None if b else (r.get("content_accuracy") or 0) >= BAR.get(s, 1)})
     report = {"chance": CHANCE, "minutes_per_run": args.minutes, "jobs": args.jobs,
@@ -132,21 +154,25 @@ def main(argv=None) -> int:
     lines = ["# Synthetic shapes task: content accuracy on held-out images", "",
              f"Each run: at most {args.minutes} min wall time (build + train + held-out evaluation), "
              f"{args.jobs} run(s) at a time, {args.threads} torch threads each, on {os.cpu_count()} CPUs. "
+             + ("Collected (--collect) from the run folders: each run's own machine load is in its row. "
+              if args.collect else "") +
              f"Load average before {load_before[0]:.1f}, during (1-min, mean/max) "
              f"{report['load_average_1min_mean_max'][0]:.1f}/{report['load_average_1min_mean_max'][1]:.1f}; "
-             f"other processes used {others if others is not None else float('nan'):.2f} CPU cores on "
-             f"average. Chance (blank images) = {CHANCE:.3f}.", "",
+             f"other processes used {_cores(others)} CPU cores on average (per run below). "
+             f"Chance (blank images) = {CHANCE:.3f}.", "",
              f"Command: `{report['command']}`", "",
              "| strategy | images | content acc. | colour / shape / position | steps | train s | wall s "
-             "| bar |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| other CPU | bar |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         words = " / ".join(f"{a:.2f}" for a in (r["accuracy_by_word"] or []))
         bar = "" if r["bar"] is None else f"{r['bar']:.2f} {'pass' if r['passes'] else 'FAIL'}"
         acc = r["content_accuracy"]
         lines.append(f"| {r['strategy']} | {'blank' if r['blank_images'] else 'shapes'} | "
                      f"{acc:.3f} | {words} | {r['steps']} | {r['train_seconds']:.0f} | "
-                     f"{r['wall_seconds']:.0f} | {bar} |")
+                     f"{r['wall_seconds']:.0f} | {_cores(r['other_processes_cpu_cores'])} | {bar} |")
+    lines += ["", "other CPU: cores the rest of the machine used during that run (/proc/stat less the "
+              "run's own CPU time); n/a for runs recorded before it was measured per run."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
