@@ -248,23 +248,14 @@ class GroupedEncoder(Encoder):
         except vision_utils.UnknownImageEncoderError:  # a family mixres has no row for
             return 0
 
-    def prepare(self, images) -> list[torch.Tensor]:
-        from pathlib import Path
-
-        if isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "mode"):
-            images = [images]
-        if all(isinstance(img, torch.Tensor) for img in images):
-            return list(images)
+    @property
+    def grid_unit(self) -> int:
+        # the resize policy of the base class, on the model's output stride (CNNs have no patch)
         if self.stride is None:
             raise ValueError(f"backend 'grouped': no resize policy for family "
                              f"{family(self.model)!r} (unknown output stride); pass normalized "
                              f"(C, H, W) tensors instead of PIL images or paths")
-        from mixres.images import preprocess
-
-        mean, std = self.mean_std
-        return [img if isinstance(img, torch.Tensor) else
-                preprocess(img, self.stride, min_tokens=self.min_tokens, max_tokens=self.max_tokens,
-                           mean=mean, std=std) for img in images]
+        return self.stride
 
     def encode(self, images) -> PackedFeatures:
         """Encode a list of images (CHW tensors, PIL images or paths) or PackedImages."""

@@ -66,6 +66,11 @@ class Encoder:
         return vision_utils.patch_size(self.model)
 
     @property
+    def grid_unit(self) -> int:
+        """Pixels per output token along a side: PIL/path inputs are resized to multiples of it."""
+        return self.patch_size
+
+    @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         from mixres import vision_utils
         return vision_utils.image_mean_std(self.model)
@@ -101,7 +106,7 @@ class Encoder:
             if isinstance(img, torch.Tensor):
                 out.append(img)
             else:
-                out.append(preprocess(img, self.patch_size, min_tokens=self.min_tokens,
+                out.append(preprocess(img, self.grid_unit, min_tokens=self.min_tokens,
                                       max_tokens=self.max_tokens, mean=mean, std=std))
         return out
 
