@@ -26,6 +26,18 @@ from typing import Any
 __all__ = ["VLMConfig"]
 
 
+def read_toml(path: str | Path, what: str) -> dict:
+    """A TOML file as a dict; a missing file or bad TOML is one error naming `what` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    with path.open("rb") as f:
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{what} {path}: {e}") from None
+
+
 @dataclass
 class VLMConfig:
     encoder: Any = "random"
@@ -51,14 +63,7 @@ class VLMConfig:
         if isinstance(spec, cls):
             return spec
         if isinstance(spec, (str, Path)):
-            path = Path(spec)
-            if not path.is_file():
-                raise FileNotFoundError(f"VLM config file {path} does not exist")
-            with path.open("rb") as f:
-                try:
-                    spec = tomllib.load(f)
-                except tomllib.TOMLDecodeError as e:
-                    raise ValueError(f"VLM config file {path}: {e}") from e
+            spec = read_toml(spec, "VLM config file")
             spec = spec.get("vlm", spec)  # allow a [vlm] table inside a larger file
         if not isinstance(spec, dict):
             raise TypeError(f"VLM config: expected a VLMConfig, a dict or a TOML path, got "

@@ -26,7 +26,6 @@ Unknown keys are errors (a typo must not silently fall back to a default).
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -109,14 +108,10 @@ class RunConfig:
             return spec
         base = "."
         if isinstance(spec, (str, Path)):
+            from mixres.vlm.config import read_toml
+
             path = Path(spec)
-            if not path.is_file():
-                raise FileNotFoundError(f"training config {path} does not exist")
-            with path.open("rb") as f:
-                try:
-                    spec = tomllib.load(f)
-                except tomllib.TOMLDecodeError as e:
-                    raise ValueError(f"training config {path}: {e}") from None
+            spec = read_toml(path, "training config")
             base = str(path.resolve().parent)
         if not isinstance(spec, dict):
             raise TypeError(f"training config: expected a dict or a TOML path, got {type(spec).__name__}")
