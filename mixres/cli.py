@@ -14,9 +14,9 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "embed": ("mixres.extract", "encode a folder / list of images to feature shards on disk"),
-    "bench": ("benchmarks.cli", "benchmarks: throughput | invariance | words"),
-    "train": ("mixres.vlm.train", "train a VLM on mixed-resolution images"),
+    "embed": ("mixres.embed.cli", "encode a folder / list of images to feature shards on disk"),
+    "bench": ("mixres.bench.cli", "benchmarks: throughput | invariance | words | vlm | ..."),
+    "train": ("mixres.vlm.training.train", "train a VLM on mixed-resolution images"),
 }
 
 

@@ -14,12 +14,13 @@ extraction pipeline and the VLM collator all use to cut work into token budgets.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["PackedImages", "PackedFeatures", "pack_into_bins", "seqlens_to_cu", "patchify",
+           "POOLERS", "pool_features", "check_pool",
            "unpatchify"]
 
 
@@ -292,3 +293,43 @@ def pack_into_bins(lengths: Sequence[int], max_tokens: int | None) -> list[list[
             bins.append([i])
             free.append(max_tokens - n)
     return bins
+
+
+# pooling: one pooled vector per image (a table: name -> how it is made)
+
+def _pool_model(f: PackedFeatures) -> torch.Tensor:
+    if f.pooled is None:
+        raise ValueError("pool='model': this model/backend gives no pooled output; "
+                         "use pool='cls' (if it has a CLS token) or 'mean'")
+    return f.pooled
+
+
+def _pool_cls(f: PackedFeatures) -> torch.Tensor:
+    if f.num_prefix < 1:
+        raise ValueError("pool='cls': the model has no CLS token (num_prefix=0, e.g. SigLIP); "
+                         "use pool='model' or 'mean'")
+    return f.tokens[f.cu_seqlens[:-1].long()]
+
+
+def _pool_mean(f: PackedFeatures) -> torch.Tensor:
+    # over patch tokens only: CLS / register tokens are not part of the image's area
+    return torch.stack([t[f.num_prefix:].mean(0) for t in f.unpack()])
+
+
+POOLERS = {"model": _pool_model, "cls": _pool_cls, "mean": _pool_mean, "none": None}
+
+
+def pool_features(feats: PackedFeatures, how: str) -> PackedFeatures:
+    """`feats` with `pooled` replaced as asked: model | cls | mean | none (pooled=None)."""
+    if how not in POOLERS:
+        raise ValueError(f"pool={how!r}: choose one of {sorted(POOLERS)}")
+    fn = POOLERS[how]
+    return replace(feats, pooled=None if fn is None else fn(feats))
+
+
+def check_pool(pool: str, select_layer: int) -> None:
+    if pool not in POOLERS:
+        raise ValueError(f"pool={pool!r}: choose one of {sorted(POOLERS)}")
+    if pool == "model" and select_layer != -1:
+        raise ValueError(f"pool='model' needs select_layer=-1 (the model's pooler reads the last layer), "
+                         f"got select_layer={select_layer}; use pool 'cls', 'mean' or 'none'")

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from mixres.vlm import build_vlm
-from mixres.vlm.checkpoint import latest_checkpoint, load_weights
-from mixres.vlm.manifest import ManifestError, read_manifest
-from mixres.vlm.optim import param_groups
-from mixres.vlm.sampler import TokenBudgetSampler
-from mixres.vlm.synthetic import CHANCE
-from mixres.vlm.train import train
+from mixres.vlm.training.checkpoint import latest_checkpoint, load_weights
+from mixres.vlm.training.manifest import ManifestError, read_manifest
+from mixres.vlm.training.optim import param_groups
+from mixres.vlm.training.sampler import TokenBudgetSampler
+from mixres.vlm.training.synthetic import CHANCE
+from mixres.vlm.training.train import train
 
 TINY_VLM = {"encoder": {"name": "random", "hidden": 32, "patch_size": 8}, "adapter": "mlp2",
             "lm": "tiny", "min_image_tokens": 4, "max_image_tokens": 16, "max_seq_tokens": 256}
@@ -199,7 +199,7 @@ def test_ddp_and_fsdp_on_two_processes_match_one(tmp_path):
 def test_synthetic_run_beats_blank_images(tmp_path):
     """A short run of the synthetic task (its ViT encoder trained from scratch) reads the colour
     and more off the image; the same run on blank images cannot do better than chance."""
-    from mixres.vlm.train import synthetic_config
+    from mixres.vlm.training.train import synthetic_config
 
     results = {}
     for blank in (False, True):

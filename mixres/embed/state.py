@@ -5,7 +5,7 @@ pooling, preprocessing, dtypes, batching, shard size). Its fingerprint is stored
 meta.json; a rerun in the same folder with other settings is refused, naming what
 changed, because mixing features of two configurations in one index would be silent
 corruption. `prepare_out_dir` (rank 0, before any rank writes) applies the journal
-rules of `mixres.features_io`: torn journal lines and records whose shard is missing
+rules of `mixres.embed.store`: torn journal lines and records whose shard is missing
 are dropped, shards no record points at are deleted.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mixres.features_io import FORMAT, JOURNAL_GLOB, read_journals, write_json, write_jsonl
+from mixres.embed.store import FORMAT, JOURNAL_GLOB, read_journals, write_json, write_jsonl
 
 _PREPROCESSING = ("patch_size", "mean", "std", "resample", "min_tokens", "max_tokens", "max_pixels")
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}

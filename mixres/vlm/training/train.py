@@ -1,6 +1,6 @@
-"""`mixres train CONFIG.toml` / `mixres.vlm.train.train(config)`: train a VLM on mixed-size images.
+"""`mixres train CONFIG.toml` / `mixres.vlm.training.train.train(config)`: train a VLM on mixed-size images.
 
-One step: every rank takes `accum` token-budget bins (mixres.vlm.sampler), its DataLoader
+One step: every rank takes `accum` token-budget bins (mixres.vlm.training.sampler), its DataLoader
 workers load, resize and pack them (the VLM's collator), and the loss of the step is
 
     sum over every trained token of every rank's bins  /  global count of trained tokens
@@ -9,12 +9,12 @@ so 1 process with accum A*W and W processes with accum A compute the same loss a
 same update (the global batch is the union of the ranks' bins). Then gradient clipping,
 AdamW (no decay on norms, biases, embeddings), warm-up + cosine, staged freezing.
 
-Outputs under OUT: metrics.jsonl (mixres.vlm.metrics), loss.png, summary.json and
-checkpoints/ (mixres.vlm.checkpoint); `--resume` continues from the newest checkpoint
+Outputs under OUT: metrics.jsonl (mixres.vlm.training.metrics), loss.png, summary.json and
+checkpoints/ (mixres.vlm.training.checkpoint); `--resume` continues from the newest checkpoint
 exactly where the data order, optimizer, schedule and RNG left off. Only rank 0 writes.
 
 `mixres train --synthetic --strategy S --out DIR` trains the shapes task of
-mixres.vlm.synthetic with a tiny VLM and reports content_accuracy on held-out images.
+mixres.vlm.training.synthetic with a tiny VLM and reports content_accuracy on held-out images.
 """
 
 from __future__ import annotations
@@ -27,20 +27,18 @@ from pathlib import Path
 
 import torch
 
+from mixres.distributed import init_distributed
 from mixres.packing import pack_into_bins
-from mixres.vlm.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
-from mixres.vlm.metrics import MetricsLog, content_hits, plot_losses
-from mixres.vlm.optim import FreezeStages, build_optimizer, warmup_cosine
-from mixres.vlm.parallel import (
-    all_reduce_sum,
+from mixres.vlm.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
+from mixres.vlm.training.config import RunConfig
+from mixres.vlm.training.metrics import MetricsLog, content_hits, plot_losses
+from mixres.vlm.training.optim import FreezeStages, build_optimizer, warmup_cosine
+from mixres.vlm.training.parallel import (
     apply_activation_checkpointing,
     apply_compile,
-    gather_objects,
-    init_distributed,
     wrap_data_parallel,
 )
-from mixres.vlm.sampler import TokenBudgetSampler
-from mixres.vlm.trainconfig import RunConfig
+from mixres.vlm.training.sampler import TokenBudgetSampler
 
 __all__ = ["train", "sample_length", "evaluate", "add_arguments", "run", "SYNTHETIC_VLM"]
 
@@ -68,8 +66,8 @@ SYNTHETIC_ENCODER = {"mot": {"sincos": 1.0}}
 # data
 
 def _datasets(cfg: RunConfig):
-    from mixres.vlm.manifest import ManifestDataset
-    from mixres.vlm.synthetic import SyntheticShapes
+    from mixres.vlm.training.manifest import ManifestDataset
+    from mixres.vlm.training.synthetic import SyntheticShapes
 
     d = cfg.data
     if d.synthetic:
@@ -115,7 +113,7 @@ def sample_length(vlm, item: dict, sizes: list[tuple[int, int]]) -> int:
 def _text_only(ds, i: int) -> dict:
     """An item's text fields without rendering or loading its images."""
     if hasattr(ds, "spec"):  # synthetic: the caption is known without drawing
-        from mixres.vlm.synthetic import PROMPT
+        from mixres.vlm.training.synthetic import PROMPT
 
         return {"prompt": PROMPT, "response": ds.spec(i).caption}
     return {k: v for k, v in ds[i].items() if k in ("text", "prompt", "response")}
@@ -233,7 +231,7 @@ def evaluate(model, vlm, ds, lengths, max_tokens, info, cfg, workers: int = 0) -
     model.train()
     n_slots = 3  # per-word accuracy of the first words (synthetic: colour, shape, position)
     flat = [v for k in range(n_slots) for v in slots.get(k, [0, 0])]
-    loss_sum, count, correct, words, *flat = all_reduce_sum([loss_sum, count, correct, words, *flat], info)
+    loss_sum, count, correct, words, *flat = info.all_reduce([loss_sum, count, correct, words, *flat])
     res = {"eval_loss": loss_sum / max(count, 1),
            "content_accuracy": correct / words if words else None, "eval_samples": len(ds)}
     if any(flat[1::2]):
@@ -292,7 +290,7 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
 
     def save(at_step, data_state):
         save_checkpoint(out, at_step, model, optimizer, scheduler, data_state, cfg.to_dict(),
-                        rank=info.rank, rng_states=gather_objects(rng_state(), info),
+                        rank=info.rank, rng_states=info.gather_objects(rng_state()),
                         keep=tc.keep_checkpoints)
 
     def run_eval(at_step):
@@ -320,7 +318,7 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
         for _ in range(tc.accum):
             e, s = next(positions)
         local = [sum(_num_targets(b) for b, _ in micro)]
-        global_count = max(all_reduce_sum(local, info)[0], 1.0)
+        global_count = max(info.all_reduce(local)[0], 1.0)
         loss_sum = 0.0
         for a, (batch, _) in enumerate(micro):
             with _sync(model, a == tc.accum - 1):
@@ -342,7 +340,7 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
 
         tokens = sum(_num_tokens(b) for b, _ in micro)
         images = sum(len(b.image_token_counts) for b, _ in micro)
-        loss_sum, tokens, images = all_reduce_sum([loss_sum, tokens, images], info)
+        loss_sum, tokens, images = info.all_reduce([loss_sum, tokens, images])
         loss = loss_sum / global_count
         window["loss"] += loss
         window["steps"] += 1
@@ -366,7 +364,7 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
         over = tc.time_limit is not None and time.perf_counter() - t_start > tc.time_limit
         if stop_after is not None and step >= stop_after:
             stopped_early = True
-        elif over and all_reduce_sum([1.0], info)[0] > 0:
+        elif over and info.all_reduce([1.0])[0] > 0:
             stopped_early = True
             if info.is_main:
                 bar.write(f"time limit {tc.time_limit} s reached at step {step}")
@@ -387,10 +385,7 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if tc.plot:
             plot_losses(log.records(), out / "loss.png")
-    if info.owns_group:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    info.close()
     return summary
 
 

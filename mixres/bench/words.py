@@ -16,7 +16,7 @@ tensor with (B, L, 2) true sizes. For each model it times, in one run:
 and reports images/s, the speed-up over sequential and the max abs error against it.
 Writes results.json and results.md into --out.
 
-    python -m benchmarks.words --out out/words
+    python -m mixres.bench.words --out out/words
     mixres bench words --preset small --out out/words
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import env_info, write_json
+from mixres.bench.report import command_line, env_info, write_json
 
 # preset -> model specs: mixres presets by name, or local builders (families without one)
 PRESETS = {
@@ -177,8 +177,7 @@ def run(args) -> int:
     x, dims = words_batch(args.b, args.l, seed=args.seed)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {"command": " ".join(["python -m benchmarks.words", *sys.argv[1:]]) if
-               sys.argv[0].endswith("words.py") else " ".join(sys.argv), **env_info("cpu"),
+    results = {"command": command_line(), **env_info("cpu"),
                "dtype": "float32", "b": args.b, "l": args.l, "repeats": args.repeats, "rows": []}
     for spec in specs:
         row = bench_model(spec, x, dims, args.methods, args.repeats)

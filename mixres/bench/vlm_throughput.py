@@ -17,8 +17,8 @@ The two are timed interleaved, round by round; the best and the median round are
 The workload: B samples with 1-3 images each, grids of `mixed-N` scaled to
 [--min-tokens, --max-tokens] patches, and 16-128 text bytes per sample.
 
-    python -m benchmarks.vlm_throughput                      # CPU, random-stub encoder
-    python -m benchmarks.vlm_throughput --encoder tiny-vit   # a real HF ViT (packed backend)
+    python -m mixres.bench.vlm_throughput                      # CPU, random-stub encoder
+    python -m mixres.bench.vlm_throughput --encoder tiny-vit   # a real HF ViT (packed backend)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.report import env_info, write_json
+from mixres.bench.report import command_line, env_info, write_json
 from mixres.packing import PackedFeatures, PackedImages
 from mixres.vlm import IGNORE, SeqContext, build_vlm
 from mixres.workloads import mixed_grids
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1])
     grids = batch.images.grid_hw
     res = {
-        "command": "python -m benchmarks.vlm_throughput " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line() if argv is None else "mixres bench vlm " + " ".join(argv),
         "env": env_info(),
         "samples": args.samples, "images": int(grids.shape[0]), "lm_positions": batch.num_tokens,
         "lm_positions_padded": int(lens.max()) * args.samples,

@@ -1,7 +1,7 @@
 """`mixres bench <name> ...`: route to one benchmark module, imported only when it runs.
 
 Each benchmark module exposes `add_arguments(parser)` and `run(args) -> int`, like the
-`mixres` subcommands, and also runs as `python -m benchmarks.<name>`.
+`mixres` subcommands (or one `main(argv)`), and also runs as `python -m mixres.bench.<module>`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,13 @@ import argparse
 import importlib
 
 BENCHMARKS = {
-    "throughput": "benchmarks.throughput",
-    "invariance": "benchmarks.invariance",
-    "words": "benchmarks.words",
+    "throughput": "mixres.bench.throughput",
+    "invariance": "mixres.bench.invariance",
+    "words": "mixres.bench.words",
+    "masked": "mixres.bench.masked_throughput",
+    "navit": "mixres.bench.navit_bench",
+    "vlm": "mixres.bench.vlm_throughput",
+    "train-synthetic": "mixres.bench.train_synthetic",
 }
 
 
@@ -23,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     module = importlib.import_module(BENCHMARKS[args.benchmark])
+    if not hasattr(module, "add_arguments"):  # a benchmark with its own main(argv)
+        return int(module.main(args.args) or 0)
     parser = argparse.ArgumentParser(prog=f"mixres bench {args.benchmark}",
                                      description=(module.__doc__ or "").splitlines()[0])
     module.add_arguments(parser)

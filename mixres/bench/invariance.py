@@ -16,7 +16,7 @@ Batch-composition independence: every image is also encoded in several random ba
 and its worst deviation is kept. Writes results.json, results.md and invariance.png
 (log-scale heat map of max relative error, method x family) into --out.
 
-    python -m benchmarks.invariance --quick --out out/invariance
+    python -m mixres.bench.invariance --quick --out out/invariance
     mixres bench invariance --quick --out out/invariance
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import command_line, env_info, write_json
+from mixres.bench.report import command_line, env_info, write_json
 
 # family -> how to build it (a preset, or a config for families without one)
 FAMILIES = {

@@ -18,7 +18,7 @@ Warm-up on a few images, then timed repeats in one run (median). Prints tokens/s
 peak memory (CUDA), ratios vs the oracle and vs packed; writes results.json (machine,
 versions, exact command), results.md and throughput.png into --out.
 
-    python -m benchmarks.throughput --model vit-b16 --dtype float32 --device cpu --quick --out out/tp
+    python -m mixres.bench.throughput --model vit-b16 --dtype float32 --device cpu --quick --out out/tp
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import command_line, env_info, write_json
+from mixres.bench.report import command_line, env_info, write_json
 
 METHODS = ["packed", "padded", "masked", "grouped", "loop"]
 
@@ -269,7 +269,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput",
+    parser = argparse.ArgumentParser(prog="python -m mixres.bench.throughput",
                                      description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

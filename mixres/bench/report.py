@@ -29,14 +29,14 @@ def env_info(device: str = "cpu") -> dict:
 
 
 def command_line() -> str:
-    """The command as the user typed it: `mixres ...` or `python -m benchmarks.X ...`."""
+    """The command as the user typed it: `mixres ...` or `python -m mixres.bench.X ...`."""
     import sys
 
     prog = Path(sys.argv[0])
     if prog.name in ("mixres", "__main__.py") and prog.parent.name in ("bin", "mixres"):
         head = "mixres"
-    elif prog.parent.name == "benchmarks":
-        head = f"python -m benchmarks.{prog.stem}"
+    elif prog.parent.name == "bench":
+        head = f"python -m mixres.bench.{prog.stem}"
     else:
         head = sys.argv[0]
     return " ".join([head, *sys.argv[1:]])

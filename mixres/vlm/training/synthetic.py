@@ -15,7 +15,7 @@ Every example is a pure function of (seed, index): workers, ranks and a resumed 
 see the same pixels, and the image size is known without drawing (`size`), so token
 budgets can be planned before anything is rendered.
 
-content_accuracy (see `content_spans` and `mixres.vlm.train.content_accuracy`): under
+content_accuracy (see `content_spans` and `mixres.vlm.training.train.content_accuracy`): under
 teacher forcing, the fraction of content words (colour, shape, position) of the held-out
 captions whose every token is the model's argmax prediction given the image, the prompt
 and the caption's preceding tokens.

@@ -3,57 +3,19 @@
 Order of application follows torchtitan: activation checkpointing, then torch.compile,
 then data parallelism (DDP, or FSDP2 `fully_shard` on every repeated block and the root).
 
-Under torchrun (WORLD_SIZE > 1) `init_distributed` joins the process group (NCCL on
-CUDA, gloo on CPU). Gradients are summed over ranks by scaling the loss by the world
+Under torchrun (WORLD_SIZE > 1) `mixres.distributed.init_distributed` joins the process
+group (NCCL on CUDA, gloo on CPU). Gradients are summed over ranks by scaling the loss by the world
 size (DDP and FSDP average), so that the loss of a step is sum over tokens / global
 token count whatever the number of ranks.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "repeated_blocks", "apply_activation_checkpointing",
-           "apply_compile", "wrap_data_parallel", "all_reduce_sum", "gather_objects"]
+from mixres.distributed import DistInfo
 
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False          # we initialized the process group (and tear it down)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device: str | None = None) -> DistInfo:
-    """Join the torchrun process group if there is one; pick the device of this rank."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device(device or "cpu")
-    if use_cuda:
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        owns = True
-    if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev, owns)
-    return DistInfo(0, 1, 0, dev, False)
+__all__ = ["repeated_blocks", "apply_activation_checkpointing", "apply_compile", "wrap_data_parallel"]
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -123,21 +85,3 @@ def wrap_data_parallel(model: nn.Module, info: DistInfo, how: str, trainable: se
 def unwrap(model: nn.Module) -> nn.Module:
     """The VLM inside a DDP wrapper (FSDP2 and compile keep the module itself)."""
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-
-
-def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
-    """Element-wise sum over ranks (float64 on CPU for gloo, on the device for NCCL)."""
-    if not info.distributed:
-        return [float(v) for v in values]
-    dev = info.device if info.device.type == "cuda" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather_objects(obj, info: DistInfo) -> list:
-    if not info.distributed:
-        return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out

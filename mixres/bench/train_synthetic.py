@@ -1,16 +1,16 @@
 """The synthetic-task bar: does a tiny VLM learn to see, per strategy, within a time budget?
 
 For each strategy (joint_decoder, cross_attention, mot) it trains the shapes task of
-mixres.vlm.synthetic from scratch (encoder included) for at most `--minutes` of wall
+mixres.vlm.training.synthetic from scratch (encoder included) for at most `--minutes` of wall
 time, and the same model on blank images (the no-vision baseline), then records the
-held-out content accuracy (teacher forcing; see mixres.vlm.metrics) per run, overall
+held-out content accuracy (teacher forcing; see mixres.vlm.training.metrics) per run, overall
 and per word (colour, shape, position), next to the machine's load.
 
-    python -m benchmarks.train_synthetic --out benchmarks/results/train_synthetic
-    python -m benchmarks.train_synthetic --strategies joint_decoder --minutes 5 --jobs 1
+    python -m mixres.bench.train_synthetic --out benchmarks/results/train_synthetic
+    python -m mixres.bench.train_synthetic --strategies joint_decoder --minutes 5 --jobs 1
 
 Bar (issue 9): >= 0.95 for joint_decoder, >= 0.90 for cross_attention and mot, within 5
-minutes on 2 CPU cores; blank-image runs near chance (mixres.vlm.synthetic.CHANCE).
+minutes on 2 CPU cores; blank-image runs near chance (mixres.vlm.training.synthetic.CHANCE).
 Runs go one after the other (`--jobs 1`), each in its own process with `--threads` torch
 threads; a run's whole wall time (building, training, the final evaluation) stays within
 `--minutes`: training stops `--reserve` seconds early to leave room for the rest. For each
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import env_info, write_json
+from mixres.bench.report import command_line, env_info, write_json
 
 STRATEGIES = ("joint_decoder", "cross_attention", "mot")
 BAR = {"joint_decoder": 0.95, "cross_attention": 0.90, "mot": 0.90}
@@ -38,7 +38,7 @@ BAR = {"joint_decoder": 0.95, "cross_attention": 0.90, "mot": 0.90}
 def _one(strategy: str, blank: bool, minutes: float, reserve: float, steps: int, threads: int,
          out: Path) -> dict:
     """Run one training in-process (called in the child)."""
-    from mixres.vlm.train import synthetic_config, train
+    from mixres.vlm.training.train import synthetic_config, train
 
     cfg = synthetic_config(strategy, blank=blank, **({"steps": steps} if steps else {}))
     cfg["train"].update(time_limit=minutes * 60 - reserve, progress=False, threads=threads)
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         write_json(s, out / name / "result.json")
         return 0
 
-    from mixres.vlm.synthetic import CHANCE
+    from mixres.vlm.training.synthetic import CHANCE
 
     runs = [(s, b) for s in args.strategies for b in ((False,) if args.no_blank else (False, True))]
     pending, active, t0 = list(runs), [], time.time()
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     while pending or active:
         while pending and len(active) < args.jobs:
             s, b = pending.pop(0)
-            cmd = [sys.executable, "-m", "benchmarks.train_synthetic", "--out", str(out), "--minutes",
+            cmd = [sys.executable, "-m", "mixres.bench.train_synthetic", "--out", str(out), "--minutes",
                    str(args.minutes), "--reserve", str(args.reserve), "--threads", str(args.threads),
                    "--child", s, "1" if b else "0"]
             if args.steps:
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
               "load_average_1min_mean_max": [sum(loads) / max(len(loads), 1), max(loads, default=0.0)],
               "other_processes_cpu_cores": others, "total_seconds": elapsed, "env": env_info(),
               "results": results,
-              "command": " ".join(["python -m benchmarks.train_synthetic", *sys.argv[1:]])}
+              "command": command_line()}
     write_json(report, out / "results.json")
     lines = ["# Synthetic shapes task: content accuracy on held-out images", "",
              f"Each run: at most {args.minutes} min wall time (build + train + held-out evaluation), "

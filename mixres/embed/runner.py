@@ -9,7 +9,7 @@ Shard s always holds inputs [s*S, (s+1)*S) (S = --shard-size), and its batches a
 cut from that shard alone, so the work and its results do not depend on when a run was
 interrupted or on how many ranks share it: a rerun after `kill -9` or a `torchrun`
 run gives the same index and the same features as one uninterrupted process. The
-on-disk format and its crash-safety are in `mixres.features_io`.
+on-disk format and its crash-safety are in `mixres.embed.store`.
 
 Scaling out: `torchrun --nproc_per_node K -m mixres embed ...` gives each rank every
 K-th pending shard; rank 0 merges the journals into index.jsonl at the end.
@@ -20,65 +20,31 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mixres.extract_inputs import Prep, SliceDataset, collect_inputs, join_slices, plan_slices
-from mixres.extract_state import Settings, done_shards, finish_meta, prepare_out_dir
-from mixres.features_io import append_journal, merge_index, read_features, write_shard
-from mixres.packing import PackedFeatures, PackedImages, pack_into_bins, seqlens_to_cu
+from mixres.distributed import DistInfo, init_distributed
+from mixres.embed.inputs import Prep, SliceDataset, collect_inputs, join_slices, plan_slices
+from mixres.embed.state import Settings, done_shards, finish_meta, prepare_out_dir
+from mixres.embed.store import append_journal, merge_index, write_shard
+from mixres.packing import (
+    PackedFeatures,
+    PackedImages,
+    check_pool,
+    pack_into_bins,
+    pool_features,
+    seqlens_to_cu,
+)
 
-__all__ = ["encode", "embed", "read_features", "pool_features", "POOLERS", "add_arguments", "run"]
+__all__ = ["encode", "embed"]
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_SHARD_SIZE = 64  # inputs per shard: the unit of crash-safety and of decode/encode overlap
 SLICE_SIZE = 4  # images per DataLoader item: small, so that all workers share one shard
-
-
-# pooling (a table: name -> how one image's pooled vector is made)
-
-def _pool_model(f: PackedFeatures) -> torch.Tensor:
-    if f.pooled is None:
-        raise ValueError("pool='model': this model/backend gives no pooled output; "
-                         "use pool='cls' (if it has a CLS token) or 'mean'")
-    return f.pooled
-
-
-def _pool_cls(f: PackedFeatures) -> torch.Tensor:
-    if f.num_prefix < 1:
-        raise ValueError("pool='cls': the model has no CLS token (num_prefix=0, e.g. SigLIP); "
-                         "use pool='model' or 'mean'")
-    return f.tokens[f.cu_seqlens[:-1].long()]
-
-
-def _pool_mean(f: PackedFeatures) -> torch.Tensor:
-    # over patch tokens only: CLS / register tokens are not part of the image's area
-    return torch.stack([t[f.num_prefix:].mean(0) for t in f.unpack()])
-
-
-POOLERS = {"model": _pool_model, "cls": _pool_cls, "mean": _pool_mean, "none": None}
-
-
-def pool_features(feats: PackedFeatures, how: str) -> PackedFeatures:
-    """`feats` with `pooled` replaced as asked: model | cls | mean | none (pooled=None)."""
-    if how not in POOLERS:
-        raise ValueError(f"pool={how!r}: choose one of {sorted(POOLERS)}")
-    fn = POOLERS[how]
-    return replace(feats, pooled=None if fn is None else fn(feats))
-
-
-def check_pool(pool: str, select_layer: int) -> None:
-    if pool not in POOLERS:
-        raise ValueError(f"pool={pool!r}: choose one of {sorted(POOLERS)}")
-    if pool == "model" and select_layer != -1:
-        raise ValueError(f"pool='model' needs select_layer=-1 (the model's pooler reads the last layer), "
-                         f"got select_layer={select_layer}; use pool 'cls', 'mean' or 'none'")
 
 
 # the encoder
@@ -110,60 +76,6 @@ def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, po
     if isinstance(inputs, (str, os.PathLike, torch.Tensor)) or hasattr(inputs, "mode"):
         inputs = [inputs]
     return pool_features(enc.encode(list(inputs)), pool)
-
-
-# distribution (kept out of the encoder: ranks only split the shards)
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    def barrier(self, device: torch.device) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier(device_ids=[device.index or 0] if device.type == "cuda" else None)
-
-    def broadcast(self, obj):
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def reduce(self, values: list[float], device: torch.device, op: str = "SUM") -> list[float]:
-        if self.world == 1:
-            return values
-        import torch.distributed as dist
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
-        return t.tolist()
-
-
-def init_dist(device_type: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Dist(rank, world, local, owns)
-
-
-def resolve_device(device, dist_: Dist) -> torch.device:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist_.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
 
 
 # the pipeline
@@ -245,11 +157,9 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     t_start = time.perf_counter()
-    dev_type = torch.device(device).type if device is not None else (
-        "cuda" if torch.cuda.is_available() else "cpu")
-    dist_ = init_dist(dev_type)
+    dist_ = init_distributed(device)
     try:
-        dev = resolve_device(device, dist_)
+        dev = dist_.device
         paths = collect_inputs(inputs, limit)
         enc = make_encoder(model, backend=backend, select_layer=select_layer, min_tokens=min_tokens,
                            max_tokens=max_tokens, max_batch_tokens="auto", device=dev, dtype=dtype)
@@ -271,19 +181,19 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         done = done_shards(root)
         n_shards = -(-len(paths) // shard_size)
         pending = [s for s in range(n_shards) if s not in done]
-        mine = pending[dist_.rank::dist_.world]
+        mine = pending[dist_.rank::dist_.world_size]
         try:
             counts = _run_shards(root, paths, mine, enc, settings, dist_, dev, pool=pool,
                                  budget=max_batch_tokens, on_error=on_error, num_workers=num_workers,
                                  progress=progress and dist_.rank == 0)
         except BaseException:
-            if dist_.world == 1:  # keep index.jsonl in step with what is durable
+            if not dist_.distributed:  # keep index.jsonl in step with what is durable
                 rows, errs = merge_index(root)
                 finish_meta(root, complete=False, rows=rows, errors=errs)
             raise
-        totals = dist_.reduce([counts["images"], counts["tokens"], counts["errors"], counts["shards"]], dev)
-        t_enc = max(dist_.reduce([counts["seconds"]], dev, "MAX")[0], 1e-9)  # the slowest rank
-        dist_.barrier(dev)
+        totals = dist_.all_reduce([counts["images"], counts["tokens"], counts["errors"], counts["shards"]])
+        t_enc = max(dist_.all_reduce([counts["seconds"]], "MAX")[0], 1e-9)  # the slowest rank
+        dist_.barrier()
         summary = {"inputs": len(paths), "done_before": len(done), "images": int(totals[0]),
                    "tokens": int(totals[1]), "errors": int(totals[2]), "shards": int(totals[3]),
                    "encode_seconds": t_enc, "images_per_s": totals[0] / t_enc,
@@ -295,12 +205,10 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         summary["wall_seconds"] = time.perf_counter() - t_start
         return summary
     finally:
-        if dist_.owns_group:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        dist_.close()
 
 
-def _run_shards(root: Path, paths, shards, enc, settings, dist_: Dist, dev, *, pool, budget,
+def _run_shards(root: Path, paths, shards, enc, settings, dist_: DistInfo, dev, *, pool, budget,
                 on_error, num_workers, progress) -> dict:
     from tqdm import tqdm
 
@@ -375,76 +283,3 @@ def _whole_shards(loader, shard_size: int, num_inputs: int, on_error: str):
         if have == min((s + 1) * shard_size, num_inputs) - s * shard_size:
             yield join_slices(parts)
             parts, have = [], 0
-
-
-# command line
-
-def add_arguments(p) -> None:
-    p.add_argument("input", nargs="?", metavar="INPUT",
-                   help="a folder (recursive), a text file of paths, or a JSONL with a 'path' field")
-    p.add_argument("--model", required=True, help="local directory, hub id or preset (e.g. tiny-vit)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
-    p.add_argument("--demo", action="store_true",
-                   help="embed a small folder of generated photos (written to DIR/demo_images)")
-    p.add_argument("--backend", default="packed", help="encoder backend (default: packed)")
-    p.add_argument("--select-layer", type=int, default=-1, help="-1: last layer; -2: penultimate")
-    p.add_argument("--pool", default="model", choices=sorted(POOLERS),
-                   help="pooled vector per image: the model's pooler, CLS token, mean of patches, none")
-    p.add_argument("--min-tokens", type=int, default=1, help="smaller images are upscaled to this")
-    p.add_argument("--max-tokens", type=int, default=1024, help="larger images are downscaled to this")
-    p.add_argument("--max-pixels", type=int, default=None,
-                   help="reject images with more pixels (default: the decompression-bomb guard)")
-    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
-                   help="token budget of one forward (halved on device out-of-memory)")
-    p.add_argument("--shard-size", type=int, default=None,
-                   help=f"inputs per shard (default {DEFAULT_SHARD_SIZE}; 8 with --demo)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="run the model in this dtype (default: as loaded)")
-    p.add_argument("--store-dtype", default="auto", choices=["auto", "float32", "float16"],
-                   help="dtype of the tokens on disk (auto: float16 for fp16 models, else float32)")
-    p.add_argument("--num-workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
-                   help="DataLoader workers that decode images")
-    p.add_argument("--on-error", default="skip", choices=["skip", "fail"],
-                   help="bad inputs: record in errors.jsonl and go on, or stop")
-    p.add_argument("--limit", type=int, default=None, help="embed only the first N inputs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _demo_inputs(out: str) -> str:
-    from mixres.workloads import write_photos
-
-    folder = Path(out) / "demo_images" if out else Path(tempfile.mkdtemp(prefix="mixres-demo-"))
-    if not any(folder.glob("photo_*")):
-        write_photos(folder, n=24, seed=0)
-    return str(folder)
-
-
-def run(args) -> int:
-    if args.demo:
-        if args.input:
-            raise ValueError("give either INPUT or --demo, not both")
-        args.input = _demo_inputs(args.out)
-        # small shards, so decoding and encoding overlap even on 24 photos
-        args.shard_size = args.shard_size or 8
-    if not args.input:
-        raise ValueError("INPUT is required (a folder, a text file of paths or a JSONL), or --demo")
-    s = embed(args.input, args.out, args.model, backend=args.backend, select_layer=args.select_layer,
-              pool=args.pool, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
-              max_pixels=args.max_pixels, max_batch_tokens=args.max_batch_tokens, device=args.device,
-              dtype=args.dtype, store_dtype=args.store_dtype,
-              shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
-              num_workers=args.num_workers, on_error=args.on_error, limit=args.limit,
-              progress=not args.no_progress)
-    if "index_rows" in s:  # rank 0
-        resumed = f" ({s['done_before']} shards were already done)" if s["done_before"] else ""
-        if s["shards"] == 0 and s["errors"] == 0 and s["done_before"]:
-            print(f"mixres embed: nothing left to do: all {s['done_before']} shards were already done")
-        else:
-            print(f"mixres embed: {s['images']} images, {s['tokens']:,} tokens "
-                  f"in {s['encode_seconds']:.2f} s "
-                  f"({s['images_per_s']:.1f} images/s, {s['tokens_per_s']:,.0f} tokens/s; "
-                  f"{s['wall_seconds']:.1f} s in all){resumed}")
-        print(f"mixres embed: {s['index_rows']} inputs in {s['out']}/index.jsonl, "
-              f"{s['index_errors']} in errors.jsonl")
-    return 0

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from mixres.vlm.synthetic import content_spans as _all_words
+from mixres.vlm.training.synthetic import content_spans as _all_words
 
 __all__ = ["ManifestError", "Record", "read_manifest", "ManifestDataset", "IMAGE_TOKEN"]
 

@@ -38,7 +38,7 @@ PARALLEL = ("ddp", "fsdp")
 
 @dataclass
 class DataConfig:
-    manifest: str | None = None       # JSONL (see mixres.vlm.manifest)
+    manifest: str | None = None       # JSONL (see mixres.vlm.training.manifest)
     eval_manifest: str | None = None
     placeholders: str = "prepend"     # "prepend" | "require" (<image> in every sample with images)
     synthetic: int = 0                # >0: that many synthetic shape examples instead of a manifest

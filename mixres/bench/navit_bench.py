@@ -7,8 +7,8 @@ attention (no padding, no mask), cut into bins of the same token budget. Both se
 mixed-N workload (DESIGN.md) and report tokens per second; `ratio` is each method's
 throughput over vit-pytorch's measured in the same run.
 
-    python -m benchmarks.navit_bench --model tiny-navit --n 32 --threads 1
-    python -m benchmarks.navit_bench --model navit-b16 --n 16 --repeats 2
+    python -m mixres.bench.navit_bench --model tiny-navit --n 32 --threads 1
+    python -m mixres.bench.navit_bench --model navit-b16 --n 16 --repeats 2
 
 `navit_rows(...)` returns the rows (dicts) for the throughput benchmark's table.
 """

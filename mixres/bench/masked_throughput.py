@@ -8,7 +8,7 @@ Timings alternate between the methods, repeat, and keep the best run of each, so
 ratios are fair on a shared machine. Prints a markdown row and writes
 JSON with the environment when --out is given.
 
-    python -m benchmarks.masked_throughput --model tiny-vit --n 32 --max-tokens 256
+    python -m mixres.bench.masked_throughput --model tiny-vit --n 32 --max-tokens 256
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.report import env_info, write_json
+from mixres.bench.report import env_info, write_json
 from mixres.encoders import load_encoder
 from mixres.packing import PackedImages
 from mixres.presets import build

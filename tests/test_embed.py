@@ -17,8 +17,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from mixres.extract import embed, encode
-from mixres.features_io import read_features
+from mixres.embed import embed, encode, read_features
 from mixres.workloads import write_photos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +218,7 @@ def test_changed_settings_are_refused(model, photos, reference, tmp_path):
 
 
 def test_out_of_memory_halves_the_batch_and_goes_on(model, photos, reference, tmp_path, monkeypatch):
-    from mixres.extract import make_encoder
+    from mixres.embed.runner import make_encoder
 
     enc = make_encoder(model, backend="packed", max_tokens=16)
     real, calls = enc.forward, []

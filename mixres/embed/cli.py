@@ -1,0 +1,85 @@
+"""`mixres embed`: the command line over `mixres.embed.runner.embed`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from mixres.embed.runner import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_SHARD_SIZE, embed
+from mixres.packing import POOLERS
+
+__all__ = ["add_arguments", "run"]
+
+
+# command line
+
+def add_arguments(p) -> None:
+    p.add_argument("input", nargs="?", metavar="INPUT",
+                   help="a folder (recursive), a text file of paths, or a JSONL with a 'path' field")
+    p.add_argument("--model", required=True, help="local directory, hub id or preset (e.g. tiny-vit)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
+    p.add_argument("--demo", action="store_true",
+                   help="embed a small folder of generated photos (written to DIR/demo_images)")
+    p.add_argument("--backend", default="packed", help="encoder backend (default: packed)")
+    p.add_argument("--select-layer", type=int, default=-1, help="-1: last layer; -2: penultimate")
+    p.add_argument("--pool", default="model", choices=sorted(POOLERS),
+                   help="pooled vector per image: the model's pooler, CLS token, mean of patches, none")
+    p.add_argument("--min-tokens", type=int, default=1, help="smaller images are upscaled to this")
+    p.add_argument("--max-tokens", type=int, default=1024, help="larger images are downscaled to this")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="reject images with more pixels (default: the decompression-bomb guard)")
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                   help="token budget of one forward (halved on device out-of-memory)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help=f"inputs per shard (default {DEFAULT_SHARD_SIZE}; 8 with --demo)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="run the model in this dtype (default: as loaded)")
+    p.add_argument("--store-dtype", default="auto", choices=["auto", "float32", "float16"],
+                   help="dtype of the tokens on disk (auto: float16 for fp16 models, else float32)")
+    p.add_argument("--num-workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
+                   help="DataLoader workers that decode images")
+    p.add_argument("--on-error", default="skip", choices=["skip", "fail"],
+                   help="bad inputs: record in errors.jsonl and go on, or stop")
+    p.add_argument("--limit", type=int, default=None, help="embed only the first N inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _demo_inputs(out: str) -> str:
+    from mixres.workloads import write_photos
+
+    folder = Path(out) / "demo_images" if out else Path(tempfile.mkdtemp(prefix="mixres-demo-"))
+    if not any(folder.glob("photo_*")):
+        write_photos(folder, n=24, seed=0)
+    return str(folder)
+
+
+def run(args) -> int:
+    if args.demo:
+        if args.input:
+            raise ValueError("give either INPUT or --demo, not both")
+        args.input = _demo_inputs(args.out)
+        # small shards, so decoding and encoding overlap even on 24 photos
+        args.shard_size = args.shard_size or 8
+    if not args.input:
+        raise ValueError("INPUT is required (a folder, a text file of paths or a JSONL), or --demo")
+    s = embed(args.input, args.out, args.model, backend=args.backend, select_layer=args.select_layer,
+              pool=args.pool, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+              max_pixels=args.max_pixels, max_batch_tokens=args.max_batch_tokens, device=args.device,
+              dtype=args.dtype, store_dtype=args.store_dtype,
+              shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
+              num_workers=args.num_workers, on_error=args.on_error, limit=args.limit,
+              progress=not args.no_progress)
+    if "index_rows" in s:  # rank 0
+        resumed = f" ({s['done_before']} shards were already done)" if s["done_before"] else ""
+        if s["shards"] == 0 and s["errors"] == 0 and s["done_before"]:
+            print(f"mixres embed: nothing left to do: all {s['done_before']} shards were already done")
+        else:
+            print(f"mixres embed: {s['images']} images, {s['tokens']:,} tokens "
+                  f"in {s['encode_seconds']:.2f} s "
+                  f"({s['images_per_s']:.1f} images/s, {s['tokens_per_s']:,.0f} tokens/s; "
+                  f"{s['wall_seconds']:.1f} s in all){resumed}")
+        print(f"mixres embed: {s['index_rows']} inputs in {s['out']}/index.jsonl, "
+              f"{s['index_errors']} in errors.jsonl")
+    return 0
