@@ -29,12 +29,14 @@ import contextvars
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["varlen_attention", "available_backends", "use_backend", "register_backend",
+from mixres.registry import Registry
+
+__all__ = ["varlen_attention", "available_backends", "use_backend", "register_attention_backend",
+           "ATTENTION_BACKENDS",
            "HF_ATTN_NAME", "register_hf_attention", "hf_varlen_kwargs", "varlen_context"]
 
 
@@ -59,23 +61,15 @@ def _causal_mask(lq: int, lk: int, device) -> torch.Tensor:
 
 # backends
 
-@dataclass
-class Backend:
-    fn: Callable
-    supports: Callable[[torch.Tensor], bool]
-    priority: int
-
-
-_BACKENDS: dict[str, Backend] = {}
+# name -> fn(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale), with metadata
+# `priority` (highest available wins) and `supports(q) -> bool`
+ATTENTION_BACKENDS = Registry("attention backend")
 _FORCED: list[str] = []
 
 
-def register_backend(name: str, *, priority: int, supports: Callable[[torch.Tensor], bool]):
+def register_attention_backend(name: str, *, priority: int, supports: Callable[[torch.Tensor], bool]):
     """Register a varlen backend; the available one of highest priority is chosen."""
-    def deco(fn):
-        _BACKENDS[name] = Backend(fn, supports, priority)
-        return fn
-    return deco
+    return ATTENTION_BACKENDS.register(name, priority=priority, supports=supports)
 
 
 def _flash_supported(q: torch.Tensor) -> bool:
@@ -89,7 +83,7 @@ def _flash_supported(q: torch.Tensor) -> bool:
     return True
 
 
-@register_backend("flash", priority=100, supports=_flash_supported)
+@register_attention_backend("flash", priority=100, supports=_flash_supported)
 def _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     from torch.nn.attention.varlen import varlen_attn
 
@@ -122,7 +116,7 @@ def _gather(t: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
     return t[_segment_index(starts, length, t.device)].transpose(1, 2)
 
 
-@register_backend("sdpa", priority=10, supports=lambda q: True)
+@register_attention_backend("sdpa", priority=10, supports=lambda q: True)
 def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     # Group segments by equal (len_q, len_k) so each group is one dense SDPA call over
     # (G, heads, L, d): no padding, and few kernel launches when many images share a size.
@@ -176,16 +170,17 @@ def _varlen_params() -> set[str]:
 
 def available_backends(q: torch.Tensor) -> list[str]:
     """Backends that can run on q's device and dtype, best first."""
-    names = [n for n, b in _BACKENDS.items() if b.supports(q)]
-    return sorted(names, key=lambda n: -_BACKENDS[n].priority)
+    meta = {n: ATTENTION_BACKENDS.meta(n) for n in ATTENTION_BACKENDS.names()}
+    names = [n for n, m in meta.items() if m["supports"](q)]
+    return sorted(names, key=lambda n: -meta[n]["priority"])
 
 
 def _choose(q: torch.Tensor, backend: str | None) -> str:
     name = backend or (_FORCED[-1] if _FORCED else None) or os.environ.get("MIXRES_ATTN_BACKEND")
     if name:
-        if name not in _BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
-        if not _BACKENDS[name].supports(q):
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(ATTENTION_BACKENDS.unknown(name))
+        if not ATTENTION_BACKENDS.meta(name)["supports"](q):
             raise ValueError(f"attention backend {name!r} cannot run on {q.device.type} {q.dtype}; "
                              f"available here: {available_backends(q)}")
         return name
@@ -195,8 +190,8 @@ def _choose(q: torch.Tensor, backend: str | None) -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force one backend inside a `with` block (overrides MIXRES_ATTN_BACKEND)."""
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(ATTENTION_BACKENDS.unknown(name))
     _FORCED.append(name)
     try:
         yield
@@ -223,7 +218,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"varlen_attention: cu_q has {cu_q.numel() - 1} segments, "
                          f"cu_k has {cu_k.numel() - 1}")
     name = _choose(q, backend)
-    return _BACKENDS[name].fn(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+    return ATTENTION_BACKENDS.get(name)(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
 
 
 # transformers hook

@@ -69,13 +69,14 @@ def _positive_int(value, what: str) -> int:
     return int(value)
 
 
-def _token_bounds(min_tokens, max_tokens) -> tuple[int, int | None]:
-    min_tokens = _positive_int(min_tokens, "min_tokens")
-    if max_tokens is not None:
-        max_tokens = _positive_int(max_tokens, "max_tokens")
-        if min_tokens > max_tokens:
-            raise ValueError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
-    return min_tokens, max_tokens
+def _token_bounds(min_image_tokens, max_image_tokens) -> tuple[int, int | None]:
+    min_image_tokens = _positive_int(min_image_tokens, "min_image_tokens")
+    if max_image_tokens is not None:
+        max_image_tokens = _positive_int(max_image_tokens, "max_image_tokens")
+        if min_image_tokens > max_image_tokens:
+            raise ValueError(f"min_image_tokens ({min_image_tokens}) must not exceed "
+                             f"max_image_tokens ({max_image_tokens})")
+    return min_image_tokens, max_image_tokens
 
 
 def _check_background(background) -> tuple[int, int, int]:
@@ -296,13 +297,13 @@ def target_size(
     width: int,
     patch_size: int,
     *,
-    min_tokens: int = 1,
-    max_tokens: int | None = None,
+    min_image_tokens: int = 1,
+    max_image_tokens: int | None = None,
 ) -> tuple[int, int]:
     """The (H, W) an image of `height` x `width` is resized to before patching.
 
     H and W are positive multiples of `patch_size`, and the grid (H/p) x (W/p) holds
-    between `min_tokens` and `max_tokens` patches. An image whose native size, rounded
+    between `min_image_tokens` and `max_image_tokens` patches. An image whose native size, rounded
     to the grid, is within those bounds keeps it. Otherwise it is scaled (up or down)
     to the bound it crossed: the grid is the integer one nearest the ideal grid of that
     many tokens and the image's aspect ratio (see `_best_grid`). When the aspect ratio
@@ -313,13 +314,13 @@ def target_size(
     height = _positive_int(height, "height")
     width = _positive_int(width, "width")
     p = _positive_int(patch_size, "patch_size")
-    min_tokens, max_tokens = _token_bounds(min_tokens, max_tokens)
+    min_image_tokens, max_image_tokens = _token_bounds(min_image_tokens, max_image_tokens)
 
     gh, gw = max(1, _round_div(height, p)), max(1, _round_div(width, p))
-    if gh * gw < min_tokens:
-        budget = min_tokens
-    elif max_tokens is not None and gh * gw > max_tokens:
-        budget = max_tokens
+    if gh * gw < min_image_tokens:
+        budget = min_image_tokens
+    elif max_image_tokens is not None and gh * gw > max_image_tokens:
+        budget = max_image_tokens
     else:
         return gh * p, gw * p
 
@@ -331,7 +332,7 @@ def target_size(
         ideal_h, ideal_w = 1.0, float(budget)
     elif ideal_w < 1:
         ideal_h, ideal_w = float(budget), 1.0
-    gh, gw = _best_grid(ideal_h, ideal_w, budget, min_tokens, max_tokens)
+    gh, gw = _best_grid(ideal_h, ideal_w, budget, min_image_tokens, max_image_tokens)
     return gh * p, gw * p
 
 
@@ -410,8 +411,8 @@ def normalize(tensor: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (tensor - mean_t) / std_t
 
 
-def _check_ready(t: torch.Tensor, patch_size: int, channels: int, min_tokens: int,
-                 max_tokens: int | None) -> None:
+def _check_ready(t: torch.Tensor, patch_size: int, channels: int, min_image_tokens: int,
+                 max_image_tokens: int | None) -> None:
     shape = tuple(t.shape)
     if t.ndim != 3:
         raise ValueError(f"preprocess: a tensor must be (C, H, W), got shape {shape}")
@@ -425,9 +426,9 @@ def _check_ready(t: torch.Tensor, patch_size: int, channels: int, min_tokens: in
         raise ValueError(f"preprocess: H and W must be positive multiples of patch_size="
                          f"{patch_size}, got shape {shape}")
     tokens = (h // patch_size) * (w // patch_size)
-    if tokens < min_tokens or (max_tokens is not None and tokens > max_tokens):
+    if tokens < min_image_tokens or (max_image_tokens is not None and tokens > max_image_tokens):
         raise ValueError(f"preprocess: shape {shape} gives {tokens} tokens at patch_size="
-                         f"{patch_size}, outside [{min_tokens}, {max_tokens}]")
+                         f"{patch_size}, outside [{min_image_tokens}, {max_image_tokens}]")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"preprocess: tensor of shape {shape} holds NaN or infinite values")
 
@@ -436,8 +437,8 @@ def preprocess(
     image: ImageSource | torch.Tensor,
     patch_size: int,
     *,
-    min_tokens: int = 1,
-    max_tokens: int | None = None,
+    min_image_tokens: int = 1,
+    max_image_tokens: int | None = None,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
     resample: Image.Resampling = Image.Resampling.BICUBIC,
@@ -452,12 +453,12 @@ def preprocess(
     """
     patch_size = _positive_int(patch_size, "patch_size")
     if isinstance(image, torch.Tensor):
-        min_tokens, max_tokens = _token_bounds(min_tokens, max_tokens)
-        _check_ready(image, patch_size, len(mean), min_tokens, max_tokens)
+        min_image_tokens, max_image_tokens = _token_bounds(min_image_tokens, max_image_tokens)
+        _check_ready(image, patch_size, len(mean), min_image_tokens, max_image_tokens)
         return image
     img = load_image(image, background=background, max_pixels=max_pixels)
     H, W = target_size(img.height, img.width, patch_size,
-                       min_tokens=min_tokens, max_tokens=max_tokens)
+                       min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens)
     if (H, W) != (img.height, img.width):
         img = img.resize((W, H), resample=resample)
     return normalize(to_tensor(img), mean, std)

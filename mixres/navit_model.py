@@ -211,9 +211,10 @@ def tiny_navit() -> NaViTModel:
 
 def _register_presets():
     try:
-        from mixres.presets import register_preset
+        from mixres.presets import MODEL_TYPES, register_preset
     except ImportError:  # presets land separately; the builders above work without them
         return
+    MODEL_TYPES.register("navit", NaViTConfig)
     register_preset("navit-b16")(navit_b16)
     register_preset("tiny-navit")(tiny_navit)
 

@@ -263,22 +263,22 @@ class PackedFeatures(_Segments):
 
 # scheduling
 
-def pack_into_bins(lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:
+def pack_into_bins(lengths: Sequence[int], budget: int | None) -> list[list[int]]:
     """First-fit-decreasing bin packing of items into token budgets.
 
     Returns lists of indices into `lengths`; every index appears exactly once. An item
     longer than the budget gets a bin of its own (it cannot be split). Ties are broken
-    by index so the result is deterministic. `max_tokens=None` puts everything in one bin.
+    by index so the result is deterministic. `budget=None` puts everything in one bin.
     """
     lengths = [int(n) for n in lengths]
     if any(n < 0 for n in lengths):
         raise ValueError("pack_into_bins: lengths must be non-negative")
     if not lengths:
         return []
-    if max_tokens is None:
+    if budget is None:
         return [list(range(len(lengths)))]
-    if max_tokens <= 0:
-        raise ValueError(f"pack_into_bins: max_tokens must be positive, got {max_tokens}")
+    if budget <= 0:
+        raise ValueError(f"pack_into_bins: budget (tokens per bin) must be positive, got {budget}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
     free: list[int] = []
@@ -291,7 +291,7 @@ def pack_into_bins(lengths: Sequence[int], max_tokens: int | None) -> list[list[
                 break
         else:
             bins.append([i])
-            free.append(max_tokens - n)
+            free.append(budget - n)
     return bins
 
 

@@ -18,31 +18,28 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib
 import json
 import os
-from collections.abc import Callable
 
 import torch
 import transformers as tf
 from torch import nn
+
+from mixres.registry import Registry
 
 __all__ = ["PRESETS", "PRESET_SEED", "UnknownModelError", "build", "list_presets",
            "load_model", "register_preset", "state_digest"]
 
 PRESET_SEED = 0
 
-PRESETS: dict[str, Callable[[], nn.Module]] = {}
-
-# Presets and model types defined by modules with heavy imports (vit-pytorch pulls in
-# torchvision): imported the first time one of their names is asked for.
-LAZY_PRESETS = {"navit-b16": "mixres.navit_model", "tiny-navit": "mixres.navit_model"}
-LAZY_MODEL_TYPES = {"navit": "mixres.navit_model"}
-
-
-def _import_for(name: str, table: dict[str, str]) -> None:
-    if name in table:
-        importlib.import_module(table[name])
+# Presets defined by modules with heavy imports (vit-pytorch pulls in torchvision) are
+# lazy entries: their module is imported the first time one of their names is asked for.
+PRESETS = Registry("preset")
+PRESETS.lazy("navit-b16", "mixres.navit_model")
+PRESETS.lazy("tiny-navit", "mixres.navit_model")
+# model types registered with AutoConfig by a mixres module, imported before from_pretrained
+MODEL_TYPES = Registry("model type")
+MODEL_TYPES.lazy("navit", "mixres.navit_model")
 
 
 class UnknownModelError(ValueError):
@@ -53,35 +50,24 @@ class UnknownModelError(ValueError):
 
 def register_preset(name: str):
     """Decorator: register `builder() -> model` under `name` (random init; `build` seeds it)."""
-    def register(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-        if name in PRESETS:
-            raise ValueError(f"preset {name!r} is already registered (by "
-                             f"{PRESETS[name].__module__}.{PRESETS[name].__qualname__})")
-        PRESETS[name] = builder
-        return builder
-    return register
+    return PRESETS.register(name)
 
 
 def list_presets() -> list[str]:
-    return sorted(set(PRESETS) | set(LAZY_PRESETS))
-
-
-def _did_you_mean(name: str) -> str:
-    close = difflib.get_close_matches(name, list_presets(), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    return PRESETS.names()
 
 
 def build(name: str) -> nn.Module:
     """The preset `name` with its seeded random weights, in eval mode."""
-    _import_for(name, LAZY_PRESETS)
     if name not in PRESETS:
         raise UnknownModelError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}."
                                 + _did_you_mean(name))
+    builder = PRESETS.get(name)
     # Only the CPU generator is forked and seeded (torch.manual_seed would also reseed CUDA's
     # and leave it changed), so the weights are made on the CPU whatever the default device.
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.random.default_generator.manual_seed(PRESET_SEED)
-        model = PRESETS[name]()
+        model = builder()
     model.config.mixres_preset = name
     return model.eval()
 
@@ -115,10 +101,12 @@ def load_model(spec, *, trust_remote_code: bool = False) -> nn.Module:
         raise TypeError(f"load_model: expected an nn.Module, a preset name, a local directory "
                         f"or a hub id, got {type(spec).__name__}")
     name = os.fspath(spec)
-    if name in PRESETS or name in LAZY_PRESETS:
+    if name in PRESETS:
         return build(name)
     if os.path.isdir(name):
-        _import_for(_saved_model_type(name), LAZY_MODEL_TYPES)
+        model_type = _saved_model_type(name)
+        if model_type in MODEL_TYPES:
+            MODEL_TYPES.get(model_type)
         return tf.AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
     offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
     try:
@@ -131,6 +119,11 @@ def load_model(spec, *, trust_remote_code: bool = False) -> nn.Module:
             f"{name!r} is neither a mixres preset nor a local directory, and the Hugging Face "
             f"Hub could not provide it ({why}). Presets: {', '.join(list_presets())}."
             + _did_you_mean(name)) from None
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, list_presets(), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _saved_model_type(folder: str) -> str | None:

@@ -68,6 +68,8 @@ class Registry:
             raise UnknownEntryError(self.unknown(name))
         return self._items[name]
 
+    __getitem__ = get
+
     def meta(self, name: str) -> dict:
         self.get(name)
         return self._meta[name]

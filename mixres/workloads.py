@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 
-def mixed_grids(n: int, seed: int = 0, min_tokens: int = 64, max_tokens: int = 1024,
+def mixed_grids(n: int, seed: int = 0, min_image_tokens: int = 64, max_image_tokens: int = 1024,
                 ar_range: tuple[float, float] = (0.5, 2.0)) -> list[tuple[int, int]]:
     """Patch grids (h, w) of the mixed-N workload."""
     g = torch.Generator().manual_seed(seed)
@@ -29,19 +29,19 @@ def mixed_grids(n: int, seed: int = 0, min_tokens: int = 64, max_tokens: int = 1
     grids = []
     for _ in range(n):
         ar = math.exp(lo + (hi - lo) * torch.rand((), generator=g).item())
-        t = int(torch.randint(min_tokens, max_tokens + 1, (), generator=g))
+        t = int(torch.randint(min_image_tokens, max_image_tokens + 1, (), generator=g))
         h = max(1, round(math.sqrt(t / ar)))
         w = max(1, round(t / h))
         grids.append((h, w))
     return grids
 
 
-def mixed_images(n: int, seed: int = 0, patch_size: int = 16, min_tokens: int = 64,
-                 max_tokens: int = 1024, channels: int = 3) -> list[torch.Tensor]:
+def mixed_images(n: int, seed: int = 0, patch_size: int = 16, min_image_tokens: int = 64,
+                 max_image_tokens: int = 1024, channels: int = 3) -> list[torch.Tensor]:
     """The mixed-N workload as (C, H, W) float tensors (sizes scale with the patch size)."""
     g = torch.Generator().manual_seed(seed + 1)
     return [torch.randn(channels, h * patch_size, w * patch_size, generator=g)
-            for h, w in mixed_grids(n, seed, min_tokens, max_tokens)]
+            for h, w in mixed_grids(n, seed, min_image_tokens, max_image_tokens)]
 
 
 def oracle_images(total_tokens: int, patch_size: int = 16, side: int = 224,

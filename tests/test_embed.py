@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # children import this checkout (and whatever the parent had on PYTHONPATH, e.g. a transformers overlay)
 PYTHONPATH = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 SMALL = ((24, 90), (24, 90))  # photo widths, heights: at most 5x5 patches of 16
-KW = dict(backend="packed", max_tokens=16, shard_size=2, progress=False)
-CLI = ["--model", "tiny-vit", "--max-tokens", "16", "--shard-size", "2", "--num-workers", "0",
+KW = dict(backend="packed", max_image_tokens=16, shard_size=2, progress=False)
+CLI = ["--model", "tiny-vit", "--max-image-tokens", "16", "--shard-size", "2", "--num-workers", "0",
        "--no-progress"]
 
 
@@ -35,7 +35,7 @@ def model():
 
 
 def encode_alone(path, **kw):
-    return encode([path], "tiny-vit", max_tokens=16, **kw)
+    return encode([path], "tiny-vit", max_image_tokens=16, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +184,10 @@ def test_read_features_round_trip_equals_encode_each_image(model, photos, refere
 
 def test_pool_options(model, photos, tmp_path):
     imgs = sorted(photos.rglob("*.png"))[:3]
-    base = encode(imgs, model, max_tokens=16, pool="none")
+    base = encode(imgs, model, max_image_tokens=16, pool="none")
     assert base.pooled is None
-    cls = encode(imgs, model, max_tokens=16, pool="cls").pooled
-    mean = encode(imgs, model, max_tokens=16, pool="mean").pooled
+    cls = encode(imgs, model, max_image_tokens=16, pool="cls").pooled
+    mean = encode(imgs, model, max_image_tokens=16, pool="mean").pooled
     for i, t in enumerate(base.unpack()):
         assert torch.equal(cls[i], t[0])
         assert rel_err(mean[i], t[1:].mean(0)) <= 1e-6  # patch tokens only
@@ -199,7 +199,7 @@ def test_pool_options(model, photos, tmp_path):
 def test_penultimate_layer_stored_as_float16(model, photos, tmp_path):
     embed(photos, tmp_path / "out", model, select_layer=-2, pool="mean", store_dtype="float16", **KW)
     feats = read_features(tmp_path / "out")
-    assert feats.meta["store_dtype"] == "float16" and feats.meta["preprocessing"]["max_tokens"] == 16
+    assert feats.meta["store_dtype"] == "float16" and feats.meta["preprocessing"]["max_image_tokens"] == 16
     rec = feats[4]
     alone = encode_alone(rec.path, select_layer=-2, pool="mean")
     assert rec.tokens.dtype == torch.float16
@@ -220,7 +220,7 @@ def test_changed_settings_are_refused(model, photos, reference, tmp_path):
 def test_out_of_memory_halves_the_batch_and_goes_on(model, photos, reference, tmp_path, monkeypatch):
     from mixres.embed.runner import make_encoder
 
-    enc = make_encoder(model, backend="packed", max_tokens=16)
+    enc = make_encoder(model, backend="packed", max_image_tokens=16)
     real, calls = enc.forward, []
 
     def flaky(packed):

@@ -367,17 +367,17 @@ def grid(hw: tuple[int, int], p: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("args, kw, expected", [
     ((1, 1, 14), {}, (14, 14)),
-    ((1, 1, 16), {"min_tokens": 4}, (32, 32)),
-    ((224, 224, 16), {"max_tokens": 196}, (224, 224)),  # native size kept
+    ((1, 1, 16), {"min_image_tokens": 4}, (32, 32)),
+    ((224, 224, 16), {"max_image_tokens": 196}, (224, 224)),  # native size kept
     ((230, 220, 16), {}, (224, 224)),  # rounded to the nearest grid
     ((4000, 4000, 14), {}, (4004, 4004)),
-    ((4000, 4000, 16), {"max_tokens": 256}, (256, 256)),
-    ((4000, 4000, 16), {"max_tokens": 16}, (64, 64)),
+    ((4000, 4000, 16), {"max_image_tokens": 256}, (256, 256)),
+    ((4000, 4000, 16), {"max_image_tokens": 16}, (64, 64)),
     ((10000, 20, 16), {}, (10000, 16)),
-    ((10000, 20, 14), {"max_tokens": 64}, (64 * 14, 14)),  # clamped: 64 x 1
-    ((20, 10000, 16), {"max_tokens": 64}, (16, 64 * 16)),  # clamped: 1 x 64
-    ((1, 10000, 16), {"min_tokens": 1000}, (16, 1000 * 16)),  # clamped while growing
-    ((2000, 1000, 16), {"max_tokens": 512}, (32 * 16, 16 * 16)),
+    ((10000, 20, 14), {"max_image_tokens": 64}, (64 * 14, 14)),  # clamped: 64 x 1
+    ((20, 10000, 16), {"max_image_tokens": 64}, (16, 64 * 16)),  # clamped: 1 x 64
+    ((1, 10000, 16), {"min_image_tokens": 1000}, (16, 1000 * 16)),  # clamped while growing
+    ((2000, 1000, 16), {"max_image_tokens": 512}, (32 * 16, 16 * 16)),
 ])
 def test_target_size_cases(args, kw, expected):
     assert target_size(*args, **kw) == expected
@@ -389,9 +389,9 @@ def test_target_size_cases(args, kw, expected):
     ({"patch_size": 16.0}, "patch_size"),
     ({"height": 0}, "height"),
     ({"width": -1}, "width"),
-    ({"min_tokens": 0}, "min_tokens"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"min_tokens": 65, "max_tokens": 64}, "must not exceed"),
+    ({"min_image_tokens": 0}, "min_image_tokens"),
+    ({"max_image_tokens": 0}, "max_image_tokens"),
+    ({"min_image_tokens": 65, "max_image_tokens": 64}, "must not exceed"),
     ({"height": True}, "height"),
 ])
 def test_target_size_invalid(kw, match):
@@ -412,7 +412,7 @@ def test_target_size_properties_on_random_shapes():
             # rounded half up, not to even
             native = (max(1, math.floor(h / p + 0.5)), max(1, math.floor(w / p + 0.5)))
             for lo, hi in BOUNDS:
-                gh, gw = grid(target_size(h, w, p, min_tokens=lo, max_tokens=hi), p)
+                gh, gw = grid(target_size(h, w, p, min_image_tokens=lo, max_image_tokens=hi), p)
                 n = gh * gw
                 assert lo <= n and (hi is None or n <= hi), (h, w, p, lo, hi, gh, gw)
                 if lo <= native[0] * native[1] and (hi is None or native[0] * native[1] <= hi):
@@ -434,8 +434,8 @@ def test_target_size_properties_on_random_shapes():
 
 def test_target_size_is_deterministic():
     calls = [(h, w, 14, 4, 256) for h, w in [(333, 777), (1, 5000), (4096, 3)]]
-    first = [target_size(h, w, p, min_tokens=lo, max_tokens=hi) for h, w, p, lo, hi in calls]
-    assert first == [target_size(h, w, p, min_tokens=lo, max_tokens=hi)
+    first = [target_size(h, w, p, min_image_tokens=lo, max_image_tokens=hi) for h, w, p, lo, hi in calls]
+    assert first == [target_size(h, w, p, min_image_tokens=lo, max_image_tokens=hi)
                      for h, w, p, lo, hi in calls]
 
 
@@ -468,7 +468,7 @@ def test_normalize():
 
 def test_preprocess_extreme_strip_real():
     strip = Image.new("RGB", (20, 10000), (255, 0, 0))  # 10000 tall x 20 wide
-    t = preprocess(strip, 16, max_tokens=64)
+    t = preprocess(strip, 16, max_image_tokens=64)
     assert t.shape == (3, 64 * 16, 16) and t.dtype == torch.float32
     torch.testing.assert_close(t[:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
 
@@ -481,7 +481,7 @@ def test_preprocess_keeps_grid_sized_images_untouched():
 
 def test_preprocess_resizes_with_bounds_and_options(tmp_path):
     path = saved(tmp_path, "a.png", _rgba())  # 3 x 1, alpha
-    t = preprocess(path, 14, min_tokens=4, mean=(0, 0, 0), std=(1, 1, 1), background=(0, 0, 0))
+    t = preprocess(path, 14, min_image_tokens=4, mean=(0, 0, 0), std=(1, 1, 1), background=(0, 0, 0))
     gh, gw = t.shape[1] // 14, t.shape[2] // 14
     assert t.shape[0] == 3 and gh * gw >= 4 and t.shape[1] % 14 == 0 and t.shape[2] % 14 == 0
     assert 0.0 <= float(t.min()) and float(t.max()) <= 1.0
@@ -490,7 +490,7 @@ def test_preprocess_resizes_with_bounds_and_options(tmp_path):
 def test_preprocess_is_deterministic_and_source_independent(tmp_path):
     arr = np.random.RandomState(4).randint(0, 256, (123, 301, 3), dtype=np.uint8)
     path = saved(tmp_path, "d.png", Image.fromarray(arr))
-    outs = [preprocess(src, 14, min_tokens=16, max_tokens=100)
+    outs = [preprocess(src, 14, min_image_tokens=16, max_image_tokens=100)
             for src in (path, Path(path).read_bytes(), Image.fromarray(arr), path)]
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
@@ -499,14 +499,14 @@ def test_preprocess_is_deterministic_and_source_independent(tmp_path):
 def test_preprocess_sample_photos():
     skdata = pytest.importorskip("skimage.data")
     for arr in (skdata.astronaut(), skdata.camera()):
-        t = preprocess(Image.fromarray(arr), 16, max_tokens=256)
+        t = preprocess(Image.fromarray(arr), 16, max_image_tokens=256)
         assert t.shape == (3, 256, 256)
         assert -1.0 <= float(t.min()) and float(t.max()) <= 1.0
 
 
 def test_preprocess_passes_ready_tensors_through():
     t = torch.zeros(3, 32, 48)
-    assert preprocess(t, 16, min_tokens=6, max_tokens=6) is t
+    assert preprocess(t, 16, min_image_tokens=6, max_image_tokens=6) is t
     four = torch.zeros(4, 16, 16)
     assert preprocess(four, 16, mean=(0.5,) * 4, std=(0.5,) * 4) is four
 
@@ -518,8 +518,8 @@ def test_preprocess_passes_ready_tensors_through():
     (torch.zeros(4, 32, 32), {}, "3 channels"),
     (torch.zeros(3, 30, 32), {}, "multiples of patch_size=16"),
     (torch.zeros(3, 0, 32), {}, "multiples"),
-    (torch.zeros(3, 64, 64), {"max_tokens": 15}, "16 tokens"),
-    (torch.zeros(3, 16, 16), {"min_tokens": 2}, "1 tokens"),
+    (torch.zeros(3, 64, 64), {"max_image_tokens": 15}, "16 tokens"),
+    (torch.zeros(3, 16, 16), {"min_image_tokens": 2}, "1 tokens"),
     (torch.full((3, 16, 16), float("nan")), {}, "NaN"),
 ])
 def test_preprocess_rejects_bad_tensors(tensor, kw, match):

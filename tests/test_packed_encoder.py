@@ -218,8 +218,8 @@ def test_pil_images_and_paths_use_the_models_patch_size_and_normalization(tmp_pa
     feats = encoder(str(tmp_path / "model")).encode([pils[0], paths[1]])
     # independently: resize to multiples of the model's patch (8, not the usual 16), normalize
     # with the saved statistics, then the per-image loop on those tensors
-    ready = [preprocess(pils[0], P, mean=mean, std=std, max_tokens=1024),
-             preprocess(paths[1], P, mean=mean, std=std, max_tokens=1024)]
+    ready = [preprocess(pils[0], P, mean=mean, std=std, max_image_tokens=1024),
+             preprocess(paths[1], P, mean=mean, std=std, max_image_tokens=1024)]
     assert [tuple(t.shape[1:]) for t in ready] == [(48, 72), (88, 32)]
     assert feats.grid_hw.tolist() == [[6, 9], [11, 4]]
     ref = encoder(str(tmp_path / "model"), backend="loop").encode(ready)

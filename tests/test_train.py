@@ -49,7 +49,7 @@ def _write_manifest(root, n=12):
 
 def _config(manifest, steps=6, **train):
     return {"vlm": dict(TINY_VLM),
-            "data": {"manifest": str(manifest), "eval_manifest": str(manifest), "max_tokens": 96},
+            "data": {"manifest": str(manifest), "eval_manifest": str(manifest), "max_batch_tokens": 96},
             "train": {"steps": steps, "lr": 3e-3, "warmup": 2, "log_every": 1, "seed": 3,
                       "progress": False, "threads": 1, "plot": False, **train}}
 
@@ -204,7 +204,7 @@ def test_synthetic_run_beats_blank_images(tmp_path):
     results = {}
     for blank in (False, True):
         cfg = synthetic_config("joint_decoder", blank=blank, steps=STEPS)
-        cfg["data"].update(synthetic=4000, synthetic_eval=60, max_tokens=512)
+        cfg["data"].update(synthetic=4000, synthetic_eval=60, max_batch_tokens=512)
         cfg["train"].update(warmup=20, eval_every=0, log_every=50, plot=False, progress=False, threads=1)
         results[blank] = train(cfg, tmp_path / str(blank))
     seeing, blind = results[False], results[True]

@@ -87,7 +87,7 @@ def workload(enc, n: int, seed: int, max_side_tokens: tuple[int, int], photos: b
 
     p = enc.patch_size or 16
     lo, hi = max_side_tokens
-    images = mixed_images(n, seed=seed, patch_size=p, min_tokens=lo, max_tokens=hi)
+    images = mixed_images(n, seed=seed, patch_size=p, min_image_tokens=lo, max_image_tokens=hi)
     names = [f"mixed-{i}" for i in range(n)]
     if photos:
         for name, img in _photos():

@@ -8,7 +8,7 @@ Timings alternate between the methods, repeat, and keep the best run of each, so
 ratios are fair on a shared machine. Prints a markdown row and writes
 JSON with the environment when --out is given.
 
-    python -m mixres.bench.masked_throughput --model tiny-vit --n 32 --max-tokens 256
+    python -m mixres.bench.masked_throughput --model tiny-vit --n 32 --max-image-tokens 256
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-vit", help="preset name (a ViT)")
     ap.add_argument("--n", type=int, default=32, help="images in the mixed-N workload")
-    ap.add_argument("--min-tokens", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--min-image-tokens", type=int, default=64)
+    ap.add_argument("--max-image-tokens", type=int, default=256)
     ap.add_argument("--max-batch-tokens", type=int, default=None,
                     help="token budget of one masked forward (default: all images at once)")
     ap.add_argument("--max-padding", type=float, default=1.25, help="r of the masked-r variant")
@@ -48,8 +48,8 @@ def main(argv=None) -> int:
 
     model = build(args.model)
     p = model.config.patch_size
-    images = mixed_images(args.n, seed=0, patch_size=p, min_tokens=args.min_tokens,
-                          max_tokens=args.max_tokens)
+    images = mixed_images(args.n, seed=0, patch_size=p, min_image_tokens=args.min_image_tokens,
+                          max_image_tokens=args.max_image_tokens)
     packed = PackedImages.from_images(images, p)
     tokens = int(packed.seqlens.sum())
     grid = packed.grid_hw
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     tps = {k: tokens / v for k, v in best.items()}
     ratios = {k: tps[k] / tps["loop"] for k in tps}
     cols = " | ".join(f"{k} {tps[k]:.0f} tok/s ({ratios[k]:.2f}x)" for k in tps)
-    print(f"| {args.model} | mixed-{args.n} ({args.min_tokens}-{args.max_tokens} tok) | {tokens} tok, "
+    bounds = f"{args.min_image_tokens}-{args.max_image_tokens}"
+    print(f"| {args.model} | mixed-{args.n} ({bounds} tok) | {tokens} tok, "
           f"one padded batch holds {padded} ({padded / tokens:.2f}x) | {cols} |")
     if args.out:
         write_json({"args": vars(args), "env": env_info(), "tokens": tokens, "padded_tokens": padded,

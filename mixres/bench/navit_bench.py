@@ -41,12 +41,12 @@ def _timed(fn, device, repeats: int, warmup: int = 1) -> float:
 
 def navit_rows(model="tiny-navit", n: int = 32, seed: int = 0, device="cpu",
                dtype: torch.dtype = torch.float32, token_budget: int = 2048, repeats: int = 3,
-               min_tokens: int = 64, max_tokens: int = 1024) -> list[dict]:
+               min_image_tokens: int = 64, max_image_tokens: int = 1024) -> list[dict]:
     """Time packed NaViT vs vit-pytorch's grouped forward on mixed-N; one dict per method.
 
     model: a preset name ("tiny-navit", "navit-b16"), a NaViTModel or a vit-pytorch NaViT.
     token_budget: tokens per forward for both (vit-pytorch's group_max_seq_len, mixres's
-    max_batch_tokens); it must hold the largest image (max_tokens).
+    max_batch_tokens); it must hold the largest image (max_image_tokens).
     """
     from mixres.encoders.navit import NaViTEncoder, unwrap_navit
     from mixres.navit_model import PRESETS, _build
@@ -59,8 +59,8 @@ def navit_rows(model="tiny-navit", n: int = 32, seed: int = 0, device="cpu",
         model = _build(model)
     navit = unwrap_navit(model).eval().to(device, dtype)
     images = [img.to(device, dtype) for img in
-              mixed_images(n, seed=seed, patch_size=navit.patch_size, min_tokens=min_tokens,
-                           max_tokens=max_tokens)]
+              mixed_images(n, seed=seed, patch_size=navit.patch_size, min_image_tokens=min_image_tokens,
+                           max_image_tokens=max_image_tokens)]
     tokens = sum(img.shape[1] * img.shape[2] for img in images) // navit.patch_size ** 2
     enc = NaViTEncoder(navit, max_batch_tokens=token_budget)
     methods = {

@@ -15,7 +15,7 @@ loss differs slightly (padding changes ViT features; see benchmarks/invariance.p
 Tokens/s counts the real LM positions (the same for both), so the ratio is the time ratio.
 The two are timed interleaved, round by round; the best and the median round are reported.
 The workload: B samples with 1-3 images each, grids of `mixed-N` scaled to
-[--min-tokens, --max-tokens] patches, and 16-128 text bytes per sample.
+[--min-image-tokens, --max-image-tokens] patches, and 16-128 text bytes per sample.
 
     python -m mixres.bench.vlm_throughput                      # CPU, random-stub encoder
     python -m mixres.bench.vlm_throughput --encoder tiny-vit   # a real HF ViT (packed backend)
@@ -39,7 +39,7 @@ from mixres.workloads import mixed_grids
 
 def make_samples(n: int, seed: int, patch: int, lo: int, hi: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    grids = iter(mixed_grids(3 * n, seed, min_tokens=lo, max_tokens=hi))
+    grids = iter(mixed_grids(3 * n, seed, min_image_tokens=lo, max_image_tokens=hi))
     out = []
     for _ in range(n):
         k = int(torch.randint(1, 4, (), generator=g))
@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strategy", default="joint_decoder", choices=["joint_decoder", "mot"])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--min-tokens", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--min-image-tokens", type=int, default=16)
+    ap.add_argument("--max-image-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--seed", type=int, default=0)
@@ -157,11 +157,12 @@ def main(argv=None) -> int:
            if args.encoder == "random" else args.encoder)
     vlm = build_vlm({"encoder": enc, "adapter": args.adapter, "strategy": args.strategy,
                      "lm": {"hidden": args.hidden, "layers": args.layers, "heads": 8, "kv_heads": 4},
-                     "max_seq_tokens": 4096, "max_image_tokens": args.max_tokens}).train()
+                     "max_seq_tokens": 4096, "max_image_tokens": args.max_image_tokens}).train()
     # grids in units of the adapter's merge (token bounds stay in encoder patches)
     m = vlm.adapter.grid_multiple
     batch = vlm.collate(make_samples(args.samples, args.seed, vlm.encoder.patch_size * m,
-                                     max(1, args.min_tokens // m ** 2), args.max_tokens // m ** 2))
+                                     max(1, args.min_image_tokens // m ** 2),
+                                     args.max_image_tokens // m ** 2))
 
     def packed():
         vlm.zero_grad(set_to_none=True)

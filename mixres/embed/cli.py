@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,8 +27,11 @@ def add_arguments(p) -> None:
     p.add_argument("--select-layer", type=int, default=-1, help="-1: last layer; -2: penultimate")
     p.add_argument("--pool", default="model", choices=sorted(POOLERS),
                    help="pooled vector per image: the model's pooler, CLS token, mean of patches, none")
-    p.add_argument("--min-tokens", type=int, default=1, help="smaller images are upscaled to this")
-    p.add_argument("--max-tokens", type=int, default=1024, help="larger images are downscaled to this")
+    p.add_argument("--min-image-tokens", type=int, default=1, help="smaller images are upscaled to this")
+    p.add_argument("--max-image-tokens", type=int, default=1024, help="larger images are downscaled to this")
+    # the old spellings (the batch budget is --max-batch-tokens)
+    p.add_argument("--min-tokens", type=int, dest="old_min_tokens", help=argparse.SUPPRESS)
+    p.add_argument("--max-tokens", type=int, dest="old_max_tokens", help=argparse.SUPPRESS)
     p.add_argument("--max-pixels", type=int, default=None,
                    help="reject images with more pixels (default: the decompression-bomb guard)")
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
@@ -55,7 +60,17 @@ def _demo_inputs(out: str) -> str:
     return str(folder)
 
 
+def _take_old_flags(args) -> None:
+    for old, new in (("min", "min_image_tokens"), ("max", "max_image_tokens")):
+        value = getattr(args, f"old_{old}_tokens", None)
+        if value is not None:
+            print(f"mixres embed: --{old}-tokens is deprecated; it is now --{new.replace('_', '-')} "
+                  "(the per-image token cap; the batch budget is --max-batch-tokens)", file=sys.stderr)
+            setattr(args, new, value)
+
+
 def run(args) -> int:
+    _take_old_flags(args)
     if args.demo:
         if args.input:
             raise ValueError("give either INPUT or --demo, not both")
@@ -65,7 +80,7 @@ def run(args) -> int:
     if not args.input:
         raise ValueError("INPUT is required (a folder, a text file of paths or a JSONL), or --demo")
     s = embed(args.input, args.out, args.model, backend=args.backend, select_layer=args.select_layer,
-              pool=args.pool, min_tokens=args.min_tokens, max_tokens=args.max_tokens,
+              pool=args.pool, min_image_tokens=args.min_image_tokens, max_image_tokens=args.max_image_tokens,
               max_pixels=args.max_pixels, max_batch_tokens=args.max_batch_tokens, device=args.device,
               dtype=args.dtype, store_dtype=args.store_dtype,
               shard_size=args.shard_size or DEFAULT_SHARD_SIZE,

@@ -97,8 +97,8 @@ class Prep:
     patch_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    min_tokens: int
-    max_tokens: int | None
+    min_image_tokens: int
+    max_image_tokens: int | None
     max_pixels: int | None
 
 
@@ -122,8 +122,9 @@ def load_one(path: str, prep: Prep) -> tuple[torch.Tensor, str]:
     data = _read(path)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        img = preprocess(data, prep.patch_size, min_tokens=prep.min_tokens, max_tokens=prep.max_tokens,
-                         mean=prep.mean, std=prep.std, max_pixels=prep.max_pixels)
+        img = preprocess(data, prep.patch_size, min_image_tokens=prep.min_image_tokens,
+                         max_image_tokens=prep.max_image_tokens, mean=prep.mean,
+                         std=prep.std, max_pixels=prep.max_pixels)
     except ImageLoadError as e:
         raise ValueError(e.reason) from None
     except Exception as e:  # a decoder bug on a weird file is that file's problem, not the run's

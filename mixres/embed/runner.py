@@ -38,6 +38,7 @@ from mixres.packing import (
     pool_features,
     seqlens_to_cu,
 )
+from mixres.renamed import IMAGE_TOKENS, resolve_renamed
 
 __all__ = ["encode", "embed"]
 
@@ -61,17 +62,20 @@ def make_encoder(model, *, backend: str = "packed", **kwargs):
 
 
 def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, pool: str = "model",
-           min_tokens: int = 1, max_tokens: int | None = 1024, max_batch_tokens: int | str | None = "auto",
-           device=None, dtype=None) -> PackedFeatures:
+           min_image_tokens: int = 1, max_image_tokens: int | None = 1024,
+           max_batch_tokens: int | str | None = "auto", device=None, dtype=None, **renamed) -> PackedFeatures:
     """Encode paths, PIL images or (C, H, W) tensors; PackedFeatures with `pooled` as asked.
 
     model  an HF model, an Encoder (then the encoder's own settings apply), a local
            directory, a hub id or a preset name
     pool   "model" (the model's pooler), "cls", "mean" (over patch tokens only), "none"
     """
+    min_image_tokens, max_image_tokens = resolve_renamed(
+        renamed, IMAGE_TOKENS, "mixres.encode", min_image_tokens=min_image_tokens,
+        max_image_tokens=max_image_tokens)
     check_pool(pool, select_layer)
-    enc = make_encoder(model, backend=backend, select_layer=select_layer, min_tokens=min_tokens,
-                       max_tokens=max_tokens, max_batch_tokens=max_batch_tokens, device=device,
+    enc = make_encoder(model, backend=backend, select_layer=select_layer, min_image_tokens=min_image_tokens,
+                       max_image_tokens=max_image_tokens, max_batch_tokens=max_batch_tokens, device=device,
                        dtype=dtype)
     if isinstance(inputs, (str, os.PathLike, torch.Tensor)) or hasattr(inputs, "mode"):
         inputs = [inputs]
@@ -139,17 +143,20 @@ class _Runner:
 
 
 def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1, pool: str = "model",
-          min_tokens: int = 1, max_tokens: int | None = 1024, max_pixels: int | None = None,
+          min_image_tokens: int = 1, max_image_tokens: int | None = 1024, max_pixels: int | None = None,
           max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, device=None, dtype=None,
           store_dtype: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 0,
           on_error: str = "skip", limit: int | None = None, progress: bool = True,
-          model_name: str | None = None) -> dict:
+          model_name: str | None = None, **renamed) -> dict:
     """Embed INPUT (folder, text list, JSONL, or a list of paths) into the folder `out`.
 
     Resumes what is already in `out` (same settings only). Returns a summary dict.
     """
     from mixres.images import DEFAULT_MAX_PIXELS
 
+    min_image_tokens, max_image_tokens = resolve_renamed(
+        renamed, IMAGE_TOKENS, "embed", min_image_tokens=min_image_tokens,
+        max_image_tokens=max_image_tokens)
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error={on_error!r}: choose 'skip' or 'fail'")
     check_pool(pool, select_layer)
@@ -161,10 +168,11 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
     try:
         dev = dist_.device
         paths = collect_inputs(inputs, limit)
-        enc = make_encoder(model, backend=backend, select_layer=select_layer, min_tokens=min_tokens,
-                           max_tokens=max_tokens, max_batch_tokens="auto", device=dev, dtype=dtype)
-        settings = Settings.of(enc, model, model_name, pool=pool, min_tokens=min_tokens,
-                               max_tokens=max_tokens, max_pixels=max_pixels,
+        enc = make_encoder(model, backend=backend, select_layer=select_layer,
+                           min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
+                           max_batch_tokens="auto", device=dev, dtype=dtype)
+        settings = Settings.of(enc, model, model_name, pool=pool, min_image_tokens=min_image_tokens,
+                               max_image_tokens=max_image_tokens, max_pixels=max_pixels,
                                max_batch_tokens=max_batch_tokens, store_dtype=store_dtype,
                                shard_size=shard_size)
         root = Path(out)
@@ -212,8 +220,8 @@ def _run_shards(root: Path, paths, shards, enc, settings, dist_: DistInfo, dev, 
                 on_error, num_workers, progress) -> dict:
     from tqdm import tqdm
 
-    prep = Prep(enc.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_tokens,
-                settings.max_tokens, settings.max_pixels)
+    prep = Prep(enc.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_image_tokens,
+                settings.max_image_tokens, settings.max_pixels)
     slices = plan_slices(shards, len(paths), settings.shard_size, SLICE_SIZE)
     workers = max(0, num_workers)
     # about one shard of images in flight, so workers keep decoding while the device encodes
@@ -239,7 +247,7 @@ def _run_shards(root: Path, paths, shards, enc, settings, dist_: DistInfo, dev, 
             if oom and on_error == "fail":
                 k, reason = next(iter(oom.items()))
                 raise ValueError(f"{item['items'][k][1]}: {reason} (--on-error fail; try a smaller "
-                                 "--max-tokens)")
+                                 "--max-image-tokens)")
             good = [it for k, it in enumerate(item["items"]) if k not in oom]
             errors = list(item["errors"]) + [(item["items"][k][0], item["items"][k][1], r)
                                              for k, r in oom.items()]

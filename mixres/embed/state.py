@@ -23,7 +23,8 @@ import torch
 
 from mixres.embed.store import FORMAT, JOURNAL_GLOB, read_journals, write_json, write_jsonl
 
-_PREPROCESSING = ("patch_size", "mean", "std", "resample", "min_tokens", "max_tokens", "max_pixels")
+_PREPROCESSING = ("patch_size", "mean", "std", "resample", "min_image_tokens", "max_image_tokens",
+                  "max_pixels")
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -66,15 +67,15 @@ class Settings:
     mean: list
     std: list
     resample: str
-    min_tokens: int
-    max_tokens: int | None
+    min_image_tokens: int
+    max_image_tokens: int | None
     max_pixels: int | None
     max_batch_tokens: int | None
     shard_size: int
     num_prefix: int
 
     @classmethod
-    def of(cls, enc, model, model_name=None, *, pool, min_tokens, max_tokens, max_pixels,
+    def of(cls, enc, model, model_name=None, *, pool, min_image_tokens, max_image_tokens, max_pixels,
            max_batch_tokens, store_dtype, shard_size) -> Settings:
         if model_name is None:
             if isinstance(model, (str, os.PathLike)):
@@ -92,7 +93,7 @@ class Settings:
                    backend=enc.backend, select_layer=enc.select_layer, pool=pool,
                    dtype=str(enc.dtype).removeprefix("torch."), store_dtype=store_dtype,
                    patch_size=enc.patch_size, mean=[float(x) for x in mean], std=[float(x) for x in std],
-                   resample="bicubic", min_tokens=min_tokens, max_tokens=max_tokens,
+                   resample="bicubic", min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
                    max_pixels=max_pixels, max_batch_tokens=max_batch_tokens, shard_size=shard_size,
                    num_prefix=enc.num_prefix)
 

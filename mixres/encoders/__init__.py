@@ -50,7 +50,7 @@ def load_encoder(model, backend: str = "packed", **kwargs) -> Encoder:
     """An encoder for `model` (an nn.Module, a local path, a hub id or a preset name).
 
     kwargs go to the backend: select_layer, max_batch_tokens, dtype, device,
-    min_tokens / max_tokens (preprocessing of PIL images and paths), ...
+    min_image_tokens / max_image_tokens (preprocessing of PIL images and paths), ...
     """
     from mixres.presets import load_model
 

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
+from mixres.renamed import IMAGE_TOKENS, resolve_renamed
 
-DEFAULT_MAX_TOKENS = 1024
+DEFAULT_MAX_IMAGE_TOKENS = 1024
 
 
 class Encoder:
@@ -31,7 +32,7 @@ class Encoder:
                       caches and runs slower than 2k-token chunks (measured: vit-b16,
                       mixed-24, 2 cores: 11.1 s in one chunk, 9.5 s in 2048-token chunks)
     dtype, device     move the model there first (explicitly asked for by the caller)
-    min_tokens, max_tokens  resize policy for PIL images and paths (tensors are used
+    min_image_tokens, max_image_tokens  resize policy for PIL images and paths (tensors are used
                       as given and only validated)
     """
 
@@ -40,8 +41,11 @@ class Encoder:
 
     def __init__(self, model: nn.Module, *, select_layer: int = -1,
                  max_batch_tokens: int | str | None = "auto", dtype: torch.dtype | str | None = None,
-                 device: torch.device | str | None = None, min_tokens: int = 1,
-                 max_tokens: int | None = DEFAULT_MAX_TOKENS):
+                 device: torch.device | str | None = None, min_image_tokens: int = 1,
+                 max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS, **renamed):
+        min_image_tokens, max_image_tokens = resolve_renamed(
+            renamed, IMAGE_TOKENS, type(self).__name__, min_image_tokens=min_image_tokens,
+            max_image_tokens=max_image_tokens)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__}: expected an nn.Module, got {type(model).__name__}")
         if isinstance(dtype, str):
@@ -57,7 +61,7 @@ class Encoder:
         self.model = model
         self.select_layer = select_layer
         self.max_batch_tokens = max_batch_tokens
-        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+        self.min_image_tokens, self.max_image_tokens = min_image_tokens, max_image_tokens
 
     # what the model expects; backends for non-HF models override these
     @property
@@ -106,8 +110,8 @@ class Encoder:
             if isinstance(img, torch.Tensor):
                 out.append(img)
             else:
-                out.append(preprocess(img, self.grid_unit, min_tokens=self.min_tokens,
-                                      max_tokens=self.max_tokens, mean=mean, std=std))
+                out.append(preprocess(img, self.grid_unit, min_image_tokens=self.min_image_tokens,
+                                      max_image_tokens=self.max_image_tokens, mean=mean, std=std))
         return out
 
     def pack(self, images) -> PackedImages:

@@ -240,10 +240,10 @@ class NaViTEncoder(Encoder):
         # past the point where one side clamps to a single patch, (1, t) or (t, 1) fits while t <= max
         cap = max(1, int(min(max_h ** 2 * ratio, max_w ** 2 / ratio)),
                   min(max_w, int(ratio)), min(max_h, int(1 / ratio)))
-        max_tokens = cap if self.max_tokens is None else min(self.max_tokens, cap)
+        max_image_tokens = cap if self.max_image_tokens is None else min(self.max_image_tokens, cap)
         mean, std = self.mean_std
-        return preprocess(img, self.patch_size, min_tokens=min(self.min_tokens, max_tokens),
-                          max_tokens=max_tokens, mean=mean, std=std)
+        return preprocess(img, self.patch_size, min_image_tokens=min(self.min_image_tokens, max_image_tokens),
+                          max_image_tokens=max_image_tokens, mean=mean, std=std)
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
         tokens, pooled = packed_forward(self.navit, packed, self.select_layer)

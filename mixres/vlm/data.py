@@ -102,7 +102,7 @@ class Collator:
         lo = max(1, -(-self.min_image_tokens // (m * m)))
         hi = None if self.max_image_tokens is None else max(1, self.max_image_tokens // (m * m))
         try:
-            return preprocess(image, unit, min_tokens=lo, max_tokens=hi, mean=mean, std=std)
+            return preprocess(image, unit, min_image_tokens=lo, max_image_tokens=hi, mean=mean, std=std)
         except ValueError as e:
             name = getattr(self.adapter, "name", type(self.adapter).__name__)
             extra = (f" (the {name} adapter needs grids in multiples of {m} patches of "

@@ -6,7 +6,7 @@
     [data]
     manifest = "train.jsonl"   # relative paths are relative to the TOML file
     eval_manifest = "val.jsonl"
-    max_tokens = 2048          # image + text tokens of one micro-batch (one bin)
+    max_batch_tokens = 2048          # image + text tokens of one micro-batch (one bin)
     num_workers = 2
 
     [train]
@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mixres.renamed import BATCH_TOKENS, take_renamed
+
 __all__ = ["DataConfig", "OptimConfig", "RunConfig"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -44,8 +46,8 @@ class DataConfig:
     synthetic: int = 0                # >0: that many synthetic shape examples instead of a manifest
     synthetic_eval: int = 256
     blank_images: bool = False        # synthetic: same captions, images without the shape
-    max_tokens: int = 1024            # budget of one micro-batch
-    eval_max_tokens: int | None = None
+    max_batch_tokens: int = 1024            # budget of one micro-batch
+    eval_max_batch_tokens: int | None = None
     num_workers: int = 0
     min_fill: float = 0.9             # bins emptier than this are repacked with the next chunk
 
@@ -87,6 +89,8 @@ class OptimConfig:
 
 def _section(cls, values: dict | None, where: str):
     values = dict(values or {})
+    if cls is DataConfig:
+        values = take_renamed(values, BATCH_TOKENS, where)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -1,6 +1,6 @@
 """Token-budget batches for training: full bins, shuffled, sharded by rank, resumable.
 
-A bin is one micro-batch: samples whose tokens (image + text) fit `max_tokens`, packed by
+A bin is one micro-batch: samples whose tokens (image + text) fit `max_batch_tokens`, packed by
 `mixres.packing.pack_into_bins` (first-fit decreasing). First-fit decreasing sorts by
 length, so packing a whole epoch at once would give the same bins every epoch and put
 all long samples together. Instead each epoch
@@ -36,26 +36,26 @@ class TokenBudgetSampler:
     """Bins of sample indices for one rank, step by step.
 
     lengths     tokens per sample (image tokens + text tokens)
-    max_tokens  budget of one micro-batch (one bin)
+    max_batch_tokens  budget of one micro-batch (one bin)
     """
 
-    def __init__(self, lengths: Sequence[int], max_tokens: int, *, seed: int = 0, shuffle: bool = True,
+    def __init__(self, lengths: Sequence[int], max_batch_tokens: int, *, seed: int = 0, shuffle: bool = True,
                  world_size: int = 1, rank: int = 0, accum: int = 1, chunk_bins: int = 16,
                  min_fill: float = 0.9):
         self.lengths = [int(n) for n in lengths]
         if not self.lengths:
             raise ValueError("TokenBudgetSampler: no samples")
-        if max_tokens < 1:
-            raise ValueError(f"TokenBudgetSampler: max_tokens must be positive, got {max_tokens}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"TokenBudgetSampler: max_batch_tokens must be positive, got {max_batch_tokens}")
         if not 0 <= rank < world_size:
             raise ValueError(f"TokenBudgetSampler: rank {rank} outside world size {world_size}")
-        self.max_tokens, self.seed, self.shuffle = int(max_tokens), int(seed), shuffle
+        self.max_batch_tokens, self.seed, self.shuffle = int(max_batch_tokens), int(seed), shuffle
         self.world_size, self.rank, self.accum = int(world_size), int(rank), int(accum)
         self.chunk_bins, self.min_fill = int(chunk_bins), float(min_fill)
         if self.steps_per_epoch(0) < 1:
             raise ValueError(f"TokenBudgetSampler: {len(self.lengths)} samples "
                              f"({sum(self.lengths)} tokens) make fewer than world_size * accum = "
-                             f"{self.group} bins of {self.max_tokens} tokens; lower max_tokens")
+                             f"{self.group} bins of {self.max_batch_tokens} tokens; lower max_batch_tokens")
 
     @property
     def group(self) -> int:
@@ -66,20 +66,20 @@ class TokenBudgetSampler:
         """All bins of an epoch in order (the same on every rank), trimmed to whole steps."""
         n = len(self.lengths)
         if not self.shuffle:
-            bins = pack_into_bins(self.lengths, self.max_tokens)
+            bins = pack_into_bins(self.lengths, self.max_batch_tokens)
         else:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(n).tolist()
             mean = max(1.0, sum(self.lengths) / n)
-            chunk = max(1, int(self.chunk_bins * self.max_tokens / mean))
+            chunk = max(1, int(self.chunk_bins * self.max_batch_tokens / mean))
             bins, carry = [], []
             for start in range(0, n, chunk):
                 items = carry + order[start:start + chunk]
                 last = start + chunk >= n
-                packed = pack_into_bins([self.lengths[i] for i in items], self.max_tokens)
+                packed = pack_into_bins([self.lengths[i] for i in items], self.max_batch_tokens)
                 carry = []
                 for b in packed:
-                    fill = sum(self.lengths[items[j]] for j in b) / self.max_tokens
+                    fill = sum(self.lengths[items[j]] for j in b) / self.max_batch_tokens
                     if fill < self.min_fill and not last:
                         carry.extend(items[j] for j in b)
                     else:
@@ -109,4 +109,4 @@ class TokenBudgetSampler:
     def fill(self, epoch: int = 0) -> float:
         """Mean fraction of the budget used by the bins of an epoch."""
         bins = self.epoch_bins(epoch)
-        return sum(sum(self.lengths[i] for i in b) for b in bins) / (len(bins) * self.max_tokens)
+        return sum(sum(self.lengths[i] for i in b) for b in bins) / (len(bins) * self.max_batch_tokens)

@@ -103,7 +103,7 @@ def sample_length(vlm, item: dict, sizes: list[tuple[int, int]]) -> int:
     hi = None if col.max_image_tokens is None else max(1, col.max_image_tokens // (m * m))
     n_img = 0
     for h, w in sizes:
-        H, W = target_size(h, w, p * m, min_tokens=lo, max_tokens=hi)
+        H, W = target_size(h, w, p * m, min_image_tokens=lo, max_image_tokens=hi)
         n_img += vlm.adapter.num_tokens((H // p, W // p), vlm.encoder.num_prefix)
     if vlm.strategy.expands_images:
         n_text -= max(n_ph, len(sizes))  # placeholders become the image tokens
@@ -205,9 +205,9 @@ def _grad_norm(params, clip):
 # evaluation
 
 @torch.no_grad()
-def evaluate(model, vlm, ds, lengths, max_tokens, info, cfg, workers: int = 0) -> dict:
+def evaluate(model, vlm, ds, lengths, max_batch_tokens, info, cfg, workers: int = 0) -> dict:
     """eval_loss (mean over trained tokens) and content_accuracy over `ds`, all ranks together."""
-    bins = pack_into_bins(lengths, max_tokens)
+    bins = pack_into_bins(lengths, max_batch_tokens)
     w = info.world_size
     # every rank runs the same number of forwards (FSDP needs it); fillers count zero
     while len(bins) % w:
@@ -271,7 +271,7 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
     scheduler = warmup_cosine(optimizer, tc.steps, tc.warmup, tc.min_lr_ratio)
 
     train_ds, eval_ds = _datasets(cfg)
-    sampler = TokenBudgetSampler(_lengths(vlm, train_ds), cfg.data.max_tokens, seed=tc.seed,
+    sampler = TokenBudgetSampler(_lengths(vlm, train_ds), cfg.data.max_batch_tokens, seed=tc.seed,
                                  world_size=info.world_size, rank=info.rank, accum=tc.accum,
                                  min_fill=cfg.data.min_fill)
     eval_lengths = _lengths(vlm, eval_ds) if eval_ds is not None else None
@@ -296,8 +296,8 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
     def run_eval(at_step):
         if eval_ds is None:
             return None
-        res = evaluate(model, vlm, eval_ds, eval_lengths, cfg.data.eval_max_tokens or cfg.data.max_tokens,
-                       info, cfg, cfg.data.num_workers)
+        budget = cfg.data.eval_max_batch_tokens or cfg.data.max_batch_tokens
+        res = evaluate(model, vlm, eval_ds, eval_lengths, budget, info, cfg, cfg.data.num_workers)
         log.write({"step": at_step, **res})
         return res
 
@@ -413,7 +413,7 @@ def synthetic_config(strategy: str = "joint_decoder", blank: bool = False, steps
     return {"vlm": {**SYNTHETIC_VLM, "encoder": encoder,
                     "strategy": SYNTHETIC_STRATEGIES.get(strategy, strategy)},
             "data": {"synthetic": 100000, "synthetic_eval": 300, "blank_images": blank,
-                     "max_tokens": 1024},
+                     "max_batch_tokens": 1024},
             "train": {"steps": steps, "lr": 3e-3, "warmup": 50, "weight_decay": 0.01, "log_every": 50,
                       "eval_every": 500, "grad_clip": 1.0, "min_lr_ratio": 0.05, "threads": 2}}
 
