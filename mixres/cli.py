@@ -16,6 +16,7 @@ import sys
 SUBCOMMANDS = {
     "embed": ("mixres.embed.cli", "encode a folder / list of images to feature shards on disk"),
     "bench": ("mixres.bench.cli", "benchmarks: throughput | invariance | words | vlm | ..."),
+    "presets": ("mixres.presets", "list the model presets (random-init configs for demos and tests)"),
     "train": ("mixres.vlm.training.train", "train a VLM on mixed-resolution images"),
 }
 

@@ -108,17 +108,40 @@ def load_model(spec, *, trust_remote_code: bool = False) -> nn.Module:
         if model_type in MODEL_TYPES:
             MODEL_TYPES.get(model_type)
         return tf.AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code)
+    near = _did_you_mean(name)
+    if near and "/" not in name:
+        # a typo of a preset: say so at once instead of asking the Hub about it first
+        raise UnknownModelError(f"{name!r} is neither a mixres preset nor a local directory. Presets: "
+                                f"{', '.join(list_presets())}.{near} (A hub id is spelled org/name.)")
     offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+    unreachable = None if offline else _hub_unreachable()
+    if unreachable:
+        offline = True  # the cache may still have it; the hub client would retry for many seconds
     try:
         return tf.AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code,
                                             local_files_only=offline)
     except OSError as err:  # huggingface_hub's not-found / no-connection / bad-id errors
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else (
-            str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        why = (f"the Hub is unreachable ({unreachable}) and it is not in the local cache" if unreachable
+               else "HF_HUB_OFFLINE is set and it is not in the local cache" if offline
+               else str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
         raise UnknownModelError(
             f"{name!r} is neither a mixres preset nor a local directory, and the Hugging Face "
             f"Hub could not provide it ({why}). Presets: {', '.join(list_presets())}."
             + _did_you_mean(name)) from None
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub's host cannot be reached (one TCP connect, at most `timeout` s), or None."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}:{port}: {e.strerror or type(e).__name__}"
+    return None
 
 
 def _did_you_mean(name: str) -> str:
@@ -201,3 +224,29 @@ def tiny_dinov2():
 # NaViT presets (`navit-b16`, `tiny-navit`) are not defined here: the NaViT module registers
 # them with `@register_preset(...)` when it is imported (vit-pytorch NaViT as an HF AutoModel),
 # and the package imports that module, so they are listed with the others.
+
+
+# `mixres presets`
+
+def describe(name: str) -> str:
+    """One line: the preset's class and shape, read from a model built on the meta device."""
+    from mixres import vision_utils
+
+    with torch.device("meta"):
+        model = PRESETS.get(name)()
+    config = vision_utils.vision_config(model)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "depth", None)
+    patch = getattr(config, "patch_size", None)
+    return (f"{name:<13} {type(model).__name__:<20} width {vision_utils.image_encoder_size(model)}, "
+            f"{layers} layers, patch {patch} (random weights)")
+
+
+def add_arguments(p) -> None:
+    p.description = ("Presets: HF vision models built from a config with seeded random weights "
+                     "(the same name gives the same weights everywhere), for demos, tests and benchmarks.")
+
+
+def run(args) -> int:
+    for name in list_presets():
+        print(describe(name))
+    return 0

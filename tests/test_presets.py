@@ -84,11 +84,50 @@ def test_unknown_name_fails_at_once_with_one_clear_line(monkeypatch):
     message = str(info.value)
     assert "\n" not in message
     assert "'tiny-vitt' is neither a mixres preset nor a local directory" in message
-    assert "Hugging Face Hub could not provide it" in message
     assert all(name in message for name in TINY + BIG)
     assert "Did you mean 'tiny-vit'?" in message
-    assert info.value.__cause__ is None and info.value.__suppress_context__
     assert isinstance(info.value, ValueError)
+    # a name that is no near miss is asked of the Hub (here: offline, so the cache only)
+    with pytest.raises(UnknownModelError) as info:
+        load_model("someorg/no-such-model")
+    message = str(info.value)
+    assert "\n" not in message and "Hugging Face Hub could not provide it" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_near_miss_of_a_preset_fails_before_asking_the_hub(monkeypatch):
+    def no_hub(*a, **k):
+        raise AssertionError("the Hub was asked about a preset typo")
+    monkeypatch.setattr(presets.tf.AutoModel, "from_pretrained", no_hub)
+    monkeypatch.setattr(presets, "_hub_unreachable", no_hub)
+    with pytest.raises(UnknownModelError, match=r"Did you mean 'tiny-vit'\?") as info:
+        load_model("tiny-vitt")
+    assert "\n" not in str(info.value)
+
+
+def test_unreachable_hub_is_said_once_at_once(monkeypatch):
+    import time
+
+    calls = []
+    monkeypatch.setattr(presets, "_hub_unreachable", lambda: "huggingface.co:443: no route")
+
+    def cache_only(name, **kw):
+        calls.append(kw.get("local_files_only"))
+        raise OSError("not in cache")
+    monkeypatch.setattr(presets.tf.AutoModel, "from_pretrained", cache_only)
+    t0 = time.perf_counter()
+    with pytest.raises(UnknownModelError, match="the Hub is unreachable .*no route.* not in the local cache"):
+        load_model("someorg/some-vision-model")
+    assert calls == [True] and time.perf_counter() - t0 < 1.0
+
+
+def test_presets_command_lists_every_preset(capsys):
+    from mixres.cli import main
+
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_presets()
+    assert any(line.startswith("vit-b16") and "width 768, 12 layers, patch 16" in line for line in lines)
 
 
 def test_build_unknown_name():
