@@ -12,7 +12,7 @@ from vit_pytorch import na_vit
 
 from mixres.encoders import get_backend
 from mixres.encoders.navit import NaViTEncoder
-from mixres.navit_model import NaViTConfig, NaViTModel, tiny_navit
+from mixres.models.navit import NaViTConfig, NaViTModel, tiny_navit
 from mixres.packing import PackedImages
 from tests.conftest import rel_err
 
