@@ -5,8 +5,8 @@
 of different sizes, content at the top-left, plus `image_sizes` (B, 2: true H, W in
 pixels). Each image's tokens then equal the unmodified model run on that image alone with
 `interpolate_pos_encoding=True`, and every output at a padded position is exactly zero.
-`unpatch_vit(model)` puts the model back as it was. `backend="masked"` (`MaskedViTEncoder`
-below) runs this for `mixres.load_encoder`.
+`unpatch_vit(model)` puts the model back as it was. `backend="masked"`
+(`mixres.encoders.masked`) runs this for `mixres.load_encoder`.
 
 How the three differences between "padded batch" and "image alone" are removed:
 - attention: padded patches are dropped from the keys through the model's own
@@ -51,10 +51,10 @@ pixels outside the content region are zero, and the masked-image loss (with
 
 Gradient checkpointing works (outputs and gradients as without it). One limit: on
 transformers 5.17, whose checkpointing wraps a layer's hooks too (5.23 wraps only
-`forward`), reentrant checkpointing
-(`use_reentrant=True`) recomputes the layers without the zeroing, so a loss that reads
-the (zero) padded rows of intermediate `hidden_states` sends gradient through them; losses
-on valid tokens, the last layer and the pooled output are exact.
+`forward`), reentrant checkpointing (`use_reentrant=True`) recomputes the layers without
+the zeroing, so a loss that reads the (zero) padded rows of intermediate `hidden_states`
+sends gradient through them; losses on valid tokens, the last layer and the pooled output
+are exact.
 
 Not thread-safe for concurrent forwards of one patched instance (the per-call masks live
 on the instance while a forward runs); separate instances are independent.
@@ -79,13 +79,6 @@ from mixres.packing import resample_table
 
 __all__ = ["patch_vit", "unpatch_vit", "is_patched", "patched", "content_grid"]
 
-
-def __getattr__(name: str):
-    # the backend lives with the others; importing it here at top level would be a cycle
-    if name == "MaskedViTEncoder":
-        from mixres.encoders.masked import MaskedViTEncoder
-        return MaskedViTEncoder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _ATTR = "_mixres_masked_patch"  # the only attribute a patch adds to each module it touches
 
