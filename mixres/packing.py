@@ -13,6 +13,7 @@ extraction pipeline and the VLM collator all use to cut work into token budgets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["PackedImages", "PackedFeatures", "pack_into_bins", "seqlens_to_cu", "patchify",
-           "POOLERS", "pool_features", "check_pool",
-           "unpatchify"]
+           "POOLERS", "pool_features", "check_pool", "segment_ids", "local_positions",
+           "interleave_prefix", "resample_table", "unpatchify"]
 
 
 # helpers
@@ -30,6 +31,55 @@ def seqlens_to_cu(lengths: Sequence[int] | torch.Tensor, device=None) -> torch.T
     """Lengths (B,) -> int32 offsets (B+1,) starting at 0."""
     lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device).reshape(-1)
     return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def segment_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(N,) long: which image each packed token belongs to."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(lens.numel(), device=cu_seqlens.device), lens)
+
+
+def local_positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(N,) long: each packed token's index within its own image."""
+    n = int(cu_seqlens[-1])
+    return torch.arange(n, device=cu_seqlens.device) - cu_seqlens[:-1].long()[segment_ids(cu_seqlens)]
+
+
+def interleave_prefix(prefix: torch.Tensor, tokens: torch.Tensor,
+                      cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, D) prefix + (N, D) packed tokens -> (N + B*P, D) with each image's prefix first,
+    and the new offsets.
+
+    One gather from cat([prefix, tokens]) so autograd sees a single differentiable op.
+    """
+    p = prefix.shape[0]
+    if p == 0:
+        return tokens, cu_seqlens
+    dev = tokens.device
+    cu = seqlens_to_cu((cu_seqlens[1:] - cu_seqlens[:-1]).to(dev).long() + p, device=dev)
+    image, local = segment_ids(cu), local_positions(cu)
+    t = torch.arange(int(cu[-1]), device=dev)
+    idx = torch.where(local < p, local, t + p - p * (image + 1))  # token j sits at P + j
+    return torch.cat([prefix.to(tokens.dtype), tokens]).index_select(0, idx), cu
+
+
+def resample_table(table: torch.Tensor, grid: tuple[int, int], *, mode: str = "bicubic",
+                   fp32: bool = False, antialias: bool = False, keep_native: bool = True) -> torch.Tensor:
+    """(n, D) square table of learned patch position codes -> (h*w, D) for `grid`, as the
+    families' own interpolation does it (HF's `interpolate_pos_encoding`, SigLIP2's resize).
+
+    keep_native: return the table unchanged for the native square grid (HF's shortcut);
+    fp32: interpolate in float32 and cast back (DINOv2; SigLIP2 on the CPU).
+    """
+    n, dim = table.shape
+    s = int(math.isqrt(n))
+    h, w = grid
+    if keep_native and h == w and h * w == n:
+        return table
+    x = table.reshape(1, s, s, dim).permute(0, 3, 1, 2)
+    kw = {"antialias": True} if antialias else {}
+    x = F.interpolate(x.float() if fp32 else x, size=(h, w), mode=mode, align_corners=False, **kw)
+    return x.to(table.dtype).permute(0, 2, 3, 1).reshape(h * w, dim)
 
 
 def _check_cu(cu_seqlens: torch.Tensor, total: int, what: str) -> None:

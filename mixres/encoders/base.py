@@ -17,7 +17,18 @@ from torch import nn
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
 from mixres.renamed import IMAGE_TOKENS, resolve_renamed
 
+__all__ = ["Encoder", "resolve_layer", "DEFAULT_MAX_IMAGE_TOKENS"]
+
 DEFAULT_MAX_IMAGE_TOKENS = 1024
+
+
+def resolve_layer(select_layer: int, num_layers: int) -> int:
+    """Index into HF's hidden_states (0 = embeddings, num_layers = last layer, pre-norm)."""
+    idx = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
+    if not 0 <= idx <= num_layers:
+        raise ValueError(f"select_layer={select_layer} is out of range for a model with {num_layers} "
+                         f"layers (hidden_states has {num_layers + 1} entries)")
+    return idx
 
 
 class Encoder:
@@ -63,7 +74,7 @@ class Encoder:
         self.max_batch_tokens = max_batch_tokens
         self.min_image_tokens, self.max_image_tokens = min_image_tokens, max_image_tokens
 
-    # what the model expects; backends for non-HF models override these
+    # what the model expects, as its family says (mixres.families via vision_utils)
     @property
     def patch_size(self) -> int:
         from mixres import vision_utils
@@ -132,11 +143,16 @@ class Encoder:
 
     def _run_chunks(self, packed: PackedImages) -> PackedFeatures:
         bins = pack_into_bins(packed.seqlens.tolist(), self.chunk_budget(packed.patches.device))
-        if len(bins) == 1:
-            # one chunk: keep the caller's order (bins sort by length)
-            return self.forward(packed)
-        outs = [self.forward(packed.select(b)) for b in bins]
-        order = torch.tensor([i for b in bins for i in b])
+        return self.run_groups(packed, bins, self.forward)
+
+    @staticmethod
+    def run_groups(packed: PackedImages, groups: list[list[int]], run) -> PackedFeatures:
+        """`run` on each group of image indices, the images put back in input order."""
+        if len(groups) == 1:
+            # one group: keep the caller's order (bins sort by length)
+            return run(packed)
+        outs = [run(packed.select(g)) for g in groups]
+        order = torch.tensor([i for g in groups for i in g])
         return PackedFeatures.cat(outs).select(torch.argsort(order).tolist())
 
     def chunk_budget(self, device: torch.device) -> int | None:
