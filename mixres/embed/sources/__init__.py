@@ -108,11 +108,17 @@ def open_source(spec, *, image_column: str | None = None, id_column: str | None 
             return DatasetsFolderSource(s, os.path.abspath(local), image_column, id_column).limit(limit)
         if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in local.rglob("*")):
             return FileSource(s, collect_inputs(local, limit))
-    names = _folder_of_containers(s) if (is_url(s) or local.is_dir()) else expand(s)
+    pattern = "{" in s or any(c in s for c in "*?[")
+    if pattern:
+        names = expand(s)
+    elif is_url(s) or local.is_dir():
+        names = _folder_of_containers(s) or ([s] if is_url(s) else [])
+    else:
+        names = [os.path.abspath(local)]
     kind = _kind_of(names, s) if names else None
     if kind is not None:
         return _containers(kind, s, names, image_column, id_column).limit(limit)
-    if is_url(s) or "{" in s or any(c in s for c in "*?["):
+    if is_url(s) or pattern:
         raise FileNotFoundError(f"INPUT {s}: matches no .tar or .parquet files")
     return FileSource(s, collect_inputs(local, limit))
 
