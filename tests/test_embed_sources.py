@@ -166,17 +166,26 @@ def test_datasets_save_to_disk_folder_equals_files(photos, reference, tmp_path):
 def test_bad_members_land_in_errors_jsonl_and_the_run_goes_on(photos, tmp_path):
     jpg = next(p for p in photos if p.suffix == ".jpg").read_bytes()
     extra = [("corrupt", {"jpg": os.urandom(500)}), ("noimage", {"json": b"{}", "txt": b"caption only"}),
-             ("truncated", {"jpg": jpg[: len(jpg) // 2]}), ("sample001", {"png": photos[1].read_bytes()})]
-    shards = write_tars(tmp_path / "shards", photos[:3], per_shard=4, extra=extra)
+             ("truncated", {"jpg": jpg[: len(jpg) // 2]}), ("noimage", {"png": photos[1].read_bytes()})]
+    write_tars(tmp_path / "shards", photos[:3], per_shard=4, extra=extra)
+    # a torn shard: cut in the middle of its second image
+    torn = write_tars(tmp_path / "torn", photos[3:5], per_shard=2)[0]
+    with tarfile.open(torn) as tf:
+        m = tf.getmember(f"sample001{photos[4].suffix}")
+    (tmp_path / "shards" / "000002.tar").write_bytes(torn.read_bytes()[:m.offset_data + m.size // 2])
     s = embed(tmp_path / "shards", tmp_path / "out", "tiny-vit", **KW)  # a folder of .tar files
-    assert s["images"] == 3 and s["errors"] == 4
+    assert s["images"] == 4 and s["errors"] == 5
     errors = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
-    got = {e["key"]: (e["source"], e["reason"]) for e in errors}
-    assert got["000000.tar/corrupt"][0] == str(shards[0])
-    assert "no image member (has: json, txt)" in got["000001.tar/noimage"][1]
-    assert "truncated" in got["000001.tar/truncated"][1]
-    assert "duplicate key" in got["000000.tar/sample001"][1]  # in shard 1 as well: keys are unique
-    assert list(read_features(tmp_path / "out")) == [f"000000.tar/sample{i:03d}" for i in range(3)]
+    got = [(e["key"], Path(e["source"]).name, e["reason"]) for e in errors]
+    assert [g[:2] for g in got] == [("000000.tar/corrupt", "000000.tar"), ("000001.tar/noimage", "000001.tar"),
+                                    ("000001.tar/truncated", "000001.tar"), ("000001.tar/noimage", "000001.tar"),
+                                    ("000002.tar/sample001", "000002.tar")]
+    assert "no image member (has: json, txt)" in got[1][2]
+    assert "truncated" in got[2][2]
+    assert "duplicate key" in got[3][2]  # a second group with one key: keys stay unique
+    assert "truncated tar member" in got[4][2]
+    assert list(read_features(tmp_path / "out")) == [f"000000.tar/sample{i:03d}" for i in range(3)] + [
+        "000002.tar/sample000"]
     # parquet: a null image and bytes that are no image
     pq.write_table(pa.table({"image": image_struct([{"bytes": photos[0].read_bytes(), "path": "a"},
                                                     {"bytes": None, "path": None},
