@@ -177,9 +177,9 @@ def test_bad_members_land_in_errors_jsonl_and_the_run_goes_on(photos, tmp_path):
     assert s["images"] == 4 and s["errors"] == 5
     errors = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     got = [(e["key"], Path(e["source"]).name, e["reason"]) for e in errors]
-    assert [g[:2] for g in got] == [("000000.tar/corrupt", "000000.tar"), ("000001.tar/noimage", "000001.tar"),
-                                    ("000001.tar/truncated", "000001.tar"), ("000001.tar/noimage", "000001.tar"),
-                                    ("000002.tar/sample001", "000002.tar")]
+    assert all(k.split("/")[0] == shard for k, shard, _ in got)  # each names its shard
+    assert [g[0] for g in got] == ["000000.tar/corrupt", "000001.tar/noimage", "000001.tar/truncated",
+                                   "000001.tar/noimage", "000002.tar/sample001"]
     assert "no image member (has: json, txt)" in got[1][2]
     assert "truncated" in got[2][2]
     assert "duplicate key" in got[3][2]  # a second group with one key: keys stay unique
