@@ -291,7 +291,7 @@ def test_pooled_and_metadata_agree_row_for_row_with_read_features(photos, refere
     assert [f.name for f in parts] == [f"{s:06d}.npy" for s in range(4)]
     assert np.array_equal(np.concatenate([np.load(f) for f in parts]), np.asarray(vectors))
     # the README's faiss snippet: cosine search over pooled/
-    x = np.concatenate([np.load(f) for f in parts]).astype("float32")
+    x = np.asarray(vectors, dtype="float32")
     faiss.normalize_L2(x)
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
