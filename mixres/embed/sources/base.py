@@ -80,10 +80,13 @@ class Source:
     # worker side
 
     def _handle(self, key, opener):
+        if self._handles.get("pid") != os.getpid():
+            # a forked worker must not share a parent's file offsets: open its own
+            self._handles = {"pid": os.getpid()}
         h = self._handles.get(key)
         if h is None:
-            if len(self._handles) >= 4:  # a few open containers per worker
-                old = self._handles.pop(next(iter(self._handles)))
+            if len(self._handles) > 4:  # a few open containers per worker
+                old = self._handles.pop(next(k for k in self._handles if k != "pid"))
                 getattr(old, "close", lambda: None)()
             h = self._handles[key] = opener()
         return h
@@ -94,11 +97,15 @@ class Source:
         return state
 
     def __del__(self):
-        for h in getattr(self, "_handles", {}).values():
-            try:
-                getattr(h, "close", lambda: None)()
-            except Exception:
-                pass
+        handles = getattr(self, "_handles", {})
+        if handles.get("pid") != os.getpid():
+            return
+        for k, h in handles.items():
+            if k != "pid":
+                try:
+                    h.close()
+                except Exception:
+                    pass
 
 
 def basename(name: str) -> str:
