@@ -1,4 +1,4 @@
-"""`mixres` command line: embed | bench | train.
+"""`mixres` command line: embed | verify | bench | train.
 
 Each subcommand lives in the module that does the work and exposes
 `add_arguments(parser)` and `run(args) -> int`; this file only routes, and imports a
@@ -15,6 +15,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "embed": ("mixres.embed.cli", "encode a folder / list of images to feature shards on disk"),
+    "verify": ("mixres.embed.verify", "check an embed output folder (index, shards, pooled, metadata)"),
     "bench": ("mixres.bench.cli", "benchmarks: throughput | invariance | words | vlm | ..."),
     "presets": ("mixres.presets", "list the model presets (random-init configs for demos and tests)"),
     "train": ("mixres.vlm.training.train", "train a VLM on mixed-resolution images"),

@@ -61,7 +61,7 @@ def index_of(out) -> list[dict]:
 def assert_same_features(out, ref, exact=True):
     a, b = read_features(out), read_features(ref)
     assert a.paths == b.paths
-    for x, y in zip(a, b):
+    for x, y in zip(a.records(), b.records()):
         if exact:
             assert torch.equal(x.tokens, y.tokens) and torch.equal(x.pooled, y.pooled), x.path
         else:
@@ -167,7 +167,7 @@ def test_read_features_round_trip_equals_encode_each_image(model, photos, refere
     feats = read_features(reference)
     rows = index_of(reference)
     assert feats.paths == [r["path"] for r in rows] and len(feats) == 9
-    for rec, row in zip(feats, rows):
+    for rec, row in zip(feats.records(), rows):
         alone = encode_alone(rec.path)  # the image alone == the image in a packed shard
         assert rel_err(rec.tokens, alone.tokens) <= 1e-5 and rel_err(rec.pooled, alone.pooled[0]) <= 1e-5
         assert list(rec.grid_hw) == row["grid"] == alone.grid_hw[0].tolist()

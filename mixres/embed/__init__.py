@@ -4,8 +4,11 @@
     mixres.embed.embed(INPUT, OUT, model)   to shards on disk, resumable (`mixres embed`)
     mixres.read_features(OUT)               read a folder back (embed/reader.py)
 
-inputs.py lists and decodes the inputs; state.py plans shards and checks a folder's
-settings; store.py writes shards and the crash-safe journal; cli.py is `mixres embed`.
+sources/ lists INPUT (files, webdataset tars, parquet, datasets folders) with stable keys
+and reads one item's bytes; inputs.py decodes items in DataLoader workers; state.py plans
+shards and checks a folder's settings and source; store.py writes shards, pooled/,
+metadata/ and the crash-safe journal; lock.py keeps one writer per folder; verify.py is
+`mixres verify`; cli.py is `mixres embed`.
 """
 
 from mixres.embed.reader import FeatureRecord, Features, read_features

@@ -18,7 +18,9 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(p) -> None:
     p.add_argument("input", nargs="?", metavar="INPUT",
-                   help="a folder (recursive), a text file of paths, or a JSONL with a 'path' field")
+                   help="a folder of images (recursive), a text file of paths, a JSONL with a 'path' "
+                        "field, webdataset .tar shards (paths, 'shards/{000000..000099}.tar', fsspec "
+                        "URLs), parquet files (a file, folder or glob) or a datasets save_to_disk folder")
     p.add_argument("--model", required=True, help="local directory, hub id or preset (e.g. tiny-vit)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
     p.add_argument("--demo", action="store_true",
@@ -48,6 +50,14 @@ def add_arguments(p) -> None:
     p.add_argument("--on-error", default="skip", choices=["skip", "fail"],
                    help="bad inputs: record in errors.jsonl and go on, or stop")
     p.add_argument("--limit", type=int, default=None, help="embed only the first N inputs")
+    p.add_argument("--image-column", default=None,
+                   help="parquet / datasets: the column of image bytes or Image structs "
+                        "(default: the only such column)")
+    p.add_argument("--id-column", default=None,
+                   help="parquet / datasets: the column whose values are the keys "
+                        "(default: <file name>#<row>)")
+    p.add_argument("--no-tokens", action="store_true",
+                   help="write only pooled/ and metadata/ (no token shards)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -85,7 +95,8 @@ def run(args) -> int:
               dtype=args.dtype, store_dtype=args.store_dtype,
               shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
               num_workers=args.num_workers, on_error=args.on_error, limit=args.limit,
-              progress=not args.no_progress)
+              progress=not args.no_progress, image_column=args.image_column, id_column=args.id_column,
+              write_tokens=not args.no_tokens)
     if "index_rows" in s:  # rank 0
         resumed = f" ({s['done_before']} shards were already done)" if s["done_before"] else ""
         if s["shards"] == 0 and s["errors"] == 0 and s["done_before"]:

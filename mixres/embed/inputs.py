@@ -1,91 +1,25 @@
-"""The input side of `mixres embed`: which files to embed, and loading them in DataLoader workers.
+"""The input side of `mixres embed`: loading a source's items in DataLoader workers.
 
-`collect_inputs` turns INPUT (a folder, a text file of paths, a JSONL with a `path`
-field, or a Python list) into a list of absolute paths in a fixed order. The work is cut
-into shards of `shard_size` consecutive inputs; `ShardDataset` yields one whole shard
-per item, decoded and preprocessed, so the DataLoader's workers prepare the next shards
-while the device encodes the current one. Bad inputs never raise in a worker: they come
-back as (position, path, reason) so the main process decides between skip and fail.
+Which items, in which order, and how their bytes are read is the source's business
+(`mixres.embed.sources`). The work is cut into shards of `shard_size` consecutive items;
+`SliceDataset` yields a few items of one shard at a time, decoded and preprocessed, so
+the DataLoader's workers prepare the next shards while the device encodes the current
+one. Bad items never raise in a worker: they come back as (position, key, reason) so the
+main process decides between skip and fail.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from mixres.embed.sources import IMAGE_EXTENSIONS, Source, collect_inputs
 from mixres.packing import patchify
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
-                              ".ppm", ".pgm", ".pbm", ".pnm", ".jfif", ".ico", ".tga"})
-
-
-# which inputs
-
-def _from_folder(root: Path) -> list[str]:
-    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    return [os.path.abspath(p) for p in sorted(found, key=lambda p: p.relative_to(root).as_posix())]
-
-
-def _resolve(entry: str, base: Path) -> str:
-    # relative entries are relative to the list file, so the list can travel with the images
-    p = Path(entry).expanduser()
-    return os.path.abspath(p if p.is_absolute() else base / p)
-
-
-def _from_jsonl(path: Path, lines: list[str]) -> list[str]:
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
-            raise ValueError(f"{path}:{n}: expected an object with a string 'path' field, got {line[:80]!r}")
-        out.append(_resolve(row["path"], path.parent))
-    return out
-
-
-def collect_inputs(source, limit: int | None = None) -> list[str]:
-    """INPUT -> absolute paths, in order, duplicates dropped (first kept).
-
-    source  a folder (recursive; files with an image extension, sorted by relative path),
-            a .jsonl file (or any file whose first line is a JSON object) with a `path`
-            field per line, a text file with one path per line (blank lines and lines
-            starting with # are skipped), or a list of paths
-    """
-    if isinstance(source, (list, tuple)):
-        paths = [os.path.abspath(os.fspath(p)) for p in source]
-    else:
-        src = Path(source).expanduser()
-        if src.is_dir():
-            paths = _from_folder(src)
-            if not paths:
-                raise ValueError(f"INPUT {source}: no image files in this folder or below "
-                                 f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-        elif src.is_file():
-            lines = src.read_text().splitlines()
-            first = next((x for x in lines if x.strip()), "")
-            if src.suffix.lower() == ".jsonl" or first.lstrip().startswith("{"):
-                paths = _from_jsonl(src, lines)
-            else:
-                paths = [_resolve(x.strip(), src.parent) for x in lines
-                         if x.strip() and not x.lstrip().startswith("#")]
-        else:
-            raise FileNotFoundError(f"INPUT {source}: no such folder or file (expected a folder of "
-                                    "images, a text file of paths or a JSONL with a 'path' field)")
-    paths = list(dict.fromkeys(paths))
-    if limit is not None:
-        if limit < 0:
-            raise ValueError(f"--limit must be >= 0, got {limit}")
-        paths = paths[:limit]
-    return paths
+__all__ = ["IMAGE_EXTENSIONS", "collect_inputs", "Prep", "decode_one", "load_one", "SliceDataset",
+           "plan_slices", "join_slices"]
 
 
 # loading
@@ -102,24 +36,17 @@ class Prep:
     max_pixels: int | None
 
 
-def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ValueError("no such file") from None
-    except IsADirectoryError:
-        raise ValueError("is a directory, not an image file") from None
-    except PermissionError:
-        raise ValueError("unreadable path (permission denied)") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"unreadable path ({getattr(e, 'strerror', None) or e})") from None
-
-
 def load_one(path: str, prep: Prep) -> tuple[torch.Tensor, str]:
     """(normalized (3, H, W) tensor, sha256 of the file). Raises ValueError(reason)."""
+    from mixres.embed.sources.files import read_path
+
+    return decode_one(read_path(path), prep)
+
+
+def decode_one(data: bytes, prep: Prep) -> tuple[torch.Tensor, str]:
+    """(normalized (3, H, W) tensor, sha256 of the encoded bytes). Raises ValueError(reason)."""
     from mixres.images import ImageLoadError, preprocess
 
-    data = _read(path)
     digest = hashlib.sha256(data).hexdigest()
     try:
         img = preprocess(data, prep.patch_size, min_image_tokens=prep.min_image_tokens,
@@ -133,16 +60,16 @@ def load_one(path: str, prep: Prep) -> tuple[torch.Tensor, str]:
 
 
 class SliceDataset(torch.utils.data.Dataset):
-    """Item i = `slices[i]` = (shard, lo, hi): inputs [lo, hi) of one shard, decoded.
+    """Item i = `slices[i]` = (shard, lo, hi): items [lo, hi) of one shard, decoded.
 
     Slices are small (a few images) so that all workers share even a single shard, and the
     main process reassembles them into shards in order. An item is a dict: shard, items
-    [(pos, path, sha256)], errors [(pos, path, reason)], patches (N, 3*p*p) of the good
-    images in input order, grid_hw (B, 2).
+    [(pos, key, sha256, metadata)], errors [(pos, key, reason)], patches (N, 3*p*p) of the
+    good images in input order, grid_hw (B, 2).
     """
 
-    def __init__(self, paths: list[str], slices: list[tuple[int, int, int]], prep: Prep):
-        self.paths, self.slices, self.prep = paths, slices, prep
+    def __init__(self, source: Source, slices: list[tuple[int, int, int]], prep: Prep):
+        self.source, self.slices, self.prep = source, slices, prep
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -152,13 +79,14 @@ class SliceDataset(torch.utils.data.Dataset):
         items, errors, patches, grids = [], [], [], []
         p = self.prep.patch_size
         for pos in range(lo, hi):
-            path = self.paths[pos]
+            key = self.source.keys[pos]
             try:
-                img, digest = load_one(path, self.prep)
+                data, meta = self.source.read(pos)
+                img, digest = decode_one(data, self.prep)
             except ValueError as e:
-                errors.append((pos, path, str(e)))
+                errors.append((pos, key, str(e)))
                 continue
-            items.append((pos, path, digest))
+            items.append((pos, key, digest, meta))
             patches.append(patchify(img, p))
             grids.append((img.shape[1] // p, img.shape[2] // p))
         return {"shard": s, "items": items, "errors": errors,

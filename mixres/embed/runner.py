@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from mixres.distributed import DistInfo, init_distributed
-from mixres.embed.inputs import Prep, SliceDataset, collect_inputs, join_slices, plan_slices
+from mixres.embed.inputs import Prep, SliceDataset, join_slices, plan_slices
+from mixres.embed.lock import FolderLock
+from mixres.embed.sources import FileSource, Source, open_source
 from mixres.embed.state import Settings, done_shards, finish_meta, prepare_out_dir
-from mixres.embed.store import append_journal, merge_index, write_shard
+from mixres.embed.store import append_journal, merge_index, write_metadata, write_pooled, write_shard
 from mixres.packing import (
     PackedFeatures,
     PackedImages,
@@ -66,6 +68,8 @@ def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, po
            max_batch_tokens: int | str | None = "auto", device=None, dtype=None, **renamed) -> PackedFeatures:
     """Encode paths, PIL images or (C, H, W) tensors; PackedFeatures with `pooled` as asked.
 
+    inputs  a list of images, one image, or a source `mixres embed` reads (.tar shards,
+            parquet, a datasets folder, a folder or list of files): all its items, in order
     model  an HF model, an Encoder (then the encoder's own settings apply), a local
            directory, a hub id or a preset name
     pool   "model" (the model's pooler), "cls", "mean" (over patch tokens only), "none"
@@ -77,9 +81,28 @@ def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, po
     enc = make_encoder(model, backend=backend, select_layer=select_layer, min_image_tokens=min_image_tokens,
                        max_image_tokens=max_image_tokens, max_batch_tokens=max_batch_tokens, device=device,
                        dtype=dtype)
-    if isinstance(inputs, (str, os.PathLike, torch.Tensor)) or hasattr(inputs, "mode"):
+    if isinstance(inputs, (str, os.PathLike, Source)) and not _is_image_file(inputs):
+        inputs = _read_all(open_source(inputs))
+    elif isinstance(inputs, (str, os.PathLike, torch.Tensor)) or hasattr(inputs, "mode"):
         inputs = [inputs]
     return pool_features(enc.encode(list(inputs)), pool)
+
+
+def _is_image_file(x) -> bool:
+    from mixres.embed.sources import IMAGE_EXTENSIONS
+
+    return not isinstance(x, Source) and Path(x).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _read_all(src: Source) -> list[bytes]:
+    """Every item's encoded bytes (in memory: `encode` is for what fits; `embed` streams)."""
+    out = []
+    for pos, key in enumerate(src.keys):
+        try:
+            out.append(src.read(pos)[0])
+        except ValueError as e:
+            raise ValueError(f"{src.unit_of(pos)}: {key}: {e}") from None
+    return out
 
 
 # the pipeline
@@ -147,10 +170,14 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
           max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, device=None, dtype=None,
           store_dtype: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 0,
           on_error: str = "skip", limit: int | None = None, progress: bool = True,
-          model_name: str | None = None, **renamed) -> dict:
-    """Embed INPUT (folder, text list, JSONL, or a list of paths) into the folder `out`.
+          model_name: str | None = None, image_column: str | None = None, id_column: str | None = None,
+          write_tokens: bool = True, **renamed) -> dict:
+    """Embed INPUT into the folder `out`; INPUT is anything `mixres.embed.sources.open_source`
+    takes (folder, text list, JSONL, list of paths, .tar shards, parquet, a datasets folder).
 
-    Resumes what is already in `out` (same settings only). Returns a summary dict.
+    Resumes what is already in `out` (same settings and source only); one run per folder
+    at a time. write_tokens=False (--no-tokens) writes only pooled/ and metadata/.
+    Returns a summary dict.
     """
     from mixres.images import DEFAULT_MAX_PIXELS
 
@@ -162,25 +189,38 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
     check_pool(pool, select_layer)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not write_tokens and pool == "none":
+        raise ValueError("--no-tokens keeps only the pooled vectors: choose a --pool other than none")
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     t_start = time.perf_counter()
     dist_ = init_distributed(device)
+    lock = None
     try:
         dev = dist_.device
-        paths = collect_inputs(inputs, limit)
+        root = Path(out)
+        err = None
+        if dist_.rank == 0:  # one writer per folder, before anything is read or written
+            try:
+                lock = FolderLock(root).acquire()
+            except ValueError as e:
+                err = str(e)
+        err = dist_.broadcast(err)
+        if err:
+            raise ValueError(err)
+        source = open_source(inputs, image_column=image_column, id_column=id_column, limit=limit)
+        paths = source.keys
         enc = make_encoder(model, backend=backend, select_layer=select_layer,
                            min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
                            max_batch_tokens="auto", device=dev, dtype=dtype)
         settings = Settings.of(enc, model, model_name, pool=pool, min_image_tokens=min_image_tokens,
                                max_image_tokens=max_image_tokens, max_pixels=max_pixels,
                                max_batch_tokens=max_batch_tokens, store_dtype=store_dtype,
-                               shard_size=shard_size)
-        root = Path(out)
+                               shard_size=shard_size, write_tokens=write_tokens)
         # rank 0 checks the settings and repairs what a crash left; the others wait for it
         err = None
         if dist_.rank == 0:
             try:
-                prepare_out_dir(root, settings, paths)
+                prepare_out_dir(root, settings, paths, source.describe())
             except (ValueError, FileNotFoundError) as e:
                 err = str(e)
         err = dist_.broadcast(err)
@@ -191,7 +231,7 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         pending = [s for s in range(n_shards) if s not in done]
         mine = pending[dist_.rank::dist_.world_size]
         try:
-            counts = _run_shards(root, paths, mine, enc, settings, dist_, dev, pool=pool,
+            counts = _run_shards(root, source, mine, enc, settings, dist_, dev, pool=pool,
                                  budget=max_batch_tokens, on_error=on_error, num_workers=num_workers,
                                  progress=progress and dist_.rank == 0)
         except BaseException:
@@ -213,21 +253,36 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         summary["wall_seconds"] = time.perf_counter() - t_start
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         dist_.close()
 
 
-def _run_shards(root: Path, paths, shards, enc, settings, dist_: DistInfo, dev, *, pool, budget,
+def _named(source: Source, pos: int, key: str) -> dict:
+    """How a journal line names an item: key and source (+ path for file sources)."""
+    out = {"pos": pos, "key": key, "source": source.unit_of(pos)}
+    if isinstance(source, FileSource):
+        out["path"] = key
+    return out
+
+
+def _where(source: Source, pos: int, key: str) -> str:
+    return key if isinstance(source, FileSource) else f"{source.unit_of(pos)}: {key}"
+
+
+def _run_shards(root: Path, source: Source, shards, enc, settings, dist_: DistInfo, dev, *, pool, budget,
                 on_error, num_workers, progress) -> dict:
     from tqdm import tqdm
 
     prep = Prep(enc.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_image_tokens,
                 settings.max_image_tokens, settings.max_pixels)
+    paths = source.keys
     slices = plan_slices(shards, len(paths), settings.shard_size, SLICE_SIZE)
     workers = max(0, num_workers)
     # about one shard of images in flight, so workers keep decoding while the device encodes
     prefetch = max(2, -(-settings.shard_size // (SLICE_SIZE * workers))) if workers else None
     loader = torch.utils.data.DataLoader(
-        SliceDataset(paths, slices, prep), batch_size=None, shuffle=False, num_workers=workers,
+        SliceDataset(source, slices, prep), batch_size=None, shuffle=False, num_workers=workers,
         pin_memory=dev.type == "cuda", prefetch_factor=prefetch)
     total = sum(min((s + 1) * settings.shard_size, len(paths)) - s * settings.shard_size for s in shards)
     bar = tqdm(total=total, unit="img", desc="embed", disable=not progress, dynamic_ncols=True,
@@ -240,31 +295,39 @@ def _run_shards(root: Path, paths, shards, enc, settings, dist_: DistInfo, dev, 
     try:
         for item in _whole_shards(loader, settings.shard_size, len(paths), on_error):
             if on_error == "fail" and item["errors"]:
-                pos, path, reason = item["errors"][0]
-                raise ValueError(f"{path}: {reason} (--on-error fail; nothing written so far is lost; "
-                                 "rerun with --on-error skip to record bad inputs in errors.jsonl)")
+                pos, key, reason = item["errors"][0]
+                raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; nothing "
+                                 "written so far is lost; rerun with --on-error skip to record bad "
+                                 "inputs in errors.jsonl)")
             feats, oom = runner.encode_shard(item)
             if oom and on_error == "fail":
                 k, reason = next(iter(oom.items()))
-                raise ValueError(f"{item['items'][k][1]}: {reason} (--on-error fail; try a smaller "
+                pos, key = item["items"][k][:2]
+                raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; try a smaller "
                                  "--max-image-tokens)")
             good = [it for k, it in enumerate(item["items"]) if k not in oom]
             errors = list(item["errors"]) + [(item["items"][k][0], item["items"][k][1], r)
                                              for k, r in oom.items()]
             grids = [g for k, g in enumerate(item["grid_hw"].tolist()) if k not in oom]
-            name = None
+            lens = feats.seqlens.tolist() if feats is not None else []
+            rows = [{**_named(source, pos, key), "row": r, "grid": grids[r], "tokens": lens[r], "sha256": sha}
+                    for r, (pos, key, sha, _) in enumerate(good)]
+            files = {"file": None}
             if feats is not None:
-                name = write_shard(root, item["shard"], feats.tokens, feats.cu_seqlens, feats.grid_hw,
-                                   feats.pooled, [it[1] for it in good], feats.num_prefix)
+                # every file of the shard durable before its journal line (see embed.store)
+                if settings.write_tokens:
+                    files["file"] = write_shard(root, item["shard"], feats.tokens, feats.cu_seqlens,
+                                                feats.grid_hw, feats.pooled, [it[1] for it in good],
+                                                feats.num_prefix)
+                if feats.pooled is not None:
+                    files["pooled"] = write_pooled(root, item["shard"], feats.pooled)
+                files["metadata"] = write_metadata(root, item["shard"], rows, [it[3] for it in good])
                 counts["shards"] += 1
                 _test_kill(counts["shards"], "shard")
-            lens = feats.seqlens.tolist() if feats is not None else []
             append_journal(journal, {
-                "shard": item["shard"], "file": name,
-                "items": [{"pos": pos, "path": path, "row": r, "grid": grids[r], "tokens": lens[r],
-                           "sha256": sha} for r, (pos, path, sha) in enumerate(good)],
-                "errors": [{"pos": pos, "path": path, "reason": reason}
-                           for pos, path, reason in sorted(errors)]})
+                "shard": item["shard"], **files, "items": rows,
+                "errors": [{**_named(source, pos, key), "reason": reason}
+                           for pos, key, reason in sorted(errors)]})
             _test_kill(counts["shards"], "journal")
             counts["images"] += len(good)
             counts["tokens"] += sum(lens)

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-from mixres.embed.store import FORMAT, JOURNAL_GLOB, read_journals, write_json, write_jsonl
+from mixres.embed.store import (
+    FORMAT,
+    JOURNAL_GLOB,
+    _fsync_dir,
+    item_key,
+    read_journals,
+    write_json,
+    write_jsonl,
+)
 
 _PREPROCESSING = ("patch_size", "mean", "std", "resample", "min_image_tokens", "max_image_tokens",
                   "max_pixels")
@@ -73,10 +81,11 @@ class Settings:
     max_batch_tokens: int | None
     shard_size: int
     num_prefix: int
+    write_tokens: bool = True  # False: --no-tokens (pooled/ + metadata/ only)
 
     @classmethod
     def of(cls, enc, model, model_name=None, *, pool, min_image_tokens, max_image_tokens, max_pixels,
-           max_batch_tokens, store_dtype, shard_size) -> Settings:
+           max_batch_tokens, store_dtype, shard_size, write_tokens=True) -> Settings:
         if model_name is None:
             if isinstance(model, (str, os.PathLike)):
                 model_name = os.path.abspath(model) if Path(model).exists() else os.fspath(model)
@@ -95,14 +104,17 @@ class Settings:
                    patch_size=enc.patch_size, mean=[float(x) for x in mean], std=[float(x) for x in std],
                    resample="bicubic", min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
                    max_pixels=max_pixels, max_batch_tokens=max_batch_tokens, shard_size=shard_size,
-                   num_prefix=enc.num_prefix)
+                   num_prefix=enc.num_prefix, write_tokens=write_tokens)
 
     @property
     def torch_store_dtype(self) -> torch.dtype:
         return _STORE_DTYPES[self.store_dtype]
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        d = asdict(self)
+        if d["write_tokens"]:
+            del d["write_tokens"]  # folders made before --no-tokens existed keep their fingerprint
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _versions() -> dict:
@@ -132,12 +144,17 @@ def _expected(paths: list[str], shard: int, size: int) -> list[tuple[int, str]]:
     return [(p, paths[p]) for p in range(lo, min(lo + size, len(paths)))]
 
 
+def record_files(rec: dict) -> list[str]:
+    """The files a journal record points at (token shard, pooled, metadata)."""
+    return [rec[k] for k in ("file", "pooled", "metadata") if rec.get(k)]
+
+
 def _check_record(root: Path, rec: dict, paths: list[str], size: int) -> bool:
-    """True: keep. False: drop (shard missing, or a shorter earlier --limit). Raises on other inputs."""
-    if rec.get("file") is not None and not (root / rec["file"]).is_file():
+    """True: keep. False: drop (a file missing, or a shorter earlier --limit). Raises on other inputs."""
+    if not all((root / f).is_file() for f in record_files(rec)):
         return False
-    got = sorted([(it["pos"], it["path"]) for it in rec["items"]] +
-                 [(er["pos"], er["path"]) for er in rec["errors"]])
+    got = sorted([(it["pos"], item_key(it)) for it in rec["items"]] +
+                 [(er["pos"], item_key(er)) for er in rec["errors"]])
     want = _expected(paths, int(rec["shard"]), size)
     if got == want:
         return True
@@ -151,17 +168,48 @@ def _check_record(root: Path, rec: dict, paths: list[str], size: int) -> bool:
                      f"{len(want)}; use another --out for another input list")
 
 
-def prepare_out_dir(root: Path, settings: Settings, paths: list[str]) -> None:
-    """Create or check `root` and repair what an interrupted run left (rank 0 only)."""
+def _check_source(root: Path, meta: dict, source: dict) -> None:
+    old = meta.get("source", {"kind": "files"})  # folders made before sources had files only
+    if old == source:
+        return
+    if old.get("kind") != source.get("kind"):
+        raise ValueError(f"{root} holds features of a {old.get('kind')} source, INPUT is a "
+                         f"{source.get('kind')} source; use another --out")
+    o, n = dict(map(tuple, old.get("units", []))), dict(map(tuple, source.get("units", [])))
+    diff = [f"{u}: {o.get(u, 'absent')} -> {n.get(u, 'absent')} items" for u in {**o, **n}
+            if o.get(u) != n.get(u)]
+    diff += [f"{k}: {old.get(k)!r} -> {source.get(k)!r}" for k in sorted({*old, *source} - {"kind", "units"})
+             if old.get(k) != source.get(k)]
+    if not diff and list(o) != list(n):
+        diff = ["the order of its files"]
+    raise ValueError(f"{root} holds features of another listing of this source "
+                     f"({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}); use another --out")
+
+
+_OUTPUT_GLOBS = ("shard-*.safetensors", "pooled/*.npy", "metadata/*.parquet")
+
+
+def prepare_out_dir(root: Path, settings: Settings, paths: list[str], source: dict | None = None) -> None:
+    """Create or check `root` and repair what an interrupted run left (rank 0 only).
+
+    paths   the keys of the items, in order; source  the source's `describe()`
+    """
+    source = source or {"kind": "files"}
     root.mkdir(parents=True, exist_ok=True)
+    for sub in ("pooled", "metadata"):
+        if not (root / sub).is_dir():
+            (root / sub).mkdir()
+            _fsync_dir(root)
     meta_path = root / "meta.json"
     journals = read_journals(root)
     if meta_path.is_file():
-        _check_settings(root, json.loads(meta_path.read_text()), settings)
-    elif journals or any(root.glob("shard-*.safetensors")):
+        meta = json.loads(meta_path.read_text())
+        _check_settings(root, meta, settings)
+        _check_source(root, meta, source)
+    elif journals or any(f for g in _OUTPUT_GLOBS for f in root.glob(g)):
         raise ValueError(f"{root} holds shards or journals but no meta.json; use another --out")
     else:
-        write_json(meta_path, {"format": FORMAT, "fingerprint": settings.fingerprint(),
+        write_json(meta_path, {"format": FORMAT, "fingerprint": settings.fingerprint(), "source": source,
                                "model": settings.model, "backend": settings.backend,
                                "num_prefix": settings.num_prefix, "store_dtype": settings.store_dtype,
                                "preprocessing": {k: asdict(settings)[k] for k in _PREPROCESSING},
@@ -176,15 +224,16 @@ def prepare_out_dir(root: Path, settings: Settings, paths: list[str]) -> None:
                 continue
             seen.add(rec["shard"])
             kept.append(rec)
-            if rec.get("file"):
-                keep_files.add(rec["file"])
+            keep_files.update(record_files(rec))
         if len(kept) != len(records) or not clean:
             write_jsonl(path, kept)
-    for f in root.glob("shard-*.safetensors"):
-        if f.name not in keep_files:
+    for g in _OUTPUT_GLOBS:  # orphans: written, but killed before their journal line
+        for f in root.glob(g):
+            if f.relative_to(root).as_posix() not in keep_files:
+                f.unlink()
+    for g in (".*.tmp*", "pooled/.*.tmp*", "metadata/.*.tmp*"):
+        for f in root.glob(g):
             f.unlink()
-    for f in root.glob(".*.tmp*"):
-        f.unlink()
 
 
 def done_shards(root: Path) -> set[int]:

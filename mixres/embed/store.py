@@ -4,9 +4,18 @@
       meta.json                   settings (+ their fingerprint), preprocessing, versions, status
       shard-000000.safetensors    the features of inputs [0, S), S = shard_size; one per shard
       shard-000001.safetensors    ...
+      pooled/000000.npy           (B, D') pooled vectors of shard 0's rows (pool != "none")
+      metadata/000000.parquet     shard 0's rows in the same order: key, source, grid_h, grid_w,
+                                  tokens, sha256 and the source's metadata fields
       progress-r{rank}.jsonl      journal: one line per finished shard (its rows and errors)
-      index.jsonl                 one line per embedded input, in input order
-      errors.jsonl                one line per rejected input: path, reason
+      index.jsonl                 one line per embedded item, in input order: key, source, shard
+                                  (token file, null with --no-tokens), part (shard number), row,
+                                  grid, tokens, sha256 (+ path for file sources)
+      errors.jsonl                one line per rejected item: key, source, reason (+ path)
+      .lock                       the lock of the run writing here (host, pid, start time)
+
+pooled/ + metadata/ are the clip-retrieval layout: `np.load` + faiss or
+`autofaiss build_index --embeddings=DIR/pooled` read them as they are.
 
 A shard holds plain tensors, so `safetensors.numpy.load_file` reads it with numpy alone:
 
@@ -17,24 +26,26 @@ A shard holds plain tensors, so `safetensors.numpy.load_file` reads it with nump
     grid_hw     (B, 2)    int64 patch grid of each row
     pooled      (B, D')   only when features were pooled (pool != "none")
 
-Why a journal: a shard is written to a temporary name, fsynced and renamed, and only
-then is its journal line appended (and fsynced). So after a `kill -9` at any moment a
-shard on disk without a journal line is an orphan (deleted on restart), a journal line
-always points at a complete shard, and a torn last line is dropped. Each rank appends to
+Why a journal: a shard (and its pooled/ and metadata/ files) is written to a temporary
+name, fsynced and renamed, and only then is its journal line appended (and fsynced). So
+after a `kill -9` at any moment a file on disk without a journal line is an orphan
+(deleted on restart), a journal line always points at complete files, and a torn last
+line is dropped. Each rank appends to
 its own journal, so ranks never write the same file; `index.jsonl` / `errors.jsonl`
 are derived from the journals (in input order) when a run ends.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["FORMAT", "shard_name", "write_shard", "append_journal", "read_journals", "write_jsonl",
-           "write_json", "merge_index"]
+__all__ = ["FORMAT", "shard_name", "pooled_name", "metadata_name", "write_shard", "write_pooled",
+           "write_metadata", "append_journal", "read_journals", "write_jsonl", "write_json", "merge_index"]
 
 FORMAT = "mixres-features-1"
 JOURNAL_GLOB = "progress-r*.jsonl"
@@ -73,8 +84,49 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}.safetensors"
 
 
+def pooled_name(shard: int) -> str:
+    return f"pooled/{shard:06d}.npy"
+
+
+def metadata_name(shard: int) -> str:
+    return f"metadata/{shard:06d}.parquet"
+
+
+def write_pooled(root: Path, shard: int, pooled: torch.Tensor) -> str:
+    """pooled/NNNNNN.npy: (B, D') in the store dtype, rows in shard order."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, pooled.contiguous().numpy())
+    name = pooled_name(shard)
+    write_atomic(root / name, buf.getvalue())
+    return name
+
+
+_META_BASE = ("key", "source", "grid_h", "grid_w", "tokens", "sha256")
+
+
+def write_metadata(root: Path, shard: int, rows: list[dict], metas: list[dict]) -> str:
+    """metadata/NNNNNN.parquet: one row per shard row; source fields that clash get a `meta_` prefix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = []
+    for r, m in zip(rows, metas):
+        row = {"key": r["key"], "source": r["source"], "grid_h": r["grid"][0], "grid_w": r["grid"][1],
+               "tokens": r["tokens"], "sha256": r["sha256"]}
+        for k, v in m.items():
+            row[f"meta_{k}" if k in _META_BASE else k] = v
+        table.append(row)
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(table), buf)
+    name = metadata_name(shard)
+    write_atomic(root / name, buf.getvalue())
+    return name
+
+
 def write_shard(root: Path, shard: int, tokens: torch.Tensor, cu_seqlens: torch.Tensor,
-                grid_hw: torch.Tensor, pooled: torch.Tensor | None, paths: list[str],
+                grid_hw: torch.Tensor, pooled: torch.Tensor | None, keys: list[str],
                 num_prefix: int) -> str:
     """Write one shard durably; returns its file name (relative to `root`)."""
     from safetensors.torch import save
@@ -83,7 +135,7 @@ def write_shard(root: Path, shard: int, tokens: torch.Tensor, cu_seqlens: torch.
                "grid_hw": grid_hw.to(torch.int64).contiguous()}
     if pooled is not None:
         tensors["pooled"] = pooled.contiguous()
-    meta = {"format": FORMAT, "num_prefix": str(num_prefix), "paths": json.dumps(paths)}
+    meta = {"format": FORMAT, "num_prefix": str(num_prefix), "keys": json.dumps(keys)}
     name = shard_name(shard)
     write_atomic(root / name, save(tensors, metadata=meta))
     return name
@@ -126,6 +178,17 @@ def read_journals(root: Path) -> dict[Path, tuple[list[dict], bool]]:
     return {p: _read_journal(p) for p in sorted(root.glob(JOURNAL_GLOB))}
 
 
+def item_key(it: dict) -> str:
+    return it["key"] if "key" in it else it["path"]  # journals before keys had paths only
+
+
+def _named(it: dict) -> dict:
+    out = {"key": item_key(it), "source": it.get("source", "")}
+    if "path" in it:
+        out["path"] = it["path"]
+    return out
+
+
 def merge_index(root: Path) -> tuple[int, int]:
     """Write index.jsonl and errors.jsonl from all journals, in input order.
 
@@ -135,11 +198,11 @@ def merge_index(root: Path) -> tuple[int, int]:
     for records, _ in read_journals(root).values():
         for rec in records:
             for it in rec["items"]:
-                rows.append((it["pos"], {"path": it["path"], "shard": rec["file"], "row": it["row"],
-                                         "grid": it["grid"], "tokens": it["tokens"],
+                rows.append((it["pos"], {**_named(it), "shard": rec["file"], "part": rec["shard"],
+                                         "row": it["row"], "grid": it["grid"], "tokens": it["tokens"],
                                          "sha256": it["sha256"]}))
             for er in rec["errors"]:
-                errors.append((er["pos"], {"path": er["path"], "reason": er["reason"]}))
+                errors.append((er["pos"], {**_named(er), "reason": er["reason"]}))
     rows.sort(key=lambda r: r[0])
     errors.sort(key=lambda r: r[0])
     write_jsonl(root / "index.jsonl", [r for _, r in rows])

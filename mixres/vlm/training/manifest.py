@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from mixres.embed.sources.files import resolve_entry
 from mixres.vlm.training.synthetic import content_spans as _all_words
 
 __all__ = ["ManifestError", "Record", "read_manifest", "ManifestDataset", "IMAGE_TOKEN"]
@@ -109,7 +110,7 @@ def _parse_line(raw: str, path: Path, line: int, placeholders: str) -> Record:
         raise ManifestError(path, line, "empty text: nothing to train on")
     files, sizes = [], []
     for name in images:
-        p = Path(name) if Path(name).is_absolute() else path.parent / name
+        p = resolve_entry(name, path.parent)  # the rule of `mixres embed`'s list files
         if not p.is_file():
             raise ManifestError(path, line, f"image {name!r} not found (looked at {p})")
         try:
