@@ -355,3 +355,15 @@ def test_verify_passes_good_folders_and_names_each_problem(reference, tmp_path):
                        env={**os.environ, "PYTHONPATH": PYTHONPATH}, timeout=120)
     assert r.returncode == 1
     assert r.stdout.strip().splitlines() == [f"mixres verify: {bad}: {p}" for p in problems]
+
+
+def test_one_image_file_as_input_is_a_list_of_one(photos, reference, tmp_path):
+    from mixres.embed.sources import open_source
+
+    src = open_source(photos[2])
+    assert src.kind == "files" and src.keys == [str(photos[2])]
+    embed(photos[2], tmp_path / "out", "tiny-vit", **KW)
+    one, ref = read_features(tmp_path / "out"), read_features(reference)
+    assert list(one) == [str(photos[2])]
+    # alone in its shard: equal to the file in a 2-image shard up to fp32 rounding
+    assert rel_err(one[str(photos[2])].tokens, ref[str(photos[2])].tokens) <= 1e-5
