@@ -100,6 +100,7 @@ class Prep:
     min_image_tokens: int
     max_image_tokens: int | None
     max_pixels: int | None
+    decode: str = "pil"  # [decode hook] a mixres.decode.DECODERS name
 
 
 def _read(path: str) -> bytes:
@@ -117,14 +118,16 @@ def _read(path: str) -> bytes:
 
 def load_one(path: str, prep: Prep) -> tuple[torch.Tensor, str]:
     """(normalized (3, H, W) tensor, sha256 of the file). Raises ValueError(reason)."""
-    from mixres.images import ImageLoadError, preprocess
+    from mixres.decode import get_decoder  # [decode hook] was mixres.images.preprocess
+    from mixres.images import ImageLoadError
 
     data = _read(path)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        img = preprocess(data, prep.patch_size, min_image_tokens=prep.min_image_tokens,
-                         max_image_tokens=prep.max_image_tokens, mean=prep.mean,
-                         std=prep.std, max_pixels=prep.max_pixels)
+        img = get_decoder(prep.decode).preprocess(
+            data, prep.patch_size, min_image_tokens=prep.min_image_tokens,
+            max_image_tokens=prep.max_image_tokens, mean=prep.mean, std=prep.std,
+            max_pixels=prep.max_pixels).cpu()  # [decode hook] cuda decodes on the GPU
     except ImageLoadError as e:
         raise ValueError(e.reason) from None
     except Exception as e:  # a decoder bug on a weird file is that file's problem, not the run's

@@ -147,11 +147,13 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
           max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, device=None, dtype=None,
           store_dtype: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 0,
           on_error: str = "skip", limit: int | None = None, progress: bool = True,
-          model_name: str | None = None, **renamed) -> dict:
+          model_name: str | None = None, decode: str = "pil", **renamed) -> dict:
     """Embed INPUT (folder, text list, JSONL, or a list of paths) into the folder `out`.
 
     Resumes what is already in `out` (same settings only). Returns a summary dict.
+    decode  how images become tensors: "pil" (mixres.images), "fast", "cuda" (mixres.decode)
     """
+    from mixres.decode import get_decoder
     from mixres.images import DEFAULT_MAX_PIXELS
 
     min_image_tokens, max_image_tokens = resolve_renamed(
@@ -162,6 +164,9 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
     check_pool(pool, select_layer)
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    get_decoder(decode)  # [decode hook] an unknown name, or cuda without a GPU: one line, before any work
+    if decode == "cuda":  # [decode hook] CUDA cannot run in forked DataLoader workers
+        num_workers = 0
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     t_start = time.perf_counter()
     dist_ = init_distributed(device)
@@ -175,6 +180,8 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
                                max_image_tokens=max_image_tokens, max_pixels=max_pixels,
                                max_batch_tokens=max_batch_tokens, store_dtype=store_dtype,
                                shard_size=shard_size)
+        if decode != "pil":  # [decode hook] other pixels, other features: a resume must use the same
+            settings.resample = f"bicubic (--decode {decode})"  # pil keeps old folders' fingerprint
         root = Path(out)
         # rank 0 checks the settings and repairs what a crash left; the others wait for it
         err = None
@@ -193,7 +200,7 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         try:
             counts = _run_shards(root, paths, mine, enc, settings, dist_, dev, pool=pool,
                                  budget=max_batch_tokens, on_error=on_error, num_workers=num_workers,
-                                 progress=progress and dist_.rank == 0)
+                                 progress=progress and dist_.rank == 0, decode=decode)
         except BaseException:
             if not dist_.distributed:  # keep index.jsonl in step with what is durable
                 rows, errs = merge_index(root)
@@ -217,11 +224,11 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
 
 
 def _run_shards(root: Path, paths, shards, enc, settings, dist_: DistInfo, dev, *, pool, budget,
-                on_error, num_workers, progress) -> dict:
+                on_error, num_workers, progress, decode="pil") -> dict:
     from tqdm import tqdm
 
     prep = Prep(enc.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_image_tokens,
-                settings.max_image_tokens, settings.max_pixels)
+                settings.max_image_tokens, settings.max_pixels, decode=decode)  # [decode hook]
     slices = plan_slices(shards, len(paths), settings.shard_size, SLICE_SIZE)
     workers = max(0, num_workers)
     # about one shard of images in flight, so workers keep decoding while the device encodes
