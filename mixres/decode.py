@@ -168,7 +168,10 @@ def _plan(src: ImageSource, patch_size: int, min_image_tokens: int, max_image_to
 
 def _hwc_to_nchw(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (1, 3, h, w) uint8 view in channels-last memory (what the fast resize wants)."""
-    hwc = torch.from_numpy(np.asarray(img.convert("RGB") if img.mode != "RGB" else img))
+    arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+    with warnings.catch_warnings():  # PIL's array is read-only; nothing here writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        hwc = torch.from_numpy(arr)
     return hwc.permute(2, 0, 1)[None]
 
 

@@ -58,7 +58,7 @@ def assert_close_to_pil(data, decoder=FAST, **kw):
     assert b.shape == a.shape and b.dtype == torch.float32 and b.is_contiguous()
     d = (a - b).abs()
     assert float(d.mean()) <= MEAN_TOL, f"mean |d| = {255 * float(d.mean()):.3f}/255"
-    assert float((d > 2 / 255).float().mean()) < 0.02  # differences are rare pixels, not a shift
+    assert float((d > 8 / 255).float().mean()) < 1e-3  # larger differences are rare pixels, not a shift
     return d
 
 
@@ -88,8 +88,8 @@ def test_fast_is_within_tolerance_on_generated_jpegs_and_the_draft_route(generat
         assert_close_to_pil(data)
     large = [p.read_bytes() for p in write_mixed_jpegs(tmp_path, n=2, seed=5, sides=(1600, 2400))]
     for data in large:
-        assert D._plan(data, 16, 1, 1024, (255,) * 3, None).route == "draft"
-        assert_close_to_pil(data)
+        assert D._plan(data, 16, 1, 256, (255,) * 3, None).route == "draft"
+        assert_close_to_pil(data, max_image_tokens=256)
 
 
 def test_fallbacks_keep_load_image_semantics(photos):
@@ -99,7 +99,7 @@ def test_fallbacks_keep_load_image_semantics(photos):
                                   .reshape(rgb.height, rgb.width)))
     pal = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
     pal.info["transparency"] = 0
-    gray16 = Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257), mode="I;16")
+    gray16 = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)  # I;16
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90
     cases = {
@@ -154,7 +154,8 @@ def test_bad_files_fail_as_pil_does_naming_the_file(photos, tmp_path):
 
 
 def test_batched_decoder_matches_fast_and_isolates_a_bad_file(photos, generated):
-    batch = [photos[0], photos[3], b"\xff\xd8\xff not a jpeg", generated[0], encoded(load_image(photos[2]), "PNG")]
+    batch = [photos[0], photos[3], b"\xff\xd8\xff not a jpeg", generated[0],
+             encoded(load_image(photos[2]), "PNG")]
     out = BATCHED.preprocess_many(batch, 16, **KW)
     assert isinstance(out[2], ImageLoadError) and "<bytes>" in str(out[2])
     for data, got in zip(batch, out):
@@ -175,9 +176,11 @@ def test_cuda_without_a_gpu_fails_with_one_line(tmp_path):
 
 
 def test_embed_fast_features_agree_with_pil_within_the_pixel_tolerance(photos, tmp_path):
-    """The feature tolerance comes from the pixel one: a perturbation of every pixel by
-    +-1/255 (mean |d| = 1/255, the stated bound) moves each image's features by some
-    relative amount; fast's features must be no further from pil's than that."""
+    """The feature tolerance comes from the pixel one. Any pixel change with mean |d| = 1/255
+    (the stated bound) is allowed; two such changes bracket how an encoder responds: every
+    pixel +-1/255 at random (high frequency, mostly averaged away by pooling) and every pixel
+    +1/255 (the lowest frequency, which pooling keeps). Each image's fast features must be no
+    further (relative L2) from its pil features than the larger of those two responses."""
     from mixres.embed import embed, read_features
     from mixres.encoders import load_encoder
     from mixres.packing import pool_features
@@ -201,14 +204,16 @@ def test_embed_fast_features_agree_with_pil_within_the_pixel_tolerance(photos, t
     g = torch.Generator().manual_seed(0)
     for path in ref.paths:
         a, b = ref[path], got[path]
-        assert torch.equal(a.grid_hw, b.grid_hw)
+        assert a.grid_hw == b.grid_hw
         x = PIL.preprocess(path, enc.patch_size, max_image_tokens=64, mean=mean, std=std)
         sign = torch.randint(0, 2, x.shape, generator=g).float() * 2 - 1
-        std_t = torch.as_tensor(std, dtype=torch.float32)[:, None, None]
-        feats = pool_features(enc.encode([x, x + sign * MEAN_TOL / std_t]), "model")
-        t0, t1 = feats.unpack()
-        allowed_tokens = float((t1 - t0).norm() / t0.norm())
-        allowed_pooled = float((feats.pooled[1] - feats.pooled[0]).norm() / feats.pooled[0].norm())
+        step = MEAN_TOL / torch.as_tensor(std, dtype=torch.float32)[:, None, None]
+        with torch.no_grad():
+            feats = pool_features(enc.encode([x, x + sign * step, x + step]), "model")
+        t0, *moved = feats.unpack()
+        allowed_tokens = max(float((t - t0).norm() / t0.norm()) for t in moved)
+        allowed_pooled = max(float((p - feats.pooled[0]).norm() / feats.pooled[0].norm())
+                             for p in feats.pooled[1:])
         assert torch.allclose(t0, a.tokens, rtol=1e-4, atol=1e-5)  # the pil run is the reference
         assert float((b.tokens - a.tokens).norm() / a.tokens.norm()) <= allowed_tokens, path
         assert float((b.pooled - a.pooled).norm() / a.pooled.norm()) <= allowed_pooled, path

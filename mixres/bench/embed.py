@@ -97,6 +97,12 @@ def pixel_distance(blobs, kw) -> dict:
             "max_mean_abs_255": 255 * max(means), "max_abs_255": 255 * top}
 
 
+def _route(blob, kw) -> str:
+    from mixres.decode import _plan
+    return _plan(blob, kw["patch_size"], kw["min_image_tokens"], kw["max_image_tokens"], (255,) * 3,
+                 None).route
+
+
 def photo_blobs(limit: int | None = None) -> list[bytes] | None:
     """scikit-image's bundled photographs as JPEG (quality 90) bytes; None without scikit-image."""
     import io
@@ -261,8 +267,9 @@ def _run(args, names, workers, out: Path, tmp: Path) -> int:
     pix["scikit-image photos (JPEG q90)"] = (pixel_distance(photos, kw) if photos is not None
                                              else {"status": "not measured (scikit-image not installed)"})
     large = [f.read_bytes() for f in write_mixed_jpegs(tmp / "large", n=2 if args.quick else 4,
-                                                       seed=args.seed + 1, sides=(1600, 3200))]
-    pix["large JPEGs 1600-3200 px (draft route)"] = pixel_distance(large, kw)
+                                                       seed=args.seed + 1, sides=(2400, 4000))]
+    routes = {_route(b, kw) for b in large}
+    pix[f"large JPEGs 2400-4000 px ({'/'.join(sorted(routes))} route)"] = pixel_distance(large, kw)
     for name, p in pix.items():
         if "mean_abs_255" in p:
             print(f"pixels {name}: mean |fast - pil| = {p['mean_abs_255']:.3f}/255, "
