@@ -3,9 +3,9 @@
     pil   `mixres.images.preprocess`: PIL decode, EXIF, every mode to RGB, PIL bicubic
           resize, normalize. The default, and the reference the others are measured against.
     fast  plain JPEGs (RGB or grayscale, no EXIF rotation) are decoded by libjpeg-turbo through
-          `torchvision.io.decode_jpeg`, or, when the image is at least 4x its target on both
+          `torchvision.io.decode_jpeg`, or, when the image is at least 6x its target on both
           sides, by PIL's JPEG draft mode (libjpeg's DCT-domain 1/2, 1/4, 1/8 scaling, down to
-          no less than twice the target, so the final filter still sees every detail it keeps);
+          no less than 3x the target, so the final filter still sees every detail it keeps);
           everything else (PNG, WebP, CMYK, EXIF-rotated, ...) by `load_image` itself. Then one
           antialiased bicubic resize of the uint8 image in torch (the same kernel as PIL's:
           a = -0.5, support scaled by the reduction, rounded to 8 bits) and a fused normalize.
@@ -53,7 +53,8 @@ __all__ = ["DECODERS", "Decoder", "get_decoder"]
 DECODERS = Registry("decoder")
 
 _ORIENTATION = 0x0112  # EXIF tag
-_DRAFT_MARGIN = 2  # a drafted JPEG keeps at least this many source pixels per output pixel
+_DRAFT_MARGIN = 3  # a drafted JPEG keeps at least this many source pixels per output pixel (2: 4x the
+# pixel distance, measured)
 
 
 class Decoder:

@@ -190,6 +190,8 @@ def test_embed_fast_features_agree_with_pil_within_the_pixel_tolerance(photos, t
     for i, data in enumerate(photos[:3]):
         (folder / f"photo{i}.jpg").write_bytes(data)
     write_mixed_jpegs(folder, n=2, seed=7, sides=(200, 500))
+    draft = write_mixed_jpegs(folder / "large", n=1, seed=8, sides=(1200, 1600))[0]
+    assert D._plan(str(draft), 16, 1, 64, (255,) * 3, None).route == "draft"
     (folder / "photo3.png").write_bytes(encoded(load_image(photos[3]), "PNG"))
     kw = dict(max_image_tokens=64, shard_size=3, num_workers=0, progress=False)
     embed(folder, tmp_path / "pil", "tiny-vit", **kw)
@@ -197,7 +199,7 @@ def test_embed_fast_features_agree_with_pil_within_the_pixel_tolerance(photos, t
     with pytest.raises(ValueError, match="--decode fast"):  # a resume must keep the decoder
         embed(folder, tmp_path / "fast", "tiny-vit", **kw)
     ref, got = read_features(tmp_path / "pil"), read_features(tmp_path / "fast")
-    assert ref.paths == got.paths and len(ref) == 6
+    assert ref.paths == got.paths and len(ref) == 7
 
     enc = load_encoder("tiny-vit", max_image_tokens=64)
     mean, std = enc.mean_std
