@@ -116,3 +116,51 @@ def write_photos(folder: str | Path, n: int = 12, seed: int = 0,
             rgba.save(p)
         paths.append(p)
     return paths
+
+
+def mixed_jpeg_sizes(n: int, seed: int = 0, sides: tuple[int, int] = (200, 1000),
+                     ar_range: tuple[float, float] = (0.5, 2.0)) -> list[tuple[int, int]]:
+    """(h, w) in pixels of the mixed-JPEG workload: aspect ratio log-uniform in `ar_range`
+    (the mixed-N ratios), both sides within `sides`, the longer one uniform in what that allows."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = math.log(ar_range[0]), math.log(ar_range[1])
+    out = []
+    for _ in range(n):
+        ar = math.exp(lo + (hi - lo) * torch.rand((), generator=g).item())  # w / h
+        stretch = max(ar, 1 / ar)
+        long_lo = min(sides[1], math.ceil(sides[0] * stretch))
+        long = long_lo + int((sides[1] - long_lo + 1) * torch.rand((), generator=g).item())
+        short = max(sides[0], round(long / stretch))
+        out.append((short, long) if ar >= 1 else (long, short))
+    return out
+
+
+def write_mixed_jpegs(folder: str | Path, n: int = 32, seed: int = 0, sides=(200, 1000),
+                      quality: int = 90) -> list[Path]:
+    """Write the mixed-JPEG workload: `n` photo-like RGB JPEGs of `mixed_jpeg_sizes`.
+
+    Content as in `write_photos` (gradients, shapes, sensor-like noise), so decode and
+    resize cost what they cost on photographs of that size. Used by `mixres bench embed`.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, (h, w) in enumerate(mixed_jpeg_sizes(n, seed, sides)):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([xx / (w - 1), yy / (h - 1), (xx + yy) / (h + w - 2)], -1)
+        arr = (base * rng.uniform(0.3, 1.0, 3) * 255 + rng.normal(0, 8, (h, w, 3))).clip(0, 255)
+        img = Image.fromarray(arr.astype("uint8"), "RGB")
+        draw = ImageDraw.Draw(img)
+        for _ in range(8):
+            x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+            r = int(rng.integers(4, max(5, min(h, w) // 3)))
+            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+            draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=fill)
+        p = folder / f"mixed_{i:04d}_{w}x{h}.jpg"
+        img.save(p, quality=quality)
+        paths.append(p)
+    return paths

@@ -45,6 +45,10 @@ def add_arguments(p) -> None:
                    help="run the model in this dtype (default: as loaded)")
     p.add_argument("--store-dtype", default="auto", choices=["auto", "float32", "float16"],
                    help="dtype of the tokens on disk (auto: float16 for fp16 models, else float32)")
+    p.add_argument("--decode", default="pil", metavar="NAME",
+                   help="how images become tensors: pil (default, PIL as the model processors do), "
+                        "fast (libjpeg-turbo + antialiased torch resize), cuda (nvJPEG + GPU resize); "
+                        "see mixres.decode")
     p.add_argument("--num-workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)),
                    help="DataLoader workers that decode images")
     p.add_argument("--on-error", default="skip", choices=["skip", "fail"],
@@ -96,7 +100,7 @@ def run(args) -> int:
               shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
               num_workers=args.num_workers, on_error=args.on_error, limit=args.limit,
               progress=not args.no_progress, image_column=args.image_column, id_column=args.id_column,
-              write_tokens=not args.no_tokens)
+              write_tokens=not args.no_tokens, decode=args.decode)
     if "index_rows" in s:  # rank 0
         resumed = f" ({s['done_before']} shards were already done)" if s["done_before"] else ""
         if s["shards"] == 0 and s["errors"] == 0 and s["done_before"]:

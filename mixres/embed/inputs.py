@@ -34,6 +34,7 @@ class Prep:
     min_image_tokens: int
     max_image_tokens: int | None
     max_pixels: int | None
+    decode: str = "pil"  # a mixres.decode.DECODERS name
 
 
 def load_one(path: str, prep: Prep) -> tuple[torch.Tensor, str]:
@@ -45,13 +46,15 @@ def load_one(path: str, prep: Prep) -> tuple[torch.Tensor, str]:
 
 def decode_one(data: bytes, prep: Prep) -> tuple[torch.Tensor, str]:
     """(normalized (3, H, W) tensor, sha256 of the encoded bytes). Raises ValueError(reason)."""
-    from mixres.images import ImageLoadError, preprocess
+    from mixres.decode import get_decoder
+    from mixres.images import ImageLoadError
 
     digest = hashlib.sha256(data).hexdigest()
     try:
-        img = preprocess(data, prep.patch_size, min_image_tokens=prep.min_image_tokens,
-                         max_image_tokens=prep.max_image_tokens, mean=prep.mean,
-                         std=prep.std, max_pixels=prep.max_pixels)
+        img = get_decoder(prep.decode).preprocess(
+            data, prep.patch_size, min_image_tokens=prep.min_image_tokens,
+            max_image_tokens=prep.max_image_tokens, mean=prep.mean, std=prep.std,
+            max_pixels=prep.max_pixels).cpu()  # cuda decodes on the GPU
     except ImageLoadError as e:
         raise ValueError(e.reason) from None
     except Exception as e:  # a decoder bug on a weird file is that file's problem, not the run's

@@ -171,14 +171,16 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
           store_dtype: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 0,
           on_error: str = "skip", limit: int | None = None, progress: bool = True,
           model_name: str | None = None, image_column: str | None = None, id_column: str | None = None,
-          write_tokens: bool = True, **renamed) -> dict:
+          write_tokens: bool = True, decode: str = "pil", **renamed) -> dict:
     """Embed INPUT into the folder `out`; INPUT is anything `mixres.embed.sources.open_source`
     takes (folder, text list, JSONL, list of paths, .tar shards, parquet, a datasets folder).
 
     Resumes what is already in `out` (same settings and source only); one run per folder
     at a time. write_tokens=False (--no-tokens) writes only pooled/ and metadata/.
+    decode  how images become tensors: "pil" (mixres.images), "fast", "cuda" (mixres.decode)
     Returns a summary dict.
     """
+    from mixres.decode import get_decoder
     from mixres.images import DEFAULT_MAX_PIXELS
 
     min_image_tokens, max_image_tokens = resolve_renamed(
@@ -191,6 +193,9 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not write_tokens and pool == "none":
         raise ValueError("--no-tokens keeps only the pooled vectors: choose a --pool other than none")
+    get_decoder(decode)  # an unknown name, or cuda without a GPU: one line, before any work
+    if decode == "cuda":  # CUDA cannot run in forked DataLoader workers
+        num_workers = 0
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     t_start = time.perf_counter()
     dist_ = init_distributed(device)
@@ -216,6 +221,8 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
                                max_image_tokens=max_image_tokens, max_pixels=max_pixels,
                                max_batch_tokens=max_batch_tokens, store_dtype=store_dtype,
                                shard_size=shard_size, write_tokens=write_tokens)
+        if decode != "pil":  # other pixels, other features: a resume must use the same decoder
+            settings.resample = f"bicubic (--decode {decode})"  # pil keeps old folders' fingerprint
         # rank 0 checks the settings and repairs what a crash left; the others wait for it
         err = None
         if dist_.rank == 0:
@@ -233,7 +240,7 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         try:
             counts = _run_shards(root, source, mine, enc, settings, dist_, dev, pool=pool,
                                  budget=max_batch_tokens, on_error=on_error, num_workers=num_workers,
-                                 progress=progress and dist_.rank == 0)
+                                 progress=progress and dist_.rank == 0, decode=decode)
         except BaseException:
             if not dist_.distributed:  # keep index.jsonl in step with what is durable
                 rows, errs = merge_index(root)
@@ -271,11 +278,11 @@ def _where(source: Source, pos: int, key: str) -> str:
 
 
 def _run_shards(root: Path, source: Source, shards, enc, settings, dist_: DistInfo, dev, *, pool, budget,
-                on_error, num_workers, progress) -> dict:
+                on_error, num_workers, progress, decode="pil") -> dict:
     from tqdm import tqdm
 
     prep = Prep(enc.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_image_tokens,
-                settings.max_image_tokens, settings.max_pixels)
+                settings.max_image_tokens, settings.max_pixels, decode=decode)
     paths = source.keys
     slices = plan_slices(shards, len(paths), settings.shard_size, SLICE_SIZE)
     workers = max(0, num_workers)

@@ -1,0 +1,350 @@
+"""Decoders: image bytes -> the (3, H, W) tensor the encoder takes, three ways.
+
+    pil   `mixres.images.preprocess`: PIL decode, EXIF, every mode to RGB, PIL bicubic
+          resize, normalize. The default, and the reference the others are measured against.
+    fast  plain JPEGs (RGB or grayscale, no EXIF rotation) are decoded by libjpeg-turbo through
+          `torchvision.io.decode_jpeg`, or, when the image is at least 6x its target on both
+          sides, by PIL's JPEG draft mode (libjpeg's DCT-domain 1/2, 1/4, 1/8 scaling, down to
+          no less than 3x the target, so the final filter still sees every detail it keeps);
+          everything else (PNG, WebP, CMYK, EXIF-rotated, ...) by `load_image` itself. Then one
+          antialiased bicubic resize of the uint8 image in torch (the same kernel as PIL's:
+          a = -0.5, support scaled by the reduction, rounded to 8 bits) and a fused normalize.
+    cuda  the fast route's plan, with the JPEGs of a batch decoded together by nvJPEG
+          (`decode_jpeg(list, device="cuda")`) and every resize on the GPU.
+
+Every decoder resizes to the same `target_size` of the same upright image, so the patch
+grid of an image never depends on the decoder: features differ only by pixel differences.
+All of them keep `load_image`'s guarantees: the decompression-bomb guard is read from the
+header before any pixel is decoded, and a bad file raises `ImageLoadError` naming it (a
+file the fast route cannot read goes through `load_image`, which says why).
+
+Measured distance of `fast` from `pil` in [0, 1] pixel space (`mixres bench embed`, in
+benchmarks/results/embed-cpu): mean |d| 0.001/255 on scikit-image's photographs as JPEG,
+0.026/255 on the mixed 200-1000 px JPEGs, 0.11/255 on 2400-4000 px JPEGs (the draft route);
+the largest single-pixel differences 2, 10 and 25 /255. The tests hold each image's mean
+|d| within 1/255.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from functools import cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mixres.images import (
+    _WHITE,
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    ImageSource,
+    _check_background,
+    _open,
+    _pil_bomb_check_off,
+    load_image,
+    preprocess,
+    target_size,
+)
+from mixres.registry import Registry
+
+__all__ = ["DECODERS", "Decoder", "get_decoder"]
+
+DECODERS = Registry("decoder")
+
+_ORIENTATION = 0x0112  # EXIF tag
+_DRAFT_MARGIN = 3  # a drafted JPEG keeps at least this many source pixels per output pixel (2: 4x the
+# pixel distance, measured)
+
+
+class Decoder:
+    """How one image becomes pixels. Subclasses override `pixels` (and `pixels_many`)."""
+
+    name: str
+    device = torch.device("cpu")
+
+    def pixels(self, src: ImageSource, patch_size: int, *, min_image_tokens: int = 1,
+               max_image_tokens: int | None = None, background: Sequence[int] = _WHITE,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        """(3, H, W) float32 in [0, 1], resized to `target_size`, not normalized."""
+        raise NotImplementedError
+
+    def preprocess(self, src: ImageSource, patch_size: int, *, mean: Sequence[float] = (0.5,) * 3,
+                   std: Sequence[float] = (0.5,) * 3, **kw) -> torch.Tensor:
+        """(3, H, W) float32, normalized: what `mixres.images.preprocess` returns."""
+        return _normalize(self.pixels(src, patch_size, **kw), mean, std)
+
+    def preprocess_many(self, srcs: Sequence[ImageSource], patch_size: int,
+                        **kw) -> list[torch.Tensor | ImageLoadError]:
+        """`preprocess` of each; a bad file gives its ImageLoadError in its place (the rest go on)."""
+        out = []
+        for src in srcs:
+            try:
+                out.append(self.preprocess(src, patch_size, **kw))
+            except ImageLoadError as e:
+                out.append(e)
+        return out
+
+
+def _normalize(pix: torch.Tensor, mean, std) -> torch.Tensor:
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pix.device)[:, None, None]
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=pix.device)[:, None, None]
+    return pix.sub_(mean_t).div_(std_t)
+
+
+@DECODERS.register("pil")
+class PilDecoder(Decoder):
+    """`mixres.images`: PIL decode and PIL bicubic resize (the reference)."""
+
+    def pixels(self, src, patch_size, *, min_image_tokens=1, max_image_tokens=None, background=_WHITE,
+               max_pixels=DEFAULT_MAX_PIXELS):
+        # preprocess with mean 0, std 1 is its [0, 1] tensor: the very same code path
+        return preprocess(src, patch_size, min_image_tokens=min_image_tokens,
+                          max_image_tokens=max_image_tokens, mean=(0.0,) * 3, std=(1.0,) * 3,
+                          background=background, max_pixels=max_pixels)
+
+    def preprocess(self, src, patch_size, *, mean=(0.5,) * 3, std=(0.5,) * 3, **kw):
+        return preprocess(src, patch_size, mean=mean, std=std, **kw)
+
+
+# the fast route's plan for one file
+
+class _Plan:
+    """What the header says: the route (jpeg | draft | pil), the upright size and the target."""
+
+    __slots__ = ("route", "data", "name", "img", "target", "background", "max_pixels")
+
+    def __init__(self, route, data, name, img, target, background, max_pixels):
+        self.route, self.data, self.name, self.img, self.target = route, data, name, img, target
+        self.background, self.max_pixels = background, max_pixels
+
+    def load_image(self) -> Image.Image:
+        """`load_image` of the bytes, its errors naming this file."""
+        try:
+            return load_image(self.data, background=self.background, max_pixels=self.max_pixels)
+        except ImageLoadError as e:
+            raise ImageLoadError(self.name, e.reason) from None
+
+
+def _plan(src: ImageSource, patch_size: int, min_image_tokens: int, max_image_tokens: int | None,
+          background, max_pixels: int | None) -> _Plan:
+    """Read the header only; anything unusual goes the `load_image` way (route "pil")."""
+    opened, name = _open(src)
+    img = None
+    if isinstance(opened, io.BytesIO):
+        data = opened.getvalue()
+        if data[:3] == b"\xff\xd8\xff":  # a JPEG stream; anything else PIL decodes
+            try:
+                with _pil_bomb_check_off():
+                    img = Image.open(io.BytesIO(data))
+                # ImageOps.exif_transpose reads the orientation the same way (EXIF, then XMP)
+                upright = img.getexif().get(_ORIENTATION, 1) in (None, 1)
+            except Exception:  # a broken header or EXIF block: load_image knows what to say
+                img, upright = None, False
+            if img is not None and img.format == "JPEG" and img.mode in ("RGB", "L") and upright:
+                w, h = img.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageLoadError(name, f"too large: {w}x{h} = {w * h} pixels exceeds "
+                                               f"max_pixels={max_pixels} (decompression bomb guard)")
+                if w * h == 0:
+                    raise ImageLoadError(name, f"empty image ({w}x{h} pixels)")
+                H, W = target_size(h, w, patch_size, min_image_tokens=min_image_tokens,
+                                   max_image_tokens=max_image_tokens)
+                drafted = min(w // (_DRAFT_MARGIN * W), h // (_DRAFT_MARGIN * H)) >= 2
+                return _Plan("draft" if drafted else "jpeg", data, name, img, (H, W), background,
+                             max_pixels)
+            if img is not None:
+                img.close()
+    # everything else: load_image's own decode (modes, alpha, EXIF), then the same resize
+    if isinstance(opened, io.BytesIO):
+        plan = _Plan("pil", opened.getvalue(), name, None, None, background, max_pixels)
+        plan.img = plan.load_image()
+    else:  # a PIL image
+        plan = _Plan("pil", None, name, load_image(opened, background=background, max_pixels=max_pixels),
+                     None, background, max_pixels)
+    plan.target = target_size(plan.img.height, plan.img.width, patch_size,
+                              min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens)
+    return plan
+
+
+def _hwc_to_nchw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (1, 3, h, w) uint8 view in channels-last memory (what the fast resize wants)."""
+    arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+    with warnings.catch_warnings():  # PIL's array is read-only; nothing here writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        hwc = torch.from_numpy(arr)
+    return hwc.permute(2, 0, 1)[None]
+
+
+@cache
+def _torchvision_io():
+    try:
+        import torchvision.io as tvio
+    except ImportError as e:
+        raise ValueError(f"the fast and cuda decoders need torchvision ({e}); "
+                         "pip install 'mixres[decode]'") from None
+    # torchvision 0.29 deprecates its image codecs in favour of torchcodec; they are still
+    # libjpeg-turbo and nvJPEG, which is what these decoders want
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
+    return tvio
+
+
+def _decode_cpu(plan: _Plan) -> torch.Tensor:
+    """(1, 3, h, w) uint8 of the plan's image."""
+    tvio = _torchvision_io()
+    ImageReadMode, decode_jpeg = tvio.ImageReadMode, tvio.decode_jpeg
+    if plan.route == "pil":
+        return _hwc_to_nchw(plan.img)
+    if plan.route == "draft":
+        H, W = plan.target
+        img = plan.img
+        try:
+            with _pil_bomb_check_off():
+                img.draft(img.mode, (_DRAFT_MARGIN * W, _DRAFT_MARGIN * H))
+                img.load()
+        except Exception:
+            return _hwc_to_nchw(plan.load_image())  # raises, naming the reason
+        return _hwc_to_nchw(img)
+    try:
+        buf = torch.frombuffer(bytearray(plan.data), dtype=torch.uint8)
+        return decode_jpeg(buf, mode=ImageReadMode.RGB)[None]
+    except RuntimeError:
+        # truncated or corrupt: load_image gives the one-line reason (or, should libjpeg
+        # through PIL be more lenient, the image)
+        return _hwc_to_nchw(plan.load_image())
+
+
+def _resize_u8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 3, h, w) uint8 -> (3, H, W) uint8, bicubic with antialiasing as PIL does it."""
+    if tuple(x.shape[-2:]) != tuple(size):
+        if x.device.type == "cpu":
+            # uint8 channels-last is torch's vectorized path: PIL's kernel, rounded to 8 bits
+            x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=size,
+                              mode="bicubic", antialias=True)
+        else:  # CUDA resizes floats; round and clip to 8 bits as PIL does
+            x = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True).round_().clamp_(0, 255)
+    return x[0]
+
+
+def _to_float(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """(3, H, W) uint8 (any layout) -> contiguous float32: x / 255, or normalized (x / 255 - mean) / std.
+
+    One copy for the layout and the dtype, then one multiply and one add in place
+    (measured faster than addcmul with broadcast channel constants).
+    """
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
+    if mean is None:
+        return out.div_(255.0)
+    mean_t = torch.as_tensor(mean, dtype=torch.float64)
+    std_t = torch.as_tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std_t)).to(torch.float32, copy=False).to(x.device)[:, None, None]
+    shift = (-mean_t / std_t).to(torch.float32).to(x.device)[:, None, None]
+    return out.mul_(scale).add_(shift)
+
+
+def _failed(plan_name: str, e: Exception) -> ImageLoadError:
+    return ImageLoadError(plan_name, f"cannot decode ({type(e).__name__}: {e})")
+
+
+@DECODERS.register("fast")
+class FastDecoder(Decoder):
+    """libjpeg-turbo (torchvision) or JPEG draft for plain JPEGs, PIL for the rest; torch resize."""
+
+    def __init__(self):
+        _torchvision_io()  # say now, not per file, that torchvision is missing
+
+    def _resized(self, src, patch_size, min_image_tokens=1, max_image_tokens=None, background=_WHITE,
+                 max_pixels=DEFAULT_MAX_PIXELS) -> torch.Tensor:
+        background = _check_background(background)
+        plan = _plan(src, patch_size, min_image_tokens, max_image_tokens, background, max_pixels)
+        try:
+            return _resize_u8(_decode_cpu(plan), plan.target)
+        finally:
+            if plan.img is not None:
+                plan.img.close()
+
+    def pixels(self, src, patch_size, **kw):
+        return _to_float(self._resized(src, patch_size, **kw))
+
+    def preprocess(self, src, patch_size, *, mean=(0.5,) * 3, std=(0.5,) * 3, **kw):
+        return _to_float(self._resized(src, patch_size, **kw), mean, std)
+
+
+@DECODERS.register("cuda")
+class CudaDecoder(FastDecoder):
+    """nvJPEG batches and GPU resizes; needs a CUDA GPU.
+
+    `device="cpu"` runs the same batched code with libjpeg-turbo on the CPU (how it is tested
+    on machines without a GPU).
+    """
+
+    def __init__(self, device: str | torch.device = "cuda"):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--decode cuda needs a CUDA GPU; this machine has none")
+        super().__init__()
+
+    def pixels(self, src, patch_size, **kw):
+        out = self.pixels_many([src], patch_size, **kw)[0]
+        if isinstance(out, ImageLoadError):
+            raise out
+        return out
+
+    def preprocess(self, src, patch_size, **kw):
+        out = self.preprocess_many([src], patch_size, **kw)[0]
+        if isinstance(out, ImageLoadError):
+            raise out
+        return out
+
+    def preprocess_many(self, srcs, patch_size, *, mean=(0.5,) * 3, std=(0.5,) * 3, **kw):
+        return [x if isinstance(x, ImageLoadError) else _to_float(x, mean, std)
+                for x in self._resized_many(srcs, patch_size, **kw)]
+
+    def pixels_many(self, srcs, patch_size, **kw) -> list[torch.Tensor | ImageLoadError]:
+        """Pixels in [0, 1] of each source on `self.device`; a bad file gives its ImageLoadError."""
+        return [x if isinstance(x, ImageLoadError) else _to_float(x)
+                for x in self._resized_many(srcs, patch_size, **kw)]
+
+    def _resized_many(self, srcs, patch_size, *, min_image_tokens=1, max_image_tokens=None,
+                      background=_WHITE, max_pixels=DEFAULT_MAX_PIXELS) -> list:
+        tvio = _torchvision_io()
+        background = _check_background(background)
+        out: list = [None] * len(srcs)
+        plans = {}
+        for i, src in enumerate(srcs):
+            try:
+                plans[i] = _plan(src, patch_size, min_image_tokens, max_image_tokens, background, max_pixels)
+            except ImageLoadError as e:
+                out[i] = e
+        batch = [i for i, p in plans.items() if p.route == "jpeg"]
+        decoded = {}
+        if batch:
+            bufs = [torch.frombuffer(bytearray(plans[i].data), dtype=torch.uint8) for i in batch]
+            try:
+                decoded = dict(zip(batch, tvio.decode_jpeg(bufs, mode=tvio.ImageReadMode.RGB,
+                                                             device=self.device)))
+            except RuntimeError:
+                decoded = {}  # one bad file fails the batch: decode one by one below
+        for i, plan in plans.items():
+            try:
+                x = decoded[i][None] if i in decoded else _decode_cpu(plan).to(self.device)
+                out[i] = _resize_u8(x, plan.target)
+            except ImageLoadError as e:
+                out[i] = e
+            except Exception as e:  # a decoder bug on a weird file is that file's problem
+                out[i] = _failed(plan.name, e)
+            finally:
+                if plan.img is not None:
+                    plan.img.close()
+        return out
+
+
+@cache
+def get_decoder(name: str = "pil") -> Decoder:
+    """The decoder registered as `name` (one instance per process). Raises ValueError (one line)
+    for an unknown name, or for `cuda` on a machine without a CUDA GPU."""
+    return DECODERS.get(name)()
