@@ -117,6 +117,7 @@ def _gather(t: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
 
 
 @register_attention_backend("sdpa", priority=10, supports=lambda q: True)
+@torch.compiler.disable  # a Python loop over segment lengths: torch.compile runs it eagerly, unbroken
 def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     # Group segments by equal (len_q, len_k) so each group is one dense SDPA call over
     # (G, heads, L, d): no padding, and few kernel launches when many images share a size.

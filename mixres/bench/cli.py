@@ -17,6 +17,7 @@ BENCHMARKS = {
     "navit": "mixres.bench.navit_bench",
     "vlm": "mixres.bench.vlm_throughput",
     "train-synthetic": "mixres.bench.train_synthetic",
+    "gpu": "mixres.bench.gpu",
 }
 
 
