@@ -235,8 +235,8 @@ def _hf_varlen_forward(module, query, key, value, attention_mask, scaling=None, 
     **kwargs. An attention mask cannot be honoured here (there is no padding to mask),
     so one given is an error rather than silently ignored.
     """
-    if "cu_seq_lens_q" not in kwargs and _CONTEXT.get() is not None:
-        kwargs = {**_CONTEXT.get(), **kwargs}
+    if "cu_seq_lens_q" not in kwargs and (ctx := _context_kwargs()) is not None:
+        kwargs = {**ctx, **kwargs}
     if attention_mask is not None:
         raise ValueError("mixres_varlen attention got an attention_mask; packed sequences "
                          "need none (segments come from cu_seq_lens_q/k)")
@@ -260,6 +260,13 @@ def _hf_varlen_forward(module, query, key, value, attention_mask, scaling=None, 
 
 _CONTEXT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mixres_varlen_kwargs",
                                                                        default=None)
+
+
+@torch.compiler.disable
+def _context_kwargs() -> dict | None:
+    # read outside torch.compile: traced, the context's max lengths would be guarded as
+    # constants and every new maximum would recompile the layer
+    return _CONTEXT.get()
 
 
 @contextlib.contextmanager
