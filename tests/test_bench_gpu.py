@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-smoke")
-    r = subprocess.run([sys.executable, "-m", "mixres", "bench", "gpu", "--smoke", "--out", str(out)],
+    # budgets x10: on a shared CI machine a section must not stop early (the guard has its own test)
+    r = subprocess.run([sys.executable, "-m", "mixres", "bench", "gpu", "--smoke", "--budget-scale", "10",
+                        "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text())
@@ -41,7 +43,7 @@ def test_smoke_run_has_every_section_ok_or_skipped_with_a_reason(smoke):
     assert s["environment"]["attention_backend"]["cuda bfloat16"] == "skipped: needs CUDA"
     assert s["embed"]["cuda_decode"]["status"] == "skipped"
     assert res["command"].startswith("mixres bench gpu --smoke")
-    assert all(sec["seconds"] <= sec["budget_s"] * 3 + 30 for sec in s.values())  # guards hold
+    assert not any("notes" in sec for sec in s.values())  # nothing left out
     md = (out / "results.md").read_text()
     for name in SECTIONS:
         assert f"## {name} (ok" in md

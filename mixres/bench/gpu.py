@@ -109,10 +109,10 @@ def _sections():
     return {
         "environment": (gpu_checks.environment, 10, 10),
         "attention": (gpu_checks.attention, 25, 15),
-        "invariance": (gpu_invariance.invariance, 110, 45),
-        "throughput": (gpu_speed.throughput, 120, 30),
+        "invariance": (gpu_invariance.invariance, 100, 45),
+        "throughput": (gpu_speed.throughput, 110, 30),
         "compile": (gpu_speed.compile_section, 60, 60),
-        "embed": (gpu_speed.embed_section, 50, 25),
+        "embed": (gpu_speed.embed_section, 60, 25),
         "vlm": (gpu_vlm.vlm, 40, 30),
         "oom": (gpu_checks.oom, 20, 20),
     }
@@ -144,13 +144,14 @@ def run_section(name: str, fn, ctx: Context) -> dict:
 
 
 def run_suite(out: Path, smoke: bool, device: torch.device, only: list[str] | None = None,
-              total_budget: float = 480.0, overrides: dict | None = None) -> dict:
-    """Run the sections into `out` (results.json written after every section)."""
+              total_budget: float = 480.0, overrides: dict | None = None, budget_scale: float = 1.0) -> dict:
+    """Run the sections into `out` (results.json written after every section).
+    budget_scale multiplies every section's budget (a slow or shared machine)."""
     table = {**_sections(), **(overrides or {})}
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": command_line(), "smoke": smoke, "device": str(device),
                "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-               "total_budget_s": total_budget, "sections": {}}
+               "total_budget_s": total_budget, "budget_scale": budget_scale, "sections": {}}
     t0 = time.perf_counter()
     for name in SECTIONS:
         if only and name not in only:
@@ -162,7 +163,8 @@ def run_suite(out: Path, smoke: bool, device: torch.device, only: list[str] | No
                                          "reason": f"skipped: the run's total budget of {total_budget:.0f} s "
                                                    "was used"}
             continue
-        ctx = Context(smoke, device, out, TimeBudget(min(smoke_s if smoke else full_s, left)))
+        own = (smoke_s if smoke else full_s) * budget_scale
+        ctx = Context(smoke, device, out, TimeBudget(min(own, left)))
         print(f"[bench gpu] {name} (budget {ctx.budget.seconds:.0f} s) ...", flush=True)
         res = results["sections"][name] = run_section(name, fn, ctx)
         shown = res.get("reason") or res.get("error") or "ok"
@@ -187,13 +189,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     p.add_argument("--sections", nargs="*", default=None, choices=SECTIONS, help="run only these")
     p.add_argument("--total-budget", type=float, default=None,
-                   help="seconds for the whole run (default 480; 240 with --smoke)")
+                   help="seconds for the whole run (default 480; 240 with --smoke; times --budget-scale)")
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="multiply every time budget (a slow or shared machine; CI uses 10)")
 
 
 def run(args) -> int:
     device = torch.device(args.device or ("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
-    budget = args.total_budget or (240.0 if args.smoke else 480.0)
-    res = run_suite(Path(args.out), args.smoke, device, args.sections, budget)
+    budget = (args.total_budget or (240.0 if args.smoke else 480.0)) * args.budget_scale
+    res = run_suite(Path(args.out), args.smoke, device, args.sections, budget, budget_scale=args.budget_scale)
     print((Path(args.out) / "results.md").read_text())
     bad = [n for n, s in res["sections"].items() if s["status"] == "error"]
     if bad:
