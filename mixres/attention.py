@@ -88,6 +88,8 @@ def _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
+    if max_q is None or max_k is None:  # the kernel needs them; callers through HF may not give them
+        max_q, max_k = (int((cu[1:] - cu[:-1]).max()) for cu in (cu_q, cu_k))
     kw = {}
     if scale is not None:
         if "scale" in params:
