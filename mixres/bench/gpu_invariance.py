@@ -82,13 +82,11 @@ def _encode_alone(enc, images):
     return PackedFeatures.cat([enc.encode([img]) for img in images])
 
 
-def family_row(model, images, device) -> dict:
+def family_row(model, images, device, navit: bool = False) -> dict:
     """fp32 / bf16 / own errors per image for one model (CPU fp32 weights in, left unchanged)."""
     import mixres
-    from mixres import vision_utils
     from mixres.invariance import compare_features
 
-    navit = vision_utils.family(model) == "navit"
     packed_b, alone_b = ("navit", "navit") if navit else ("packed", "loop")
     out = {"backend": packed_b, "reference": "navit backend, one image per call" if navit else "loop"}
     feats = {}
@@ -108,8 +106,7 @@ def family_row(model, images, device) -> dict:
     own = _worst(compare_features(a16, a32))
     bf16_direct = _worst(compare_features(p16, a16))
     ratios = [b / max(o, 1e-12) for b, o in zip(bf16, own)]
-    out.update(images=len(images), tokens=sum(x.shape[1] * x.shape[2] for x in images) // (
-        vision_utils.patch_size(model) or 16) ** 2,
+    out.update(images=len(images), tokens=int(p32.seqlens.sum()),
         fp32_max_rel=max(fp32), bf16_max_rel=max(bf16), own_bf16_max_rel=max(own),
         bf16_vs_bf16_alone_max_rel=max(bf16_direct), bf16_ratio_max=max(ratios),
         per_image={"fp32": fp32, "bf16": bf16, "own_bf16": own, "ratio": ratios},
@@ -121,7 +118,7 @@ def family_row(model, images, device) -> dict:
 def invariance(ctx: Context) -> dict:
     import importlib.util
 
-    from mixres import vision_utils
+    import mixres
     from mixres.workloads import mixed_images
 
     n, lo, hi = (4, 16, 64) if ctx.smoke else (12, 64, 1024)
@@ -135,9 +132,10 @@ def invariance(ctx: Context) -> dict:
             continue
         try:
             model = FAMILIES[fam][0 if ctx.smoke else 1]()
-            p = vision_utils.patch_size(model) or 16
+            navit = fam == "NaViT"
+            p = mixres.load_encoder(model, backend="navit" if navit else "packed").patch_size
             images = mixed_images(n, seed=7, patch_size=p, min_image_tokens=lo, max_image_tokens=hi)
-            rows[fam] = {"status": "ok", **family_row(model, images, ctx.device)}
+            rows[fam] = {"status": "ok", **family_row(model, images, ctx.device, navit=navit)}
         except Exception as e:  # one family failing does not hide the others
             rows[fam] = {"status": "error", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         r = rows[fam]

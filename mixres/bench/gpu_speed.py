@@ -40,8 +40,7 @@ def _runner(method: str, model):
         enc = mixres.load_encoder(model, backend=method, max_batch_tokens=None)
         return lambda images: enc.encode(images)
     fn = {"padded": throughput.run_padded, "oracle": throughput.run_oracle}[method]
-    from mixres import vision_utils
-    p = vision_utils.patch_size(model)
+    p = mixres.load_encoder(model, backend="packed").patch_size
     return lambda images: fn(model, images, patch_size=p)
 
 
@@ -72,11 +71,10 @@ def time_calls(ctx: Context, fns: dict, inputs: dict, warm: dict, repeats: int) 
 
 def throughput_model(ctx: Context, name: str, n: int, repeats: int) -> dict:
     import mixres
-    from mixres import vision_utils
     from mixres.workloads import mixed_images, oracle_images
 
     model = _model(name).to(ctx.device, ctx.dtype)
-    p = vision_utils.patch_size(model)
+    p = mixres.load_encoder(model, backend="packed").patch_size
     lo, hi = (16, 256) if ctx.smoke else (64, 1024)
     images = [x.to(ctx.device, ctx.dtype) for x in mixed_images(n, seed=0, patch_size=p, min_image_tokens=lo,
                                                                  max_image_tokens=hi)]
