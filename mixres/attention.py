@@ -88,6 +88,8 @@ def _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
+    if max_q is None or max_k is None:  # the kernel needs them; callers through HF may not give them
+        max_q, max_k = (int((cu[1:] - cu[:-1]).max()) for cu in (cu_q, cu_k))
     kw = {}
     if scale is not None:
         if "scale" in params:
@@ -117,6 +119,7 @@ def _gather(t: torch.Tensor, starts: list[int], length: int) -> torch.Tensor:
 
 
 @register_attention_backend("sdpa", priority=10, supports=lambda q: True)
+@torch.compiler.disable  # a Python loop over segment lengths: torch.compile runs it eagerly, unbroken
 def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     # Group segments by equal (len_q, len_k) so each group is one dense SDPA call over
     # (G, heads, L, d): no padding, and few kernel launches when many images share a size.
@@ -234,8 +237,8 @@ def _hf_varlen_forward(module, query, key, value, attention_mask, scaling=None, 
     **kwargs. An attention mask cannot be honoured here (there is no padding to mask),
     so one given is an error rather than silently ignored.
     """
-    if "cu_seq_lens_q" not in kwargs and _CONTEXT.get() is not None:
-        kwargs = {**_CONTEXT.get(), **kwargs}
+    if "cu_seq_lens_q" not in kwargs and (ctx := _context_kwargs()) is not None:
+        kwargs = {**ctx, **kwargs}
     if attention_mask is not None:
         raise ValueError("mixres_varlen attention got an attention_mask; packed sequences "
                          "need none (segments come from cu_seq_lens_q/k)")
@@ -259,6 +262,13 @@ def _hf_varlen_forward(module, query, key, value, attention_mask, scaling=None, 
 
 _CONTEXT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mixres_varlen_kwargs",
                                                                        default=None)
+
+
+@torch.compiler.disable
+def _context_kwargs() -> dict | None:
+    # read outside torch.compile: traced, the context's max lengths would be guarded as
+    # constants and every new maximum would recompile the layer
+    return _CONTEXT.get()
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "vlm": "mixres.bench.vlm_throughput",
     "train-synthetic": "mixres.bench.train_synthetic",
     "embed": "mixres.bench.embed",
+    "gpu": "mixres.bench.gpu",
 }
 
 

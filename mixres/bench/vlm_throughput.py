@@ -59,7 +59,7 @@ class PaddedContext(SeqContext):
     def __init__(self, mask: torch.Tensor, positions: torch.Tensor):
         b, L = mask.shape
         super().__init__(cu_q=None, max_q=L, positions=positions)
-        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        causal = torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
         self.rows, self.attn_mask = b, (causal[None] & mask[:, None, :])[:, None]  # (B, 1, L, L)
 
     def attend(self, q, k, v, slot):
@@ -69,16 +69,32 @@ class PaddedContext(SeqContext):
                                            enable_gqa=q.shape[1] != k.shape[1])
         return o.transpose(1, 2).reshape(b * L, o.shape[1], o.shape[3])
 
+    def cross_attend(self, q, k, v):
+        """Cross-attention the padded way: each sample's image tokens padded to the longest
+        (memory_mask), every text row of the sample reading them (samples have >= 1 image)."""
+        b, L = self.rows, self.max_q
+        m = self.memory_mask.shape[1]
+        kd = k.new_zeros(b * m, k.shape[1], k.shape[2])
+        vd = v.new_zeros(b * m, v.shape[1], v.shape[2])
+        kd[self.memory_index], vd[self.memory_index] = k, v
+        q = q.reshape(b, L, q.shape[1], q.shape[2]).transpose(1, 2)
+        kd, vd = (t.reshape(b, m, t.shape[1], t.shape[2]).transpose(1, 2) for t in (kd, vd))
+        o = F.scaled_dot_product_attention(q, kd, vd, attn_mask=self.memory_mask[:, None, None, :],
+                                           enable_gqa=q.shape[1] != kd.shape[1])
+        return o.transpose(1, 2).reshape(b * L, o.shape[1], o.shape[3])
+
 
 def padded_image_tokens(vlm, images: PackedImages) -> torch.Tensor:
     """Every image padded to the largest grid, encoded and adapted densely; then each image's
     real tokens (prefix + its top-left grid region) are read back, in image order."""
     p, grids = images.patch_size, images.grid_hw
     hmax, wmax = (int(v) for v in grids.max(0).values)
-    pix = torch.zeros(grids.shape[0], images.channels, hmax * p, wmax * p)
+    enc = vlm.encoder
+    dtype = next(enc.parameters()).dtype
+    pix = torch.zeros(grids.shape[0], images.channels, hmax * p, wmax * p, device=images.patches.device,
+                      dtype=dtype)
     for i, im in enumerate(images.unpack()):
         pix[i, :, :im.shape[1], :im.shape[2]] = im
-    enc = vlm.encoder
     if hasattr(enc, "runner"):  # an HF model: the usual dense call on the padded batch
         hidden = enc.model(pixel_values=pix, interpolate_pos_encoding=True).last_hidden_state
         prefix = enc.num_prefix
@@ -87,7 +103,8 @@ def padded_image_tokens(vlm, images: PackedImages) -> torch.Tensor:
         feats = enc(dense)
         hidden, prefix = feats.tokens.reshape(grids.shape[0], -1, feats.tokens.shape[1]), feats.num_prefix
     b, n, d = hidden.shape
-    feats = PackedFeatures(hidden.reshape(b * n, d), torch.arange(b + 1, dtype=torch.int32) * n,
+    dev = hidden.device
+    feats = PackedFeatures(hidden.reshape(b * n, d), torch.arange(b + 1, dtype=torch.int32, device=dev) * n,
                            torch.tensor([[hmax, wmax]] * b), prefix)
     out = vlm.adapter(feats)  # the adapter runs over the padding too
     m = vlm.adapter.grid_multiple
@@ -101,23 +118,33 @@ def padded_image_tokens(vlm, images: PackedImages) -> torch.Tensor:
 
 
 def padded_loss(vlm, batch) -> torch.Tensor:
+    """The same loss as `vlm(batch).loss`, computed on padded tensors (any of the strategies)."""
+    batch = batch.to(vlm.device)
     img = padded_image_tokens(vlm, batch.images)
     x = vlm.strategy.embed(vlm.lm, batch, img)
+    dev = x.device
     lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
     b, L = len(lens), max(lens)
-    mask = torch.arange(L)[None] < torch.tensor(lens)[:, None]
+    mask = torch.arange(L, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]
     dense = x.new_zeros(b * L, x.shape[1])
     flat = mask.reshape(-1).nonzero().squeeze(1)
     dense[flat] = x
-    labels = torch.full((b * L,), IGNORE, dtype=torch.long)
+    labels = torch.full((b * L,), IGNORE, dtype=torch.long, device=dev)
     labels[flat] = batch.labels
-    pos = torch.arange(L).repeat(b)
+    pos = torch.arange(L, device=dev).repeat(b)
     ctx = PaddedContext(mask, pos)
-    mod = torch.zeros(b * L, dtype=torch.long)
+    mod = torch.zeros(b * L, dtype=torch.long, device=dev)
     mod[flat] = batch.modality_ids
     ctx.modality_ids = mod
+    if not vlm.strategy.expands_images:  # cross-attention: the image tokens are the memory
+        cu = batch.image_token_cu.to(dev).long()
+        counts = (cu[1:] - cu[:-1]).tolist()
+        m = max(counts)
+        ctx.memory_mask = torch.arange(m, device=dev)[None] < torch.tensor(counts, device=dev)[:, None]
+        ctx.memory_index = ctx.memory_mask.reshape(-1).nonzero().squeeze(1)
+        ctx.memory = img
     h = vlm.lm.run(dense, ctx).reshape(b, L, -1)
-    logits = vlm.lm.head(h[:, :-1])
+    logits = vlm.lm.head(h[:, :-1]).float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(b, L)[:, 1:].reshape(-1))
 
 
