@@ -41,7 +41,9 @@ def test_smoke_run_has_every_section_ok_or_skipped_with_a_reason(smoke):
     s = res["sections"]
     assert s["attention"]["speed"]["reason"] == "skipped: needs CUDA (the flash backend)"
     assert s["environment"]["attention_backend"]["cuda bfloat16"] == "skipped: needs CUDA"
-    assert s["embed"]["cuda_decode"]["status"] == "skipped"
+    decoders = s["embed"]["decoders"]
+    assert decoders["cuda"]["reason"] == "skipped: needs CUDA"
+    assert all(decoders[d]["embed_images_per_s"] > 0 for d in ("pil", "fast"))
     assert res["command"].startswith("mixres bench gpu --smoke")
     assert not any("notes" in sec for sec in s.values())  # nothing left out
     md = (out / "results.md").read_text()

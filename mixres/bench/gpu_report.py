@@ -96,7 +96,10 @@ def _embed(s):
             f"`mixres.embed.embed` {s['embed_images_per_s']:.1f} images/s end to end; the encoder alone on "
             f"pre-decoded tensors {s['encoder_images_per_s']:.1f} images/s "
             f"(ratio {s['embed_vs_encoder']:.2f})",
-            "", f"CUDA decode: {s['cuda_decode']['reason']}", ""]
+            "", "| decoder | embed images/s | vs encoder alone |", "|---|---|---|",
+            *(f"| {name} | {row['embed_images_per_s']:.1f} | {row['embed_vs_encoder']:.2f} |"
+              if "embed_images_per_s" in row else f"| {name} | {row['reason']} | |"
+              for name, row in s["decoders"].items()), ""]
 
 
 def _vlm(s):
