@@ -27,10 +27,10 @@ _LAZY = {
     "unpatch_vit": "mixres.masked_vit_patcher",
     "encode_images": "mixres.batch_image_encoder",
     "encode_nested": "mixres.batch_image_encoder",
-    # importing mixres.navit_model registers "navit" with AutoConfig/AutoModel; it pulls in
+    # importing mixres.models.navit registers "navit" with AutoConfig/AutoModel; it pulls in
     # vit-pytorch (and torchvision), so it is not imported by `import mixres` itself
-    "NaViTConfig": "mixres.navit_model",
-    "NaViTModel": "mixres.navit_model",
+    "NaViTConfig": "mixres.models.navit",
+    "NaViTModel": "mixres.models.navit",
 }
 
 __all__ = ["PackedFeatures", "PackedImages", "pack_into_bins", "load_encoder", "list_backends",

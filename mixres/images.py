@@ -1,6 +1,6 @@
 """Images in, CHW float tensors out: loading, the resize policy, normalization.
 
-This is the first step of the path of one image (see DESIGN.md):
+This is the first step of the path of one image (see ARCHITECTURE.md):
 
     file / bytes / PIL / tensor --load_image--> RGB PIL image (EXIF applied, alpha composited)
                                 --target_size-> (H, W): multiples of the patch size, aspect
@@ -32,16 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "ImageLoadError",
-    "ImageSource",
-    "load_image",
-    "normalize",
-    "preprocess",
-    "target_size",
-    "to_tensor",
-]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "ImageSource", "load_image", "normalize", "preprocess",
+           "target_size", "to_tensor"]
 
 # PIL's own default `Image.MAX_IMAGE_PIXELS` (1024 * 1024 * 1024 // 4 // 3, about 0.25 GiB
 # of RGB), spelled out so that a caller changing PIL's global does not change ours.

@@ -5,8 +5,8 @@
 of different sizes, content at the top-left, plus `image_sizes` (B, 2: true H, W in
 pixels). Each image's tokens then equal the unmodified model run on that image alone with
 `interpolate_pos_encoding=True`, and every output at a padded position is exactly zero.
-`unpatch_vit(model)` puts the model back as it was. `backend="masked"` (`MaskedViTEncoder`
-below) runs this for `mixres.load_encoder`.
+`unpatch_vit(model)` puts the model back as it was. `backend="masked"`
+(`mixres.encoders.masked`) runs this for `mixres.load_encoder`.
 
 How the three differences between "padded batch" and "image alone" are removed:
 - attention: padded patches are dropped from the keys through the model's own
@@ -51,10 +51,10 @@ pixels outside the content region are zero, and the masked-image loss (with
 
 Gradient checkpointing works (outputs and gradients as without it). One limit: on
 transformers 5.17, whose checkpointing wraps a layer's hooks too (5.23 wraps only
-`forward`), reentrant checkpointing
-(`use_reentrant=True`) recomputes the layers without the zeroing, so a loss that reads
-the (zero) padded rows of intermediate `hidden_states` sends gradient through them; losses
-on valid tokens, the last layer and the pooled output are exact.
+`forward`), reentrant checkpointing (`use_reentrant=True`) recomputes the layers without
+the zeroing, so a loss that reads the (zero) padded rows of intermediate `hidden_states`
+sends gradient through them; losses on valid tokens, the last layer and the pooled output
+are exact.
 
 Not thread-safe for concurrent forwards of one patched instance (the per-call masks live
 on the instance while a forward runs); separate instances are independent.
@@ -74,13 +74,11 @@ from transformers.models.vit.modeling_vit import (
     ViTForMaskedImageModeling,
     ViTModel,
 )
-from transformers.utils import torch_int
 
-from mixres.encoders import register_backend
-from mixres.encoders.base import Encoder
-from mixres.packing import PackedFeatures, PackedImages, seqlens_to_cu
+from mixres.packing import resample_table
 
-__all__ = ["patch_vit", "unpatch_vit", "is_patched", "patched", "content_grid", "MaskedViTEncoder"]
+__all__ = ["patch_vit", "unpatch_vit", "is_patched", "patched", "content_grid"]
+
 
 _ATTR = "_mixres_masked_patch"  # the only attribute a patch adds to each module it touches
 
@@ -177,21 +175,10 @@ def _keep_mask(grid: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
 # position encodings
 
 def _interpolated_pos(emb: nn.Module, h: int, w: int) -> torch.Tensor:
-    """(1 + h*w, D): HF's `ViTEmbeddings.interpolate_pos_encoding` for an h x w grid alone.
-
-    The same steps as HF (kept line for line so the arithmetic is bit-identical),
-    including its shortcut of returning the table unchanged for the native square grid.
-    """
-    pos = emb.position_embeddings
-    num_positions = pos.shape[1] - 1
-    if h * w == num_positions and h == w:
-        return pos[0]
-    dim = pos.shape[-1]
-    side = torch_int(num_positions ** 0.5)
-    patch_pos = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    patch_pos = nn.functional.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).view(1, -1, dim)
-    return torch.cat((pos[:, :1], patch_pos), dim=1)[0]
+    """(1 + h*w, D): HF's `ViTEmbeddings.interpolate_pos_encoding` for an h x w grid alone
+    (the same resampling, including its shortcut for the native square grid)."""
+    pos = emb.position_embeddings[0]
+    return torch.cat([pos[:1], resample_table(pos[1:], (h, w))])
 
 
 def _padded_pos(emb: nn.Module, rec: _Patch, call: _Call) -> torch.Tensor:
@@ -462,81 +449,3 @@ def patched(model: nn.Module, pad_value: float = 0.0):
 
 
 # backend="masked"
-
-def _base_vit(model: nn.Module) -> ViTModel:
-    if isinstance(model, ViTModel):
-        return model
-    vit = getattr(model, "vit", None)
-    if isinstance(vit, ViTModel):
-        return vit
-    raise TypeError(f"backend 'masked': expected an HF ViT model (ViTModel or a ViT task model with .vit), "
-                    f"got {type(model).__name__}")
-
-
-@register_backend("masked")
-class MaskedViTEncoder(Encoder):
-    """Pad to the largest image, run the patched ViTModel with `image_sizes`, keep valid tokens.
-
-    Works on the ViTModel inside a task model (its pooler output, if any, is `pooled`).
-    The patch is applied for the duration of each forward and removed in `finally`, so the
-    user's model is unchanged after `encode` (a model the user patched stays patched).
-
-    max_padding  None (default): each chunk is one padded batch, as large as its largest
-                 rows x largest cols. A number r >= 1: images are sorted by grid and cut
-                 into padded batches whose padded grid holds at most r times their real
-                 tokens (plus the first image of each), trading more forwards for less
-                 padding. Results are the same either way.
-
-    Pads cost compute: this backend exists for users of the padded API and for comparison;
-    backend="packed" does the same work without padding.
-    """
-
-    def __init__(self, model: nn.Module, *, max_padding: float | None = None, **kwargs):
-        self.vit = _base_vit(model)
-        if max_padding is not None and max_padding < 1:
-            raise ValueError(f"backend 'masked': max_padding must be None or >= 1, got {max_padding}")
-        self.max_padding = max_padding
-        super().__init__(model, **kwargs)
-
-    def forward(self, packed: PackedImages) -> PackedFeatures:
-        groups = _padding_groups(packed.grid_hw.tolist(), self.max_padding)
-        with patched(self.vit):
-            if len(groups) == 1:
-                return self._forward_padded(packed)
-            outs = [self._forward_padded(packed.select(g)) for g in groups]
-        order = torch.tensor([i for g in groups for i in g])
-        return PackedFeatures.cat(outs).select(torch.argsort(order).tolist())
-
-    def _forward_padded(self, packed: PackedImages) -> PackedFeatures:
-        p, c = packed.patch_size, packed.channels
-        grid = packed.grid_hw.to(packed.patches.device)
-        gh, gw = (int(v) for v in grid.max(0).values.tolist())
-        # packed patches are image-major and row-major, the order of the True entries of the
-        # padded grid's content mask: one scatter pads every image (no per-image loop)
-        keep = _keep_mask(grid, gh, gw)
-        cells = packed.patches.new_zeros(grid.shape[0], gh * gw, c * p * p)
-        cells[keep[:, 1:]] = packed.patches
-        batch = cells.view(-1, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, gh * p, gw * p)
-        want_hidden = self.select_layer != -1
-        out = self.vit(batch, image_sizes=grid * p, output_hidden_states=want_hidden)
-        hidden = out.last_hidden_state if not want_hidden else out.hidden_states[self.select_layer]
-        return PackedFeatures(hidden[keep], seqlens_to_cu(grid.prod(1) + 1, device=hidden.device),
-                              packed.grid_hw, num_prefix=1, pooled=out.pooler_output)
-
-
-def _padding_groups(grids: list[list[int]], max_padding: float | None) -> list[list[int]]:
-    """Indices cut into padded batches whose padded grid holds <= max_padding x real tokens."""
-    if max_padding is None or len(grids) < 2:
-        return [list(range(len(grids)))]
-    order = sorted(range(len(grids)), key=lambda i: (grids[i][0], grids[i][1], i))
-    groups, real, rows, cols = [], 0, 0, 0
-    for i in order:
-        h, w = grids[i]
-        r, c = max(rows, h), max(cols, w)
-        if groups and (len(groups[-1]) + 1) * r * c <= max_padding * (real + h * w):
-            groups[-1].append(i)
-            real, rows, cols = real + h * w, r, c
-        else:
-            groups.append([i])
-            real, rows, cols = h * w, h, w
-    return groups

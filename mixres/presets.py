@@ -35,11 +35,11 @@ PRESET_SEED = 0
 # Presets defined by modules with heavy imports (vit-pytorch pulls in torchvision) are
 # lazy entries: their module is imported the first time one of their names is asked for.
 PRESETS = Registry("preset")
-PRESETS.lazy("navit-b16", "mixres.navit_model")
-PRESETS.lazy("tiny-navit", "mixres.navit_model")
+PRESETS.lazy("navit-b16", "mixres.models.navit")
+PRESETS.lazy("tiny-navit", "mixres.models.navit")
 # model types registered with AutoConfig by a mixres module, imported before from_pretrained
 MODEL_TYPES = Registry("model type")
-MODEL_TYPES.lazy("navit", "mixres.navit_model")
+MODEL_TYPES.lazy("navit", "mixres.models.navit")
 
 
 class UnknownModelError(ValueError):

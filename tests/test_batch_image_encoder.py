@@ -22,7 +22,7 @@ from mixres.batch_image_encoder import (
     encode_nested,
 )
 from mixres.encoders import load_encoder
-from mixres.navit_model import NaViTConfig, NaViTModel
+from mixres.models.navit import NaViTConfig, NaViTModel
 from mixres.packing import PackedImages
 from mixres.vision_utils import image_encoder_size
 
@@ -351,8 +351,13 @@ def test_select_layer_penultimate():
 
 
 def test_route_falls_back_to_grouped_where_the_backend_refuses(monkeypatch):
-    # a family the packed backend has no recipe for (windowed Swin) goes grouped by itself
-    monkeypatch.setitem(bie.ROUTES, "swinv2", "packed")
+    # a family the packed backend has no recipe for (windowed Swin) goes grouped by itself,
+    # even when its spec asks for the packed route
+    import dataclasses
+
+    from mixres.families import FAMILIES
+    spec = FAMILIES.get("swinv2")
+    monkeypatch.setitem(FAMILIES._items, "swinv2", dataclasses.replace(spec, backend="packed"))
     assert bie.route_for(build("swinv2")) == "grouped"
     with pytest.raises(ValueError, match="packed backend"):
         encode_images_group(build("swinv2"), [torch.randn(3, 16, 16)], route="packed")

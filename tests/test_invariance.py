@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import mixres
-from mixres.encoders import register_backend
+from mixres.encoders import register_encoder_backend
 from mixres.encoders.loop import LoopEncoder
 from mixres.packing import PackedFeatures, seqlens_to_cu
 
 
-@register_backend("test-naive-padding")
+@register_encoder_backend("test-naive-padding")
 class NaivePadding(LoopEncoder):
     """Pads every image to the largest one and reads back its content tokens: what most
     pipelines do, and exactly what check_invariance must catch."""

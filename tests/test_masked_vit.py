@@ -8,9 +8,8 @@ from transformers import ViTConfig, ViTForImageClassification, ViTForMaskedImage
 
 from mixres import presets
 from mixres.encoders import get_backend, load_encoder
+from mixres.encoders.masked import MaskedViTEncoder, _padding_groups
 from mixres.masked_vit_patcher import (
-    MaskedViTEncoder,
-    _padding_groups,
     content_grid,
     is_patched,
     patch_vit,

@@ -12,7 +12,7 @@ from vit_pytorch import na_vit
 
 from mixres.encoders import get_backend
 from mixres.encoders.navit import NaViTEncoder
-from mixres.navit_model import NaViTConfig, NaViTModel, tiny_navit
+from mixres.models.navit import NaViTConfig, NaViTModel, tiny_navit
 from mixres.packing import PackedImages
 from tests.conftest import rel_err
 
@@ -206,3 +206,17 @@ def test_presets_are_deterministic_and_leave_rng_alone():
 
     assert state_digest(build("tiny-navit")) == state_digest(a)
     assert isinstance(load_encoder("tiny-navit", backend="navit").model, NaViTModel)
+
+
+def test_bare_navit_is_recognised_by_its_class(navit):
+    # a non-HF model (no config) is found by class: its spec answers what no config can
+    from mixres import batch_image_encoder, vision_utils
+
+    assert vision_utils.family(navit) == "navit" == vision_utils.family(tiny_navit())
+    assert (vision_utils.patch_size(navit), vision_utils.num_prefix_tokens(navit)) == (16, 0)
+    assert vision_utils.hidden_size(navit) == 32
+    assert batch_image_encoder.route_for(navit) == "navit"
+    images = _images()
+    embs = batch_image_encoder.encode_images_group(navit, images)
+    for i, img in enumerate(images):
+        assert rel_err(embs[i], _alone(navit, img)[1]) <= 1e-5

@@ -226,3 +226,15 @@ def test_pil_images_and_paths_use_the_models_patch_size_and_normalization(tmp_pa
     for i in range(2):
         assert rel_err(feats.unpack()[i], ref.unpack()[i]) <= TOL
         assert rel_err(feats.pooled[i], ref.pooled[i]) <= TOL
+
+
+def test_prefix_count_is_stated_once_and_checked_against_the_recipe(monkeypatch):
+    # a spec whose prefix count disagrees with what its recipe's embed makes is refused by name
+    import dataclasses
+
+    from mixres.families import FAMILIES
+    monkeypatch.setitem(FAMILIES._items, "vit", dataclasses.replace(FAMILIES.get("vit"),
+                                                                    prefix_tokens=lambda tower: 2))
+    with pytest.raises(ValueError, match=r"family 'vit': its spec says 2 prefix token\(s\) per image but "
+                                         r"its recipe's embed made 1"):
+        encoder(build("vit")).encode(images(GRIDS[:2]))

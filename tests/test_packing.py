@@ -109,3 +109,44 @@ def test_bins_edge_cases():
     assert pack_into_bins([50, 3, 4], 10) == [[0], [2, 1]]
     with pytest.raises(ValueError):
         pack_into_bins([1], 0)
+
+
+# pooling: the one pooling of mixres (embed, the seed API, tests)
+
+def _ragged(num_prefix, lens, dim=3, pooled=None):
+    tokens = torch.randn(sum(lens), dim)
+    return PackedFeatures(tokens, seqlens_to_cu(lens), torch.tensor([[1, n - num_prefix] for n in lens]),
+                          num_prefix, pooled)
+
+
+def test_pool_cls_mean_model_none_on_ragged_images():
+    from mixres.packing import pool_features
+    f = _ragged(1, [3, 6], pooled=torch.randn(2, 3))
+    a, b = f.unpack()
+    assert torch.equal(pool_features(f, "cls").pooled, torch.stack([a[0], b[0]]))
+    # mean over each image's own patch tokens: prefix tokens and other images' tokens skipped
+    assert torch.allclose(pool_features(f, "mean").pooled, torch.stack([a[1:].mean(0), b[1:].mean(0)]))
+    assert pool_features(f, "model").pooled is f.pooled
+    assert pool_features(f, "none").pooled is None
+
+
+def test_pool_errors():
+    from mixres.packing import check_pool, pool_features
+    with pytest.raises(ValueError, match="no CLS token"):
+        pool_features(_ragged(0, [2, 4]), "cls")
+    with pytest.raises(ValueError, match="gives no pooled output"):
+        pool_features(_ragged(0, [2, 4]), "model")
+    with pytest.raises(ValueError, match=r"pool='max': choose one of"):
+        pool_features(_ragged(0, [2]), "max")
+    with pytest.raises(ValueError, match="needs select_layer=-1"):
+        check_pool("model", -2)
+
+
+def test_ragged_helpers():
+    from mixres.packing import interleave_prefix, local_positions, segment_ids
+    cu = seqlens_to_cu([2, 3])
+    assert segment_ids(cu).tolist() == [0, 0, 1, 1, 1]
+    assert local_positions(cu).tolist() == [0, 1, 0, 1, 2]
+    tokens = torch.arange(5.0)[:, None]
+    out, cu2 = interleave_prefix(torch.tensor([[-1.0]]), tokens, cu)
+    assert out[:, 0].tolist() == [-1, 0, 1, -1, 2, 3, 4] and cu2.tolist() == [0, 3, 7]

@@ -259,37 +259,6 @@ def test_accepts_counts_explicit_parameters_only():
     assert not vu.accepts(len, "x")
 
 
-# pooling
-
-def test_pool_cls_mean_none():
-    h = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
-    assert torch.equal(vu.pool(h, "cls", num_prefix=1), h[:, 0])
-    assert torch.equal(vu.pool(h, "mean", num_prefix=1), h[:, 1:].mean(1))
-    assert vu.pool(h, "none") is h
-    assert torch.equal(vu.pool(h[0], "mean"), h[0].mean(0))
-
-
-def test_pool_mean_skips_masked_positions():
-    h = torch.randn(2, 5, 3)
-    full = torch.tensor([[True, True, True, False, False], [True] * 5])
-    out = vu.pool(h, "mean", num_prefix=1, mask=full)
-    assert torch.allclose(out[0], h[0, 1:3].mean(0)) and torch.allclose(out[1], h[1, 1:].mean(0))
-    # a mask over the patch tokens only means the same
-    assert torch.allclose(vu.pool(h, "mean", num_prefix=1, mask=full[:, 1:]), out)
-    empty = vu.pool(h, "mean", num_prefix=1, mask=torch.zeros(2, 4, dtype=torch.bool))
-    assert torch.equal(empty, torch.zeros(2, 3))
-
-
-def test_pool_errors():
-    h = torch.randn(1, 4, 3)
-    with pytest.raises(ValueError, match="num_prefix is 0"):
-        vu.pool(h, "cls")
-    with pytest.raises(ValueError, match=r"unknown how='max'; expected one of cls, mean, none"):
-        vu.pool(h, "max")
-    with pytest.raises(ValueError, match="mask has 2 positions"):
-        vu.pool(h, "mean", num_prefix=1, mask=torch.ones(1, 2, dtype=torch.bool))
-
-
 def test_pool_hidden_dim():
     assert vu.pool_hidden_dim(torch.randn(2, 7, 5), 5).shape == (2, 5)
     fmap = torch.randn(2, 5, 3, 4)

@@ -48,8 +48,9 @@ def navit_rows(model="tiny-navit", n: int = 32, seed: int = 0, device="cpu",
     token_budget: tokens per forward for both (vit-pytorch's group_max_seq_len, mixres's
     max_batch_tokens); it must hold the largest image (max_image_tokens).
     """
-    from mixres.encoders.navit import NaViTEncoder, unwrap_navit
-    from mixres.navit_model import PRESETS, _build
+    from mixres.encoders.navit import NaViTEncoder
+    from mixres.families.navit import unwrap_navit
+    from mixres.models.navit import PRESETS, _build
     from mixres.workloads import mixed_images
 
     name = model if isinstance(model, str) else type(model).__name__

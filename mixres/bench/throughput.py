@@ -85,7 +85,7 @@ run_packed, run_masked, run_grouped, run_loop, run_navit = (
 def run_vit_pytorch(model, images, **_):
     """vit-pytorch's own NaViT forward: greedy groups of <= 2048 tokens, each padded to one
     length with an (L x L) boolean attention mask."""
-    from mixres.encoders.navit import unwrap_navit
+    from mixres.families.navit import unwrap_navit
     unwrap_navit(model)(list(images), group_images=True, group_max_seq_len=2048)
 
 

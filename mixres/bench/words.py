@@ -80,7 +80,7 @@ def load(spec: str):
     if spec in LOCAL:
         return _seeded(LOCAL[spec])
     if spec.endswith("navit"):
-        import mixres.navit_model  # noqa: F401  (registers the NaViT presets)
+        import mixres.models.navit  # noqa: F401  (registers the NaViT presets)
     from mixres.presets import load_model
     return load_model(spec).eval()
 

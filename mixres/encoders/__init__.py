@@ -1,49 +1,43 @@
 """Encoder backends behind one registry: `load_encoder(model, backend=...)`.
 
-Each backend lives in its own module and registers itself with `@register_backend`.
-Modules are imported on first use, so a backend's optional dependencies (vit-pytorch
-for NaViT) are only needed when that backend is asked for.
+Each backend lives in its own module here and registers itself in `BACKENDS` (a
+`mixres.registry.Registry`); the modules are lazy entries, imported on first use, so a
+backend's optional dependencies are only needed when that backend is asked for.
+
+    packed   HF ViT-family models run patch-n-pack, the family's packed recipe
+    navit    vit-pytorch NaViT / mixres NaViTModel run packed
+    grouped  any model, run whole on same-shape batches (exact by construction)
+    masked   HF ViT padded to the largest image with per-image positions and masks
+    loop     the reference: the unmodified model on each image alone
 """
 
 from __future__ import annotations
 
-import importlib
+from mixres.encoders.base import Encoder, resolve_layer
+from mixres.registry import Registry
 
-from mixres.encoders.base import Encoder
+__all__ = ["BACKENDS", "Encoder", "register_encoder_backend", "load_encoder", "list_backends",
+           "get_backend", "resolve_layer"]
 
-__all__ = ["Encoder", "register_backend", "load_encoder", "list_backends"]
-
-_REGISTRY: dict[str, type[Encoder]] = {}
-
-# where each built-in backend is defined (imported lazily)
-_MODULES = {
-    "packed": "mixres.encoders.packed",
-    "loop": "mixres.encoders.loop",
-    "navit": "mixres.encoders.navit",
-    "grouped": "mixres.batch_image_encoder",
-    "masked": "mixres.masked_vit_patcher",
-}
+BACKENDS = Registry("encoder backend")
+for _name in ("packed", "navit", "grouped", "masked", "loop"):
+    BACKENDS.lazy(_name, f"mixres.encoders.{_name}")
 
 
-def register_backend(name: str):
+def register_encoder_backend(name: str):
     """Class decorator: make an Encoder subclass available as `backend=name`."""
     def deco(cls: type[Encoder]) -> type[Encoder]:
         cls.backend = name
-        _REGISTRY[name] = cls
-        return cls
+        return BACKENDS.register(name, cls)
     return deco
 
 
 def list_backends() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_MODULES))
+    return BACKENDS.names()
 
 
 def get_backend(name: str) -> type[Encoder]:
-    if name not in _REGISTRY and name in _MODULES:
-        importlib.import_module(_MODULES[name])
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; choose one of {list_backends()}")
-    return _REGISTRY[name]
+    return BACKENDS.get(name)
 
 
 def load_encoder(model, backend: str = "packed", **kwargs) -> Encoder:

@@ -17,7 +17,18 @@ from torch import nn
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
 from mixres.renamed import IMAGE_TOKENS, resolve_renamed
 
+__all__ = ["Encoder", "resolve_layer", "DEFAULT_MAX_IMAGE_TOKENS"]
+
 DEFAULT_MAX_IMAGE_TOKENS = 1024
+
+
+def resolve_layer(select_layer: int, num_layers: int) -> int:
+    """Index into HF's hidden_states (0 = embeddings, num_layers = last layer, pre-norm)."""
+    idx = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
+    if not 0 <= idx <= num_layers:
+        raise ValueError(f"select_layer={select_layer} is out of range for a model with {num_layers} "
+                         f"layers (hidden_states has {num_layers + 1} entries)")
+    return idx
 
 
 class Encoder:
@@ -63,7 +74,7 @@ class Encoder:
         self.max_batch_tokens = max_batch_tokens
         self.min_image_tokens, self.max_image_tokens = min_image_tokens, max_image_tokens
 
-    # what the model expects; backends for non-HF models override these
+    # what the model expects, as its family says (mixres.families via vision_utils)
     @property
     def patch_size(self) -> int:
         from mixres import vision_utils

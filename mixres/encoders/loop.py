@@ -1,43 +1,43 @@
-"""The per-image reference: the unmodified HF vision model called on each image alone.
+"""Backend "loop", the per-image reference: the unmodified model called on each image alone.
 
 This is what the contract compares against, and the slowest honest baseline. Each image
-goes through the vision tower's own forward with `vision_utils.forward_kwargs`
-(interpolate_pos_encoding=True where the forward takes it; SigLIP2 gets its NaFlex
-inputs for that image alone: channel-last patches, an all-ones pixel_attention_mask,
-spatial_shapes). Outputs come back as the same PackedFeatures the packed backend
-returns, select_layer via output_hidden_states (HF's hidden_states[select_layer]; -1 is
-last_hidden_state).
+goes through the vision tower's own forward by the family's whole-model call
+(`FamilySpec.call`: interpolate_pos_encoding=True where the forward takes it; SigLIP2 gets
+its NaFlex inputs for that image alone). Outputs come back as the same PackedFeatures the
+other backends return; select_layer via output_hidden_states (HF's
+hidden_states[select_layer]; -1 is last_hidden_state). It imports no other backend.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mixres import vision_utils
-from mixres.encoders import register_backend
-from mixres.encoders.base import Encoder
-from mixres.encoders.packed import resolve_layer
+from mixres import families
+from mixres.encoders import register_encoder_backend
+from mixres.encoders.base import Encoder, resolve_layer
+from mixres.families import Call
 from mixres.packing import PackedFeatures, PackedImages, seqlens_to_cu
 
 __all__ = ["LoopEncoder"]
 
 
-@register_backend("loop")
+@register_encoder_backend("loop")
 class LoopEncoder(Encoder):
     """One forward of the unmodified model per image."""
 
     def __init__(self, model, **kwargs):
         super().__init__(model, **kwargs)
-        self.tower = vision_utils.vision_tower(self.model)
+        self.tower = families.vision_tower(self.model)
+        spec = families.spec_of(self.tower)
+        self.call = spec.call.call if spec is not None else Call().call
         # fail early on a bad select_layer
-        resolve_layer(self.select_layer, vision_utils.vision_config(self.model).num_hidden_layers)
+        resolve_layer(self.select_layer, families.vision_config(self.model).num_hidden_layers)
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
         want_hidden = self.select_layer != -1
         tokens, pooled, num_prefix = [], [], 0
         for image, (h, w) in zip(packed.unpack(), packed.grid_hw.tolist()):
-            out = self.tower(**vision_utils.forward_kwargs(self.tower, image[None]),
-                             output_hidden_states=want_hidden)
+            out = self.call(self.tower, image[None], output_hidden_states=want_hidden)
             if want_hidden:
                 t = out.hidden_states[resolve_layer(self.select_layer, len(out.hidden_states) - 1)][0]
             else:

@@ -1,200 +1,30 @@
-"""NaViT (vit-pytorch) run packed: backend "navit".
+"""Backend "navit": vit-pytorch's NaViT (or mixres' `NaViTModel`) run packed.
 
-vit-pytorch's NaViT (Dehghani et al. 2023, "Patch n' Pack") packs images into padded
-groups and masks attention with an O(L^2) boolean mask per group. Here the same
-modules run on one packed sequence with block-diagonal varlen attention
-(`mixres.attention.varlen_attention`, `cu_seqlens` offsets): no padding and no mask.
-Every weight is the model's own; only the attention call and the bookkeeping differ, so
-each image's tokens and pooled latent equal vit-pytorch's forward (fp32 rel err ~1e-7).
+The packed forward is the NaViT family's (`mixres.families.navit.packed_forward`):
 
     tokens  each image's patch tokens after the transformer's final norm (no prefix tokens)
     pooled  the attention-pooled latent after `to_latent`, before `mlp_head`, so
             `navit.mlp_head(feats.pooled)` are the model's logits
-
-Supported models (a table of recipes, one per class): `vit_pytorch.na_vit.NaViT`,
-`vit_pytorch.na_vit_nested_tensor.NaViT` (where it imports) and `mixres.navit_model.
-NaViTModel` (the transformers wrapper, unwrapped to its `.navit`).
-
-Training-time features: token dropout (`token_dropout_prob`) is never applied here (it
-subsamples patches at random; the features of an image would not be a function of the
-image). Embedding / feed-forward dropout modules run as the model's mode says;
-attention dropout > 0 in training mode is refused, as varlen attention has none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
-from einops import rearrange, repeat
 from torch import nn
 
-from mixres.attention import varlen_attention
-from mixres.encoders import Encoder, register_backend
+from mixres.encoders import register_encoder_backend
+from mixres.encoders.base import Encoder
+from mixres.families.navit import packed_forward, unwrap_navit
 from mixres.packing import PackedFeatures, PackedImages
 
-__all__ = ["NaViTEncoder", "unwrap_navit", "packed_forward", "recipe_for", "NaViTRecipe"]
-
-
-# recipes: how each NaViT class spells q/k/v, the softmax scale and the pooling residual
-
-@dataclass(frozen=True)
-class NaViTRecipe:
-    qkv: Callable  # (attn, x (Tq, D), context (Tk, D)) -> q (Tq, h, d), k, v (Tk, h, d), q/k normed
-    scale: float | None  # None: SDPA's default 1/sqrt(d)
-    pool_residual: bool  # na_vit adds the queries back after attention pooling
-    attn_dropout: Callable  # attn -> its attention dropout probability
-
-
-def _qkv_navit(attn, x, context):
-    q = rearrange(attn.to_q(x), 't (h d) -> h t d', h=attn.heads)
-    k, v = (rearrange(t, 't (h d) -> h t d', h=attn.heads) for t in attn.to_kv(context).chunk(2, dim=-1))
-    q, k = attn.q_norm(q), attn.k_norm(k)  # RMSNorm gamma is (heads, 1, d): heads lead
-    return (rearrange(t, 'h t d -> t h d') for t in (q, k, v))
-
-
-def _qkv_nested(attn, x, context):
-    def split(t):
-        return rearrange(t, 't (h d) -> t h d', h=attn.heads)
-    q = attn.query_norm(split(attn.to_queries(x)))  # LayerNorm over d, or Identity
-    k = attn.key_norm(split(attn.to_keys(context)))
-    return q, k, split(attn.to_values(context))
-
-
-@lru_cache(maxsize=1)
-def _recipes() -> dict[type, NaViTRecipe]:
-    from vit_pytorch import na_vit
-
-    # na_vit's q/k RMSNorm already multiplies by sqrt(d), so SDPA runs with scale 1
-    table = {na_vit.NaViT: NaViTRecipe(_qkv_navit, 1.0, True, lambda a: a.dropout_p)}
-    try:
-        from vit_pytorch import na_vit_nested_tensor
-    except ImportError:  # needs torch.nested; older vit-pytorch releases lack the file
-        return table
-    table[na_vit_nested_tensor.NaViT] = NaViTRecipe(_qkv_nested, None, False, lambda a: a.dropout)
-    return table
-
-
-def unwrap_navit(model: nn.Module) -> nn.Module:
-    """The vit-pytorch NaViT inside `model` (a bare NaViT or the transformers NaViTModel)."""
-    from mixres.navit_model import NaViTModel
-
-    if isinstance(model, NaViTModel):
-        return model.navit
-    if type(model) in _recipes():
-        return model
-    raise TypeError(f"navit backend: expected a vit_pytorch NaViT or mixres NaViTModel, got "
-                    f"{type(model).__module__}.{type(model).__name__}; supported: "
-                    f"{sorted(f'{c.__module__}.{c.__name__}' for c in _recipes())}")
-
-
-def recipe_for(navit: nn.Module) -> NaViTRecipe:
-    return _recipes()[type(unwrap_navit(navit))]
-
-
-# blocks
-
-def patch_positions(grid_hw: torch.Tensor, cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, col) of every packed patch, row-major within each image: two (N,) long tensors."""
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    n = int(cu_seqlens[-1])
-    idx = torch.arange(n, device=cu_seqlens.device) - cu_seqlens[:-1].long().repeat_interleave(lens)
-    width = grid_hw[:, 1].to(cu_seqlens.device).repeat_interleave(lens)
-    return idx // width, idx % width
-
-
-def embed(navit: nn.Module, packed: PackedImages) -> torch.Tensor:
-    """Patch embedding + factorized 2-D position embedding: (N, c*p*p) -> (N, D)."""
-    rows, cols = patch_positions(packed.grid_hw, packed.cu_seqlens)
-    max_h, max_w = navit.pos_embed_height.shape[0], navit.pos_embed_width.shape[0]
-    if int(packed.grid_hw[:, 0].max()) > max_h or int(packed.grid_hw[:, 1].max()) > max_w:
-        p = navit.patch_size
-        raise ValueError(f"navit backend: an image grid of {packed.grid_hw.max(0).values.tolist()} "
-                         f"patches exceeds the model's position embeddings ({max_h}x{max_w} patches, "
-                         f"image_size {max_h * p}x{max_w * p}); resize the image or build the model "
-                         f"with a larger image_size")
-    x = navit.to_patch_embedding(packed.patches)
-    x = x + navit.pos_embed_height[rows] + navit.pos_embed_width[cols]
-    return navit.dropout(x)
-
-
-def attention(attn: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu_q, cu_k, max_q: int, max_k: int,
-              context: torch.Tensor | None = None) -> torch.Tensor:
-    """One NaViT attention block on packed tokens: x (Tq, D), context (Tk, D) -> (Tq, D).
-
-    As in vit-pytorch, queries come from norm(x) and keys/values from `context` when
-    given (attention pooling reads the transformer output un-normed), else from norm(x).
-    """
-    if attn.training and recipe.attn_dropout(attn) > 0:
-        raise ValueError(f"navit backend: attention dropout {recipe.attn_dropout(attn)} in training "
-                         f"mode is not supported by varlen attention; call model.eval() or set dropout=0")
-    x = attn.norm(x)
-    q, k, v = recipe.qkv(attn, x, x if context is None else context)
-    out = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale=recipe.scale)
-    return attn.to_out(rearrange(out, 't h d -> t (h d)'))
-
-
-def transformer(navit: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu: torch.Tensor, max_len: int,
-                num_layers: int, final_norm: bool, collect: list | None = None) -> torch.Tensor:
-    """The first `num_layers` pre-norm blocks on packed tokens (N, D), then the final norm if asked.
-
-    `collect`, when given, receives the input and every block's output (HF hidden_states).
-    """
-    if collect is not None:
-        collect.append(x)
-    for attn, ff in navit.transformer.layers[:num_layers]:
-        x = attention(attn, recipe, x, cu, cu, max_len, max_len) + x
-        x = ff(x) + x
-        if collect is not None:
-            collect.append(x)
-    return navit.transformer.norm(x) if final_norm else x
-
-
-def attention_pool(navit: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu: torch.Tensor,
-                   max_len: int) -> torch.Tensor:
-    """One learned query per image attends to that image's tokens: (N, D) -> (B, D) latents."""
-    b = cu.numel() - 1
-    queries = repeat(navit.attn_pool_queries, 'd -> b d', b=b)
-    cu_q = torch.arange(b + 1, device=cu.device, dtype=torch.int32)
-    out = attention(navit.attn_pool, recipe, queries, cu_q, cu, 1, max_len, context=x)
-    if recipe.pool_residual:
-        out = out + queries
-    return navit.to_latent(out)
-
-
-def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -1,
-                   hidden_states: list | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Packed tokens (N, D) and pooled latents (B, D) of a NaViT (pooled None unless select_layer=-1).
-
-    select_layer -1: final-norm output (and the pooled latent); otherwise the HF
-    `hidden_states[select_layer]` convention (0 = embeddings, -2 = penultimate block), no norm.
-    `hidden_states`, when given, receives the packed (N, D) hidden states computed.
-    """
-    navit = unwrap_navit(model)
-    recipe = recipe_for(navit)
-    if packed.channels != navit.channels or packed.patch_size != navit.patch_size:
-        raise ValueError(f"navit backend: the model takes {navit.channels}-channel images at patch "
-                         f"{navit.patch_size}, got {packed.channels} channels at patch {packed.patch_size}")
-    depth = len(navit.transformer.layers)
-    if not -(depth + 1) <= select_layer <= depth:
-        raise ValueError(f"navit backend: select_layer {select_layer} out of range for {depth} blocks "
-                         f"(hidden states 0..{depth}, or -1..-{depth + 1})")
-    cu = packed.cu_seqlens.to(torch.int32)
-    max_len = packed.max_seqlen
-    x = embed(navit, packed)
-    if select_layer != -1:
-        return transformer(navit, recipe, x, cu, max_len, select_layer % (depth + 1), False,
-                           hidden_states), None
-    x = transformer(navit, recipe, x, cu, max_len, depth, True, hidden_states)
-    return x, attention_pool(navit, recipe, x, cu, max_len)
+__all__ = ["NaViTEncoder"]
 
 
 # the backend
 
-@register_backend("navit")
+@register_encoder_backend("navit")
 class NaViTEncoder(Encoder):
     """Packed NaViT encoder: `load_encoder(navit_or_NaViTModel, backend="navit")`.
 

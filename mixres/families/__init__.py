@@ -159,11 +159,11 @@ def family_spec(model: nn.Module, need: str = "family") -> FamilySpec:
     spec = spec_of(model)
     if spec is None:
         try:
-            key = repr(family(model))
+            key = f"model_type {family(model)!r}"
         except UnknownImageEncoderError:
-            key = "unknown"
+            key = "no model_type"
         raise UnknownImageEncoderError(
-            f"{_name(model)} (family {key}): mixres does not know its {need}; known families: "
+            f"{_name(model)} ({key}): mixres does not know its {need}; known families: "
             f"{', '.join(FAMILIES.names())} (add a file to mixres/families/)")
     return spec
 

@@ -3,7 +3,7 @@
 `NaViTModel` wraps `vit_pytorch.na_vit.NaViT` (as `self.navit`, weights unchanged) so it
 saves, loads and builds like any HF model:
 
-    import mixres.navit_model                      # registers model_type "navit"
+    import mixres.models.navit                     # registers model_type "navit"
     model = AutoModel.from_config(NaViTConfig(dim=64, depth=2, heads=4, ...))
     model.save_pretrained(d); AutoModel.from_pretrained(d)
     out = model(images)                            # list of (C, H, W), or list of lists
@@ -17,7 +17,7 @@ saves, loads and builds like any HF model:
                        dense, last_hidden_state (B, h*w, dim), so mixres's loop and grouped
                        backends (and generic HF code) run NaViTModel like any vision model.
 
-The forward runs packed (mixres.encoders.navit.packed_forward: varlen attention, no
+The forward runs packed (mixres.families.navit.packed_forward: varlen attention, no
 padding); `model.navit(images)` is still vit-pytorch's own forward (logits only).
 NaViT defines no pixel normalization: mixres uses mean = std = 0.5 per channel.
 
@@ -37,7 +37,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vit_pytorch import na_vit
 
-from mixres.encoders.navit import packed_forward
+from mixres.families.navit import packed_forward
 from mixres.packing import PackedImages
 
 __all__ = ["NaViTConfig", "NaViTModel", "NaViTModelOutput", "navit_b16", "tiny_navit", "PRESETS"]

@@ -1,0 +1,1 @@
+"""Models mixres defines itself (NaViT as a transformers model)."""
