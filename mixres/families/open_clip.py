@@ -171,12 +171,15 @@ def _call(model, pixels, **kw):
                            pooler_output=tower(pixels) if tower.pool_type != "none" else None)
 
 
+_CALL = Call(call=_call, crop=_patch, stride=_patch, min_size=_patch,
+             grid=lambda tower, H, W: (H // _patch(tower), W // _patch(tower)))
+
 SPEC = register_family(FamilySpec(
     "open_clip", OPENAI_CLIP, prefix_tokens=_prefix,
     classes=("open_clip.transformer.VisionTransformer", "open_clip.model.CLIP",
              "open_clip.model.CustomTextCLIP", "open_clip.coca_model.CoCa"),
     tower=_tower, patch_size=_patch, hidden_size=_width, mean_std_of=_mean_std,
-    call=Call(call=_call), recipe=RECIPE))
+    call=_CALL, recipe=RECIPE))
 
 
 # TimmModel: the trunk's own recipe, then the trunk's and the tower's heads
@@ -206,4 +209,4 @@ TIMM_TOWER_RECIPE = Recipe(
 TIMM_TOWER_SPEC = register_family(FamilySpec(
     "open_clip_timm", OPENAI_CLIP, prefix_tokens=_prefix, classes=(_TIMM_TOWER,),
     tower=_tower, patch_size=_patch, hidden_size=_width, mean_std_of=_mean_std,
-    call=Call(call=_call), recipe=TIMM_TOWER_RECIPE))
+    call=_CALL, recipe=TIMM_TOWER_RECIPE))

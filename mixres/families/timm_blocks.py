@@ -44,7 +44,8 @@ def _rotate(q, k, v, rope, half: bool):
 
     if rope is None:
         return q, k
-    return apply_rot_embed_cat(q, rope, half=half).type_as(v), apply_rot_embed_cat(k, rope, half=half).type_as(v)
+    rot = apply_rot_embed_cat
+    return rot(q, rope, half=half).type_as(v), rot(k, rope, half=half).type_as(v)
 
 
 def _timm_attention(attn, x, cu, max_len, rope):

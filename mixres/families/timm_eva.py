@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from mixres.families import Embedded, FamilySpec, Recipe, register_family
-from mixres.families.spec import IMAGENET_DEFAULT, Call
+from mixres.families.spec import IMAGENET_DEFAULT
 from mixres.families.timm_blocks import check_blocks, latent_pool, packed_rope, pool_tokens, run_blocks
 from mixres.families.timm_vit import (
     finish_pool,
@@ -23,8 +23,8 @@ from mixres.families.timm_vit import (
     prefix_rows,
     prefix_tokens,
     resampled_patch_pos,
-    timm_call,
     timm_mean_std,
+    whole_call,
 )
 from mixres.packing import interleave_prefix
 
@@ -91,14 +91,18 @@ def layers(tower):
     return tower.blocks
 
 
+def _patch_size(tower) -> int:
+    return patch_side(tower.patch_embed.patch_size)
+
+
 RECIPE = Recipe(embed=embed, layers=layers, final_norm=lambda t: t.norm, pool=pool, run=run_blocks)
 
 SPEC = register_family(FamilySpec(
     "timm_eva", IMAGENET_DEFAULT, prefix_tokens=prefix_tokens,
     classes=("timm.models.eva.Eva",),
     tower=lambda model: model,
-    patch_size=lambda tower: patch_side(tower.patch_embed.patch_size),
+    patch_size=_patch_size,
     hidden_size=lambda tower: int(tower.embed_dim),
     mean_std_of=timm_mean_std,
-    call=Call(call=timm_call),
+    call=whole_call(_patch_size),
     recipe=RECIPE))

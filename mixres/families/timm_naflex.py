@@ -22,10 +22,10 @@ import torch
 
 from mixres.families import Embedded, FamilySpec, Recipe, register_family
 from mixres.families.common import conv_patches
-from mixres.families.spec import IMAGENET_DEFAULT, Call
+from mixres.families.spec import IMAGENET_DEFAULT
 from mixres.families.timm_blocks import check_blocks, drop_prefix, latent_pool, pool_tokens, run_blocks
 from mixres.families.timm_eva import rope_kwargs
-from mixres.families.timm_vit import finish_pool, patch_side, prefix_rows, timm_call, timm_mean_std
+from mixres.families.timm_vit import finish_pool, patch_side, prefix_rows, timm_mean_std, whole_call
 from mixres.packing import interleave_prefix
 
 __all__ = ["SPEC", "RECIPE"]
@@ -102,5 +102,5 @@ SPEC = register_family(FamilySpec(
     patch_size=_patch_size,
     hidden_size=lambda tower: int(tower.embed_dim),
     mean_std_of=timm_mean_std,
-    call=Call(call=timm_call),
+    call=whole_call(_patch_size),
     recipe=RECIPE))

@@ -27,7 +27,7 @@ from mixres.families.timm_blocks import check_blocks, drop_prefix, latent_pool, 
 from mixres.packing import interleave_prefix
 
 __all__ = ["SPEC", "RECIPE", "timm_mean_std", "patch_side", "patch_tokens", "prefix_tokens",
-           "resampled_patch_pos", "finish_pool", "timm_call"]
+           "resampled_patch_pos", "finish_pool", "timm_call", "whole_call"]
 
 
 # facts shared by the timm families
@@ -140,14 +140,26 @@ def timm_call(model, pixels, **kw):
     return SimpleNamespace(last_hidden_state=feats, pooler_output=pooled, hidden_states=None)
 
 
+def whole_call(patch_of) -> Call:
+    """The grouped / loop call of a timm patch model (Call callables get the model itself)."""
+    def grid(tower, H, W):
+        p = patch_of(tower)
+        return H // p, W // p
+    return Call(call=timm_call, crop=patch_of, grid=grid, stride=patch_of, min_size=patch_of)
+
+
+def _patch_size(tower) -> int:
+    return patch_side(tower.patch_embed.patch_size)
+
+
 RECIPE = Recipe(embed=embed, layers=layers, final_norm=lambda t: t.norm, pool=pool, run=run_blocks)
 
 SPEC = register_family(FamilySpec(
     "timm_vit", IMAGENET_DEFAULT, prefix_tokens=prefix_tokens,
     classes=("timm.models.vision_transformer.VisionTransformer",),
     tower=lambda model: model,
-    patch_size=lambda tower: patch_side(tower.patch_embed.patch_size),
+    patch_size=_patch_size,
     hidden_size=lambda tower: int(tower.embed_dim),
     mean_std_of=timm_mean_std,
-    call=Call(call=timm_call),
+    call=whole_call(_patch_size),
     recipe=RECIPE))
