@@ -7,7 +7,7 @@ tensor with (B, L, 2) true sizes. For each model it times, in one run:
     sequential  encode_images_sequentially: the unmodified model on one image at a time
                 (the reference every exact method must equal)
     auto        encode_images: the family's fastest exact route (packed varlen for
-                ViT-family where mixres.encoders.packed is installed, else grouped)
+                the family's route: packed where it has a packed recipe, else grouped)
     grouped     encode_images(route="grouped"): exact-shape batches
     packed      encode_images(route="packed"), where the packed backend takes the model
     naive       encode_images_batch on all images zero-padded to one size (one forward;
@@ -91,6 +91,7 @@ def bench_model(spec: str, x: torch.Tensor, dims: torch.Tensor, methods, repeats
     """Time each method on one model; repeats are interleaved (method A, B, ..., A, B, ...)
     so that a busy machine slows every method alike, and the median is kept."""
     from mixres import batch_image_encoder as bie
+    from mixres.families import family
 
     model = load(spec)
     n = int((dims > 0).all(-1).sum())
@@ -106,7 +107,7 @@ def bench_model(spec: str, x: torch.Tensor, dims: torch.Tensor, methods, repeats
         * filled,
     }
     route = bie.route_for(model)
-    row = {"model": spec, "family": bie.family(model), "route": route, "images": n, "methods": {}}
+    row = {"model": spec, "family": family(model), "route": route, "images": n, "methods": {}}
     todo = [m for m in methods if m != "packed" or route == "packed"]
     if "packed" in methods and route != "packed":
         row["methods"]["packed"] = {"skipped": "packed backend not installed or not for this family"}

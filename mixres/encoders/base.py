@@ -143,11 +143,16 @@ class Encoder:
 
     def _run_chunks(self, packed: PackedImages) -> PackedFeatures:
         bins = pack_into_bins(packed.seqlens.tolist(), self.chunk_budget(packed.patches.device))
-        if len(bins) == 1:
-            # one chunk: keep the caller's order (bins sort by length)
-            return self.forward(packed)
-        outs = [self.forward(packed.select(b)) for b in bins]
-        order = torch.tensor([i for b in bins for i in b])
+        return self.run_groups(packed, bins, self.forward)
+
+    @staticmethod
+    def run_groups(packed: PackedImages, groups: list[list[int]], run) -> PackedFeatures:
+        """`run` on each group of image indices, the images put back in input order."""
+        if len(groups) == 1:
+            # one group: keep the caller's order (bins sort by length)
+            return run(packed)
+        outs = [run(packed.select(g)) for g in groups]
+        order = torch.tensor([i for g in groups for i in g])
         return PackedFeatures.cat(outs).select(torch.argsort(order).tolist())
 
     def chunk_budget(self, device: torch.device) -> int | None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers.models.vit.modeling_vit import ViTModel
 
@@ -53,11 +52,7 @@ class MaskedViTEncoder(Encoder):
     def forward(self, packed: PackedImages) -> PackedFeatures:
         groups = _padding_groups(packed.grid_hw.tolist(), self.max_padding)
         with patched(self.vit):
-            if len(groups) == 1:
-                return self._forward_padded(packed)
-            outs = [self._forward_padded(packed.select(g)) for g in groups]
-        order = torch.tensor([i for g in groups for i in g])
-        return PackedFeatures.cat(outs).select(torch.argsort(order).tolist())
+            return self.run_groups(packed, groups, self._forward_padded)
 
     def _forward_padded(self, packed: PackedImages) -> PackedFeatures:
         p, c = packed.patch_size, packed.channels
