@@ -88,9 +88,11 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def load_model(spec, *, trust_remote_code: bool = False) -> nn.Module:
+def load_model(spec, *, trust_remote_code: bool = False, model_kwargs: dict | None = None) -> nn.Module:
     """An nn.Module as it is; a preset name -> `build`; a local directory or a hub id ->
-    `AutoModel.from_pretrained` (a whole CLIP/SigLIP stays whole: see vision_utils.vision_tower).
+    `AutoModel.from_pretrained` (a whole CLIP/SigLIP stays whole: see vision_utils.vision_tower);
+    `timm:<name>`, `hf-hub:timm/...`, `open_clip:<arch>[:<pretrained>]` -> timm / open_clip
+    (`mixres.timm_models`; `model_kwargs` go to their factory).
 
     With HF_HUB_OFFLINE=1 a hub id is looked up in the local cache only, so a machine
     without network fails at once instead of after the hub client's retries.
@@ -101,6 +103,12 @@ def load_model(spec, *, trust_remote_code: bool = False) -> nn.Module:
         raise TypeError(f"load_model: expected an nn.Module, a preset name, a local directory "
                         f"or a hub id, got {type(spec).__name__}")
     name = os.fspath(spec)
+    from mixres.timm_models import is_library_spec, load_library_model
+
+    if is_library_spec(name):
+        return load_library_model(name, **(model_kwargs or {}))
+    if model_kwargs:
+        raise ValueError(f"model_kwargs are for timm: / open_clip: models, not {name!r}")
     if name in PRESETS:
         return build(name)
     if os.path.isdir(name):

@@ -204,11 +204,14 @@ def image_mean_std(model_or_path) -> MeanStd:
 
     From the preprocessor_config.json saved with the model (a local directory, given or
     recorded as the model's name_or_path, or a hub id already in the HF cache); otherwise
-    the family's default (its spec's `mean_std`).
+    the family's default (its spec's `mean_std_of(tower)` or `mean_std`).
     """
     def family_default() -> MeanStd:
         if isinstance(model_or_path, nn.Module):
-            return family_spec(model_or_path, "image normalization").mean_std
+            spec = family_spec(model_or_path, "image normalization")
+            if spec.mean_std_of is not None:  # per model: timm pretrained_cfg, open_clip preprocess
+                return spec.mean_std_of(vision_tower(model_or_path))
+            return spec.mean_std
         config_file = _saved_file(model_or_path, "config.json")
         if config_file is None:
             raise UnknownImageEncoderError(

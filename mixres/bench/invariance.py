@@ -41,6 +41,11 @@ FAMILIES = {
     "DINOv2-reg": "tiny-dinov2-reg",
     "NaViT": "tiny-navit",
     "ConvNeXt (CNN)": "tiny-convnext",
+    # timm (random init, pretrained=False): packed through mixres/families/timm_*.py
+    "timm ViT-reg": "tiny-timm-vit-reg",
+    "timm EVA-02": "tiny-timm-eva02",
+    "timm NaFlexViT": "tiny-timm-naflexvit",
+    "timm ConvNeXt": "tiny-timm-convnext",
 }
 FULL_FAMILIES = {"ViT": "vit-b16", "CLIP": "clip-b16", "SigLIP": "siglip-b16",
                  "SigLIP2": "siglip2-b16", "DINOv2": "dinov2-s14", "NaViT": "navit-b16"}
@@ -69,12 +74,28 @@ def _tiny_convnext():
     return _seeded(lambda: ConvNextModel(cfg))
 
 
-EXTRA_BUILDERS = {"tiny-dinov2-reg": _tiny_dinov2_reg, "tiny-convnext": _tiny_convnext}
+def _timm(name, **kw):
+    import timm
+    return lambda: _seeded(lambda: timm.create_model(name, pretrained=False, num_classes=0, **kw))
+
+
+_TIMM_TINY = dict(depth=2, embed_dim=64, num_heads=2)
+EXTRA_BUILDERS = {
+    "tiny-dinov2-reg": _tiny_dinov2_reg, "tiny-convnext": _tiny_convnext,
+    "tiny-timm-vit-reg": _timm("vit_small_patch16_224", img_size=64, reg_tokens=4, dynamic_img_size=True,
+                               **_TIMM_TINY),
+    "tiny-timm-eva02": _timm("eva02_tiny_patch14_224", img_size=56, dynamic_img_size=True, **_TIMM_TINY),
+    "tiny-timm-naflexvit": _timm("naflexvit_base_patch16_gap", pos_embed_grid_size=(4, 4), **_TIMM_TINY),
+    "tiny-timm-convnext": _timm("test_convnext"),
+}
 
 
 def build_model(spec: str):
     if spec in EXTRA_BUILDERS:
         return EXTRA_BUILDERS[spec]()
+    if spec.startswith(("timm:", "open_clip:")):
+        from mixres.presets import load_model
+        return load_model(spec, model_kwargs={"pretrained": False} if spec.startswith("timm:") else None)
     from mixres.presets import load_model
     return load_model(spec)
 
@@ -153,11 +174,15 @@ def naive_padding(model, images, ref_enc, ref):
 def reference_encoder(model, device, dtype):
     """The unmodified model on one image at a time: the loop backend for HF ViT-family
     models; a CNN through the grouped backend and NaViT through the navit backend, called
-    with one image at a time (which is the model on that image alone)."""
+    with one image at a time (which is the model on that image alone); timm models (no HF
+    config) through the grouped backend one image at a time: timm's forward_features and
+    forward_head on that image alone."""
     from mixres import vision_utils
     from mixres.encoders import load_encoder
 
-    if vision_utils.family(model) == "navit":
+    if getattr(vision_utils.vision_tower(model), "config", None) is None:
+        backend = "grouped"
+    elif vision_utils.family(model) == "navit":
         backend = "navit"
     elif vision_utils.patch_size(model) is None:
         backend = "grouped"

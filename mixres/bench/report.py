@@ -39,7 +39,9 @@ def command_line() -> str:
         head = f"python -m mixres.bench.{prog.stem}"
     else:
         head = sys.argv[0]
-    return " ".join([head, *sys.argv[1:]])
+    import shlex
+
+    return " ".join([head, shlex.join(sys.argv[1:])])  # quoted as typed (JSON arguments)
 
 
 def write_json(obj: dict, path: str | Path) -> None:

@@ -13,12 +13,16 @@ Methods, all on the same images and the same model object:
     grouped  images grouped by exact shape, one dense batch per shape (backend "grouped")
     loop     the unmodified model on each image alone
     oracle   dense batch of uniform 224x224 images with the same token count
+    timm-naflex  (a timm NaFlexVit) timm's own mixed-size path: each image in the smallest of
+             its NaFlex sequence-length buckets, padded with a patch_valid mask
+             (mixres.bench.timm_naflex)
 
 Warm-up on a few images, then timed repeats in one run (median). Prints tokens/s, images/s,
 peak memory (CUDA), ratios vs the oracle and vs packed; writes results.json (machine,
 versions, exact command), results.md and throughput.png into --out.
 
     python -m mixres.bench.throughput --model vit-b16 --dtype float32 --device cpu --quick --out out/tp
+    mixres bench throughput --model timm:naflexvit_base_patch16_gap --model-kwargs '{"pretrained": false}'
 """
 
 from __future__ import annotations
@@ -55,12 +59,12 @@ def _fallback(name: str):
         return table[name]()
 
 
-def load_model(name: str):
+def load_model(name: str, model_kwargs: dict | None = None):
     try:
         from mixres.presets import load_model as load
     except ImportError:
         return _fallback(name).eval()
-    return load(name).eval()
+    return load(name, model_kwargs=model_kwargs).eval()
 
 
 def _sync(device: torch.device) -> None:
@@ -101,6 +105,8 @@ def run_padded(model, images, patch_size, **_):
     for i, img in enumerate(images):
         batch[i, :, :img.shape[1], :img.shape[2]] = img
         valid[i, :img.shape[1] // p, :img.shape[2] // p] = True
+    if getattr(tower, "config", None) is None:  # timm / open_clip: no mask argument
+        return _whole(tower, batch)
     kw = vision_utils.forward_kwargs(tower, batch)
     if "pixel_attention_mask" in kw:  # SigLIP2 NaFlex: its own padding mask
         kw["pixel_attention_mask"] = valid.flatten(1).long()
@@ -115,13 +121,30 @@ def run_oracle(model, images, **_):
     from mixres import vision_utils
 
     tower = vision_utils.vision_tower(model)
+    if getattr(tower, "config", None) is None:
+        return _whole(tower, torch.stack(images))
     tower(**vision_utils.forward_kwargs(tower, torch.stack(images)))
 
 
+def _whole(tower, batch):
+    """A non-HF model (timm, open_clip) on a dense batch, through its family's whole-model call."""
+    from mixres.encoders.grouped import call_for
+
+    call_for(tower).call(tower, batch)
+
+
+def run_timm_naflex(model, images, **kw):
+    from mixres.bench.timm_naflex import run_timm_naflex as run
+    run(model, images, **kw)
+
+
 RUNNERS = {"packed": run_packed, "padded": run_padded, "masked": run_masked, "grouped": run_grouped,
-           "loop": run_loop, "oracle": run_oracle, "navit": run_navit, "vit-pytorch": run_vit_pytorch}
+           "loop": run_loop, "oracle": run_oracle, "navit": run_navit, "vit-pytorch": run_vit_pytorch,
+           "timm-naflex": run_timm_naflex}
 # a NaViT model: mixres' packed NaViT vs vit-pytorch's own grouped forward
 NAVIT_METHODS = ["navit", "vit-pytorch"]
+# a timm NaFlexVit: mixres packed vs timm's padded sequence buckets on the same weights
+NAFLEX_METHODS = ["packed", "timm-naflex", "grouped", "padded", "oracle"]
 
 
 def time_methods(names, model, inputs, warm, repeats, device, patch_size):
@@ -190,7 +213,10 @@ def plot(res: dict, path: Path) -> None:
 # entry points
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="vit-b16", help="preset name, local path or hub id")
+    p.add_argument("--model", default="vit-b16", help="preset name, local path, hub id, timm:<name>, "
+                                                       "open_clip:<arch>")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help='create_model kwargs for timm: / open_clip: models, e.g. \'{"pretrained": false}\'')
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("-n", type=int, default=256, help="images in the mixed-N workload")
@@ -209,18 +235,22 @@ def run(args) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     n, repeats = (6, 2) if args.quick else (args.n, args.repeats)
-    model = load_model(args.model).to(device=device, dtype=dtype)
+    import json
+
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    model = load_model(args.model, kwargs).to(device=device, dtype=dtype)
     from mixres import vision_utils
-    is_navit = vision_utils.family(model) == "navit"
+    family = vision_utils.family(model)
     p = vision_utils.patch_size(model)
     if args.methods is None:
-        args.methods = ",".join(NAVIT_METHODS if is_navit else METHODS + ["oracle"])
+        args.methods = ",".join(NAVIT_METHODS if family == "navit" else NAFLEX_METHODS
+                                if family == "timm_naflex" else METHODS + ["oracle"])
     images = [x.to(device, dtype) for x in mixed_images(n, seed=args.seed, patch_size=p)]
     tokens = sum(x.shape[1] * x.shape[2] // p ** 2 for x in images)
     oracle = [x.to(device, dtype) for x in oracle_images(tokens, patch_size=p, side=224 // 16 * p)]
     oracle_tokens = len(oracle) * (224 // 16) ** 2
     warm = [min(images, key=lambda x: x.numel())]  # one small image: warms kernels, costs little
-    res = {"model": args.model, "dtype": args.dtype, "device": str(device), "n": n,
+    res = {"model": args.model, "model_kwargs": kwargs, "dtype": args.dtype, "device": str(device), "n": n,
            "tokens": tokens, "distinct_shapes": len({tuple(x.shape) for x in images}),
            "oracle_images": len(oracle), "repeats": repeats,
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else

@@ -21,7 +21,11 @@ def add_arguments(p) -> None:
                    help="a folder of images (recursive), a text file of paths, a JSONL with a 'path' "
                         "field, webdataset .tar shards (paths, 'shards/{000000..000099}.tar', fsspec "
                         "URLs), parquet files (a file, folder or glob) or a datasets save_to_disk folder")
-    p.add_argument("--model", required=True, help="local directory, hub id or preset (e.g. tiny-vit)")
+    p.add_argument("--model", required=True,
+                   help="local directory, hub id or preset (e.g. tiny-vit); timm:<name>, hf-hub:timm/..., "
+                        "open_clip:<arch>[:<pretrained>]")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help='create_model kwargs (timm, open_clip), e.g. \'{"pretrained": false}\'')
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
     p.add_argument("--demo", action="store_true",
                    help="embed a small folder of generated photos (written to DIR/demo_images)")
@@ -83,6 +87,20 @@ def _take_old_flags(args) -> None:
             setattr(args, new, value)
 
 
+def _with_kwargs(name: str, text: str):
+    import json
+
+    from mixres.presets import load_model
+
+    try:
+        kwargs = json.loads(text)
+    except ValueError as err:
+        raise ValueError(f"--model-kwargs is not valid JSON ({err}): {text!r}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return load_model(name, model_kwargs=kwargs)
+
+
 def run(args) -> int:
     _take_old_flags(args)
     if args.demo:
@@ -93,7 +111,11 @@ def run(args) -> int:
         args.shard_size = args.shard_size or 8
     if not args.input:
         raise ValueError("INPUT is required (a folder, a text file of paths or a JSONL), or --demo")
-    s = embed(args.input, args.out, args.model, backend=args.backend, select_layer=args.select_layer,
+    model, model_name = args.model, None
+    if args.model_kwargs:
+        model, model_name = _with_kwargs(args.model, args.model_kwargs), f"{args.model} {args.model_kwargs}"
+    s = embed(args.input, args.out, model, model_name=model_name, backend=args.backend,
+              select_layer=args.select_layer,
               pool=args.pool, min_image_tokens=args.min_image_tokens, max_image_tokens=args.max_image_tokens,
               max_pixels=args.max_pixels, max_batch_tokens=args.max_batch_tokens, device=args.device,
               dtype=args.dtype, store_dtype=args.store_dtype,

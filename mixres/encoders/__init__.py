@@ -40,8 +40,9 @@ def get_backend(name: str) -> type[Encoder]:
     return BACKENDS.get(name)
 
 
-def load_encoder(model, backend: str = "packed", **kwargs) -> Encoder:
-    """An encoder for `model` (an nn.Module, a local path, a hub id or a preset name).
+def load_encoder(model, backend: str = "packed", *, model_kwargs: dict | None = None, **kwargs) -> Encoder:
+    """An encoder for `model` (an nn.Module, a local path, a hub id, a preset name, `timm:<name>`,
+    `open_clip:<arch>`; `model_kwargs` go to timm's / open_clip's create_model).
 
     kwargs go to the backend: select_layer, max_batch_tokens, dtype, device,
     min_image_tokens / max_image_tokens (preprocessing of PIL images and paths), ...
@@ -49,4 +50,4 @@ def load_encoder(model, backend: str = "packed", **kwargs) -> Encoder:
     from mixres.presets import load_model
 
     cls = get_backend(backend)
-    return cls(load_model(model), **kwargs)
+    return cls(load_model(model, model_kwargs=model_kwargs), **kwargs)

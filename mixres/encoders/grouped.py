@@ -35,6 +35,13 @@ def call_for(model: nn.Module) -> Call:
     return spec.call if spec is not None else Call()
 
 
+def call_config(tower: nn.Module):
+    """What a family's `Call` callables get: the HF config, or the tower itself for non-HF
+    models (timm, open_clip), whose facts live on the module."""
+    config = getattr(tower, "config", None)
+    return tower if config is None else config
+
+
 def _family_name(model: nn.Module) -> str:
     try:
         return families.family(model)
@@ -59,12 +66,13 @@ def crop_for(model: nn.Module, image: torch.Tensor, what: str = "image") -> torc
     if image.ndim != 3:
         raise ValueError(f"{what}: expected a (C, H, W) tensor, got shape {tuple(image.shape)}")
     _, H, W = image.shape
-    low = fc.min_size(tower.config) if hasattr(tower, "config") else 1
+    cfg = call_config(tower)
+    low = fc.min_size(cfg)
     if H < low or W < low:
         raise ValueError(f"{what}: size {H}x{W} is smaller than one {low}x{low} patch of "
                          f"{_family_name(tower)}; the model cannot encode it "
                          f"alone either (pad or resize it first)")
-    p = fc.crop(tower.config) if hasattr(tower, "config") else None
+    p = fc.crop(cfg)
     return image[:, :H // p * p, :W // p * p] if p else image
 
 
@@ -79,7 +87,7 @@ def run_grouped(model: nn.Module, images: Sequence[torch.Tensor], *,
     """
     tower = vision_tower(model)
     fc = call_for(tower)
-    cfg = getattr(tower, "config", None)
+    cfg = call_config(tower)
     device, dtype = params_of(tower)
     if max_batch_pixels is not None and max_batch_pixels <= 0:
         raise ValueError(f"max_batch_pixels must be positive, got {max_batch_pixels}")
@@ -156,7 +164,7 @@ class GroupedEncoder(Encoder):
 
     @property
     def _config(self):
-        return getattr(self._tower, "config", None)
+        return call_config(self._tower)
 
     @property
     def patch_size(self) -> int | None:

@@ -52,6 +52,9 @@ for _key, _module in {
     "dinov2": "dinov2", "dinov2_with_registers": "dinov2", "dinov3_vit": "dinov3",
     "dinov3_convnext": "cnn", "convnext": "cnn", "convnextv2": "cnn", "resnet": "cnn",
     "mobilevit": "cnn", "swin": "swin", "swinv2": "swin", "navit": "navit",
+    # non-HF families, recognised by class (timm_any, any other timm model, is matched last)
+    "timm_vit": "timm_vit", "timm_eva": "timm_eva", "timm_naflex": "timm_naflex",
+    "open_clip": "open_clip", "open_clip_timm": "open_clip", "timm": "timm_any",
 }.items():
     FAMILIES.lazy(_key, f"mixres.families.{_module}")
 

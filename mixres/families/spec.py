@@ -77,7 +77,8 @@ def _call_pixels(model: nn.Module, pixels: torch.Tensor, **kw):
 @dataclass(frozen=True)
 class Call:
     """How the family is cropped, grouped, called whole and read back (the "grouped" and
-    "loop" backends, and the seed API's reference). Callables get the tower's config.
+    "loop" backends, and the seed API's reference). Callables get the tower's config (the
+    tower itself for non-HF models: timm, open_clip).
 
     crop      crop each image to a multiple of this many pixels first (the patch of patch-
               embedding models, whose stride-p conv drops the rest anyway), or None
@@ -197,6 +198,8 @@ class FamilySpec:
     call          how to call it whole (`Call`)
     recipe        its packed recipe, or None
     backend       the backend `encode_images` takes; None: "packed" with a recipe, else "grouped"
+    mean_std_of   tower -> (mean, std) where it differs per model (timm's pretrained_cfg,
+                  open_clip's preprocess cfg); None: `mean_std`
     """
 
     name: str
@@ -212,6 +215,7 @@ class FamilySpec:
     call: Call = Call()
     recipe: Recipe | None = None
     backend: str | None = None
+    mean_std_of: Callable[[nn.Module], MeanStd] | None = None
 
     @property
     def keys(self) -> tuple[str, ...]:
