@@ -50,7 +50,7 @@ def _check_budgets(cfg: VLMConfig, lm, adapter, tower) -> None:
                          f"or raise the LM's max_positions / max_position_embeddings")
     if cfg.max_image_tokens is not None:
         m = adapter.grid_multiple
-        largest = adapter.num_tokens((m, cfg.max_image_tokens // m), tower.num_prefix)
+        largest = adapter.layout(tower).tokens((m, cfg.max_image_tokens // m))
         if largest >= cfg.max_seq_tokens:
             raise ValueError(f"one image may bring up to {largest} LM tokens (max_image_tokens "
                              f"{cfg.max_image_tokens}), which leaves no room for text in "

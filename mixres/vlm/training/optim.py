@@ -138,9 +138,6 @@ class FreezeStages:
             p.requires_grad_(any(_matches(name, pre) for pre in prefixes))
         return True
 
-    def trainable(self, model: nn.Module) -> list[str]:
-        return [n for n, p in model.named_parameters() if p.requires_grad]
-
 
 def _matches(name: str, prefix: str) -> bool:
     return prefix in ("*", "all") or name == prefix or name.startswith(prefix + ".")
