@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mixres.renamed import BATCH_TOKENS, take_renamed
+from mixres.vlm.config import check_types
 
 __all__ = ["DataConfig", "OptimConfig", "RunConfig"]
 
@@ -95,6 +96,7 @@ def _section(cls, values: dict | None, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    check_types(cls, values, where)
     return cls(**values)
 
 
