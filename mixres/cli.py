@@ -1,4 +1,4 @@
-"""`mixres` command line: embed | bench | train.
+"""`mixres` command line: embed | bench | train | generate.
 
 Each subcommand lives in the module that does the work and exposes
 `add_arguments(parser)` and `run(args) -> int`; this file only routes, and imports a
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "embed": ("mixres.embed.cli", "encode a folder / list of images to feature shards on disk"),
     "bench": ("mixres.bench.cli", "benchmarks: throughput | invariance | words | vlm | ..."),
     "train": ("mixres.vlm.training.train", "train a VLM on mixed-resolution images"),
+    "generate": ("mixres.vlm.training.inference", "generate text with a trained VLM run"),
 }
 
 

@@ -100,6 +100,17 @@ def _section(cls, values: dict | None, where: str):
     return cls(**values)
 
 
+def _resolve_vlm_paths(vlm: dict, base: Path) -> dict:
+    """lm / tokenizer given as paths relative to the TOML file -> absolute (when they exist
+    there), so a config runs the same from any working directory."""
+    for key in ("lm", "tokenizer"):
+        v = vlm.get(key)
+        if isinstance(v, str) and v not in ("tiny", "small", "bytes") and not Path(v).is_absolute():
+            if (base / v).exists():
+                vlm[key] = str((base / v).resolve())
+    return vlm
+
+
 @dataclass
 class RunConfig:
     vlm: dict[str, Any] = field(default_factory=dict)
@@ -119,6 +130,7 @@ class RunConfig:
             path = Path(spec)
             spec = read_toml(path, "training config")
             base = str(path.resolve().parent)
+            spec["vlm"] = _resolve_vlm_paths(dict(spec.get("vlm", {})), Path(base))
         if not isinstance(spec, dict):
             raise TypeError(f"training config: expected a dict or a TOML path, got {type(spec).__name__}")
         unknown = sorted(set(spec) - {"vlm", "data", "train", "base_dir"})

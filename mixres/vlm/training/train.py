@@ -40,6 +40,7 @@ from mixres.vlm.training.parallel import (
     apply_compile,
     wrap_data_parallel,
 )
+from mixres.vlm.training.run_dir import DEFAULT_OUT, check_resume, claim, saved_config
 from mixres.vlm.training.sampler import TokenBudgetSampler
 from mixres.vlm.training.synthetic import synthetic_config
 
@@ -200,10 +201,12 @@ def evaluate(model, vlm, ds, lengths, max_batch_tokens, info, cfg, workers: int 
 
 # the loop
 
-def train(config, out=None, *, resume: bool = False, stop_after: int | None = None,
-          evaluate_at_stop: bool = False, device: str | None = None) -> dict:
+def train(config, out=None, *, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None, evaluate_at_stop: bool = False, device: str | None = None) -> dict:
     """Train as `config` says (a RunConfig, a dict or a TOML path); returns the summary.
 
+    A fresh run refuses a non-empty `out` unless `overwrite`; `resume` refuses changed
+    settings (mixres.vlm.training.run_dir).
     stop_after: leave after that many steps with a checkpoint, as if interrupted (tests);
     evaluate_at_stop: evaluate there too (an interrupted run normally does not).
     """
@@ -211,8 +214,10 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
 
     cfg = RunConfig.from_any(config)
     tc = cfg.train
-    out = Path(out or "mixres-train")
+    out = Path(out or DEFAULT_OUT)
     info = init_distributed(device)
+    if not resume and info.is_main:
+        claim(out, overwrite)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -240,6 +245,7 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
     if ckpt is not None:
+        check_resume(out, cfg.to_dict(), int(ckpt.name.split("_")[-1]))
         state = load_checkpoint(ckpt, model, optimizer, scheduler, rank=info.rank)
         step, epoch, estep = state["step"], state["data"]["epoch"], state["data"]["step"]
     if info.is_main:
@@ -350,16 +356,33 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
 
 # command line
 
+TOML_HELP = """CONFIG is a TOML file with [vlm], [data] and [train] tables. Every key and its
+default: README.md, section "Train on your data" (the same list is in the docstrings of
+mixres/vlm/config.py for [vlm] and mixres/vlm/training/config.py for [data] and [train]).
+Examples that run as written: examples/README.md (examples/train_tiny.toml)."""
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("config", nargs="?", help="training TOML ([vlm], [data], [train] tables)")
-    parser.add_argument("--out", default="mixres-train", help="output folder (metrics, checkpoints, plot)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
+    import argparse
+
+    parser.epilog = TOML_HELP
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("config", nargs="?", help="training TOML ([vlm], [data], [train] tables); with "
+                                                  "--resume it defaults to OUT/config.json")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output folder (metrics, checkpoints, plot; default ./{DEFAULT_OUT})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue OUT's run from its newest checkpoint, with its settings")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run in a non-empty OUT, deleting the run there")
     parser.add_argument("--synthetic", action="store_true",
                         help="train the synthetic shapes task with a tiny VLM (no config needed)")
     parser.add_argument("--strategy", help="override vlm.strategy (joint_decoder | cross_attention | mot)")
+    parser.add_argument("--lm", help="override vlm.lm: a local HF causal-LM directory (or hub id), "
+                                     "e.g. with --synthetic")
     parser.add_argument("--blank-images", action="store_true",
                         help="synthetic: images without the shape (the no-vision baseline)")
-    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--steps", type=int, help="override train.steps (on --resume: extend the run)")
     parser.add_argument("--time-limit", type=float, help="override train.time_limit (seconds)")
     parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -367,21 +390,24 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     if args.synthetic:
-        spec = synthetic_config(args.strategy or "joint_decoder", args.blank_images)
+        spec = synthetic_config(args.strategy or "joint_decoder", args.blank_images, lm=args.lm)
         if args.config:
             raise ValueError("--synthetic builds its own configuration; leave CONFIG out")
-    elif args.config:
-        spec = RunConfig.from_any(args.config).to_dict()
+    elif args.config or args.resume:
+        # --resume without CONFIG: the run's own settings, as it saved them
+        spec = RunConfig.from_any(args.config or saved_config(Path(args.out))).to_dict()
         if args.strategy:
             spec["vlm"]["strategy"] = args.strategy
+        if args.lm:
+            spec["vlm"]["lm"] = args.lm
     else:
-        raise ValueError("give a CONFIG.toml or --synthetic")
+        raise ValueError("give a CONFIG.toml, --synthetic, or --resume with an --out that holds a run")
     if args.steps:
         spec["train"]["steps"] = args.steps
     if args.time_limit:
         spec["train"]["time_limit"] = args.time_limit
     if args.no_progress:
         spec["train"]["progress"] = False
-    summary = train(spec, args.out, resume=args.resume, device=args.device)
+    summary = train(spec, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     print(json.dumps(summary, indent=2))
     return 0
