@@ -16,22 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mixres.vlm.training.synthetic import SyntheticShapes, render
+from mixres.vlm.training.synthetic import SyntheticShapes, render, save_tiny_llama
 
 HERE = Path(__file__).resolve().parent
-
-
-def tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A random-weight Llama the size of mixres' built-in tiny decoder, saved to `path`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=257, eos_token_id=258, pad_token_id=256)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return path
 
 
 def main(argv=None) -> int:
@@ -59,7 +46,7 @@ def main(argv=None) -> int:
                     {"from": "gpt", "value": spec.caption}]})
     for fname, rows in (("train.jsonl", records), ("chat.jsonl", chats), ("eval.jsonl", evals)):
         (out / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tiny_llama(out / "tiny-llama")
+    save_tiny_llama(out / "tiny-llama")
     print(f"wrote {len(records)} + {len(evals)} samples, {len(chats)} conversations and tiny-llama/ to {out}")
     return 0
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = ["COLOURS", "SHAPES", "POSITIONS", "CHANCE", "ShapeSpec", "SyntheticShapes", "render",
-           "content_spans", "synthetic_config", "SYNTHETIC_VLM"]
+           "content_spans", "synthetic_config", "SYNTHETIC_VLM", "save_tiny_llama"]
 
 # names with distinct first bytes wherever possible: the first byte decides the word
 COLOURS = {
@@ -194,3 +194,19 @@ def synthetic_config(strategy: str = "joint_decoder", blank: bool = False, steps
                      "max_batch_tokens": 1024},
             "train": {"steps": steps, "lr": 3e-3, "warmup": 50, "weight_decay": 0.01, "log_every": 50,
                       "eval_every": 500, "grad_clip": 1.0, "min_lr_ratio": 0.05, "threads": 2}}
+
+
+def save_tiny_llama(path, seed: int = 0):
+    """A random-weight HF Llama the size of the built-in tiny decoder (hidden 64, 2 layers,
+    4 heads, 2 KV heads, the byte tokenizer's 260 tokens), saved with `save_pretrained`
+    and no tokenizer files: the synthetic run with `--lm` on a pretrained-LM code path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                          tie_word_embeddings=True, bos_token_id=257, eos_token_id=258, pad_token_id=256)
+        LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
