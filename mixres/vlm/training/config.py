@@ -149,5 +149,10 @@ class RunConfig:
         return p if p.is_absolute() else Path(self.base_dir) / p
 
     def to_dict(self) -> dict:
-        return {"vlm": self.vlm, "data": asdict(self.data), "train": asdict(self.train),
+        from mixres.vlm.config import VLMConfig
+
+        # every VLM setting spelled out (defaults included): what config.json records and
+        # what a resume is compared with
+        vlm = {**asdict(VLMConfig()), **self.vlm}
+        return {"vlm": vlm, "data": asdict(self.data), "train": asdict(self.train),
                 "base_dir": self.base_dir}
