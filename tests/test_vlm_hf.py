@@ -152,3 +152,22 @@ def test_content_accuracy_with_a_bpe_tokenizer(tmp_path):
     logits = torch.nn.functional.one_hot(nxt.clamp_min(0), V).float()[batch.text_positions]
     meta = [{"response": response, "content_spans": content_spans(response)}]
     assert content_hits(batch, logits, meta, vlm.tokenizer) == (5, 5)
+
+
+def test_mistral_runs_every_strategy(tmp_path):
+    """Mistral (Llama-shaped, with a sliding window): the same equalities, cache == no cache."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(**LLAMA, sliding_window=256)).save_pretrained(tmp_path)
+    joint, mot = make(tmp_path, "joint_decoder"), make(tmp_path, "mot")
+    joint.adapter.load_state_dict(mot.adapter.state_dict())
+    batch = mot.collate(samples())
+    assert rel_err(mot(batch).logits, joint(batch).logits) <= 1e-5
+    xattn = make(tmp_path, {"name": "cross_attention", "gate_init": 0.5})
+    for vlm in (joint, mot, xattn):
+        images = [img(2, 4, 5), img(2, 2, 6)]
+        cached = vlm.generate_ids(images, "<image> and <image>?", max_new_tokens=5)
+        assert cached == vlm.generate_ids(images, "<image> and <image>?", max_new_tokens=5, use_cache=False)
+    with pytest.raises(ValueError, match="exceeds the LM's sliding window 256"):
+        joint(joint.collate([{"images": [img(16, 16, 1)], "text": "x"}]))

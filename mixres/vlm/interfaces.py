@@ -11,7 +11,16 @@ import torch
 
 from mixres.packing import PackedFeatures, PackedImages
 
-__all__ = ["Tower", "Tokenizer", "LanguageModel", "CaptionSource"]
+__all__ = ["Tower", "Tokenizer", "LanguageModel", "CaptionSource", "missing_members"]
+
+
+def missing_members(obj, proto) -> list[str]:
+    """The members of `proto` that `obj` lacks (for an error that names them)."""
+    names = set(getattr(proto, "__annotations__", {})) | {
+        k for k, v in vars(proto).items() if callable(v) and not k.startswith("_")}
+    if "__call__" in vars(proto):
+        names.add("__call__")
+    return sorted(n for n in names if not hasattr(obj, n))
 
 
 @runtime_checkable

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixres.vlm.data import Collator, VLMBatch
+from mixres.vlm.interfaces import LanguageModel, Tokenizer, Tower, missing_members
 from mixres.vlm.layout import TEXT, target_mask
 
 __all__ = ["VLM", "VLMOutput", "apply_freeze"]
@@ -67,6 +68,10 @@ class VLM(nn.Module):
                  *, config=None, min_image_tokens: int = 1, max_image_tokens: int | None = 1024,
                  max_seq_tokens: int | None = None):
         super().__init__()
+        for part, proto in ((encoder, Tower), (lm, LanguageModel), (tokenizer, Tokenizer)):
+            if not isinstance(part, proto):
+                raise TypeError(f"VLM: {type(part).__name__} is not a {proto.__name__} "
+                                f"(mixres.vlm.interfaces); it lacks {missing_members(part, proto)}")
         self.encoder, self.adapter, self.lm = encoder, adapter, lm
         # plain attributes: no weights, invisible to state_dict / FSDP / DCP
         self.__dict__["strategy"] = strategy

@@ -11,9 +11,11 @@ AdamW (no decay on norms, biases, embeddings), warm-up + cosine, staged freezing
 
 Outputs under OUT: metrics.jsonl (mixres.vlm.training.metrics), loss.png, summary.json and
 checkpoints/ (mixres.vlm.training.checkpoint); `--resume` continues from the newest checkpoint
-exactly where the data order, optimizer, schedule and RNG left off. Only rank 0 writes.
+exactly where the data order, optimizer, schedule and RNG left off, with the run's own
+settings (a fresh run never writes into another run's OUT: mixres.vlm.training.run_dir).
+Only rank 0 writes.
 
-`mixres train --synthetic --strategy S --out DIR` trains the shapes task of
+`mixres train --synthetic --strategy S [--lm HF_LM_DIR] --out DIR` trains the shapes task of
 mixres.vlm.training.synthetic with a tiny VLM and reports content_accuracy on held-out images.
 """
 
