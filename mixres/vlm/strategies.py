@@ -66,6 +66,7 @@ class JointDecoder(ModalityStrategy):
 @register_strategy("mot")
 class MixtureOfTransformers(ModalityStrategy):
     name = "mot"
+
     def decoder_plan(self, cfg):
         return [("mot", {})] * cfg.layers
 
