@@ -1,4 +1,4 @@
-"""`mixres` command line: embed | verify | bench | train.
+"""`mixres` command line: embed | verify | bench | train | generate | presets.
 
 Each subcommand lives in the module that does the work and exposes
 `add_arguments(parser)` and `run(args) -> int`; this file only routes, and imports a
@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "bench": ("mixres.bench.cli", "benchmarks: throughput | invariance | words | vlm | ..."),
     "presets": ("mixres.presets", "list the model presets (random-init configs for demos and tests)"),
     "train": ("mixres.vlm.training.train", "train a VLM on mixed-resolution images"),
+    "generate": ("mixres.vlm.training.inference", "generate text with a trained VLM run"),
 }
 
 

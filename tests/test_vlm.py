@@ -71,8 +71,7 @@ def hf_qwen2(tmp_path_factory):
     return path
 
 
-COMBOS = [("joint_decoder", "tiny"), ("mot", "tiny"), ("cross_attention", "tiny"),
-          ("joint_decoder", "llama"), ("joint_decoder", "qwen2")]
+COMBOS = [(s, lm) for lm in ("tiny", "llama", "qwen2") for s in ("joint_decoder", "mot", "cross_attention")]
 
 
 @pytest.fixture(params=COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
@@ -298,16 +297,20 @@ def test_config_from_toml_and_budget_validation(tmp_path):
         vlm.collate([{"images": [img(2, 8, 1), img(2, 8, 2)], "text": "x" * 8}])
 
 
-def test_strategy_is_not_a_submodule_and_hf_lm_needs_joint(hf_llama):
+def test_strategy_is_not_a_submodule_and_hf_lm_budgets_and_names(hf_llama, tmp_path, capsys):
     vlm = make("cross_attention")
     assert all(not k.startswith(("strategy", "tokenizer")) for k in vlm.state_dict())
     assert not any(m is vlm.strategy for m in vlm.modules())
-    with pytest.raises(ValueError, match="strategy 'mot' needs the built-in decoder"):
-        make("mot", lm=str(hf_llama), tokenizer="bytes", max_seq_tokens=512, max_image_tokens=256)
     with pytest.raises(ValueError, match="max_seq_tokens 2048 exceeds.*max positions 512"):
         make(lm=str(hf_llama), tokenizer="bytes")
-    with pytest.raises(ValueError, match="tokenizer .*llama.*could not be loaded"):
-        make(lm=str(hf_llama), max_seq_tokens=512, max_image_tokens=256)
+    # an LM directory without tokenizer files: the byte tokenizer, said in one line
+    vlm = make("mot", lm=str(hf_llama), max_seq_tokens=512, max_image_tokens=256)
+    assert type(vlm.tokenizer).__name__ == "ByteTokenizer"
+    notice = [ln for ln in capsys.readouterr().err.splitlines() if "tokenizer" in ln]
+    assert len(notice) == 1 and "has no tokenizer files; using the byte tokenizer" in notice[0]
+    # a missing LM is reported as the LM, not as its tokenizer
+    with pytest.raises(ValueError, match=r"^lm '.*nowhere': no such directory"):
+        make(lm=str(tmp_path / "nowhere"))
 
 
 def test_cross_attention_with_closed_gates_is_text_only():

@@ -15,13 +15,15 @@ decoder blocks); `VLMConfig` documents the knobs.
     out.loss.backward()
     vlm.generate([img_a], "What is it?", max_new_tokens=16)
 
+From a training run: `mixres.vlm.load_run("run/")` (its config and latest weights).
 For token-budget batches: `vlm.collator.num_positions(sample)` + `mixres.pack_into_bins`.
 """
 
 from mixres.vlm.adapters import Adapter, build_adapter
 from mixres.vlm.build import build_lm, build_vlm
 from mixres.vlm.config import VLMConfig
-from mixres.vlm.data import IGNORE, IMAGE, TEXT, Collator, VLMBatch
+from mixres.vlm.data import Collator, VLMBatch
+from mixres.vlm.layout import IGNORE, IMAGE, IMAGE_TOKEN, TEXT, ImageLayout
 from mixres.vlm.lm import Decoder, DecoderConfig, KVCache, SeqContext
 from mixres.vlm.model import VLM, VLMOutput, apply_freeze
 from mixres.vlm.registry import (
@@ -40,7 +42,17 @@ from mixres.vlm.vision import MixresEncoder, RandomEncoder, build_tower
 
 __all__ = ["build_vlm", "VLMConfig", "VLM", "VLMOutput", "VLMBatch", "Collator", "apply_freeze",
            "Adapter", "build_adapter", "build_lm", "Decoder", "DecoderConfig", "KVCache", "SeqContext",
-           "ModalityStrategy", "build_strategy", "ByteTokenizer", "HFTokenizer", "load_tokenizer",
+           "ModalityStrategy", "build_strategy", "ImageLayout",
+           "ByteTokenizer", "HFTokenizer", "load_tokenizer",
            "MixresEncoder", "RandomEncoder", "build_tower", "ENCODERS", "ADAPTERS", "STRATEGIES",
            "BLOCKS", "register_encoder", "register_adapter", "register_strategy", "register_block",
-           "IGNORE", "TEXT", "IMAGE"]
+           "IGNORE", "TEXT", "IMAGE", "IMAGE_TOKEN", "load_run"]
+
+
+def __getattr__(name):
+    # load_run reads training checkpoints; imported on use so model parts never load training
+    if name == "load_run":
+        from mixres.vlm.training.inference import load_run
+
+        return load_run
+    raise AttributeError(f"module 'mixres.vlm' has no attribute {name!r}")

@@ -11,8 +11,8 @@ worth of tokens (LLaVA's "patch" feature selection); `keep_prefix=True` keeps th
               PatchMerger: LayerNorm, concat of 4, MLP); needs even grids, which the
               collator guarantees through `grid_multiple = 2`
 
-`num_tokens(grid, num_prefix)` tells the collator how many LM positions an image takes
-before anything runs.
+`layout(tower)` gives the collator the plain values (`mixres.vlm.layout.ImageLayout`)
+that tell how many LM positions an image takes before anything runs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mixres.packing import PackedFeatures, seqlens_to_cu
+from mixres.vlm.layout import ImageLayout
 from mixres.vlm.registry import ADAPTERS, register_adapter
 
 __all__ = ["Adapter", "LinearAdapter", "MLP2Adapter", "Merge2x2Adapter", "build_adapter"]
@@ -63,14 +64,19 @@ class Adapter(nn.Module):
     """Base: a per-token map applied to the selected tokens; subclasses set `self.net`."""
 
     grid_multiple = 1  # the collator makes every grid side a multiple of this
+    merge = 1          # each merge x merge block of patches becomes one LM token
+    name = "adapter"
 
     def __init__(self, in_dim: int, out_dim: int, keep_prefix: bool = False):
         super().__init__()
         self.in_dim, self.out_dim, self.keep_prefix = in_dim, out_dim, keep_prefix
 
-    def num_tokens(self, grid_hw, num_prefix: int) -> int:
-        h, w = int(grid_hw[0]), int(grid_hw[1])
-        return h * w + (num_prefix if self.keep_prefix else 0)
+    def layout(self, tower, min_image_tokens: int = 1, max_image_tokens: int | None = 1024) -> ImageLayout:
+        """The plain values the collator needs for this adapter on `tower`."""
+        mean, std = tower.mean_std
+        return ImageLayout(tower.patch_size, self.grid_multiple, self.merge,
+                           tower.num_prefix if self.keep_prefix else 0, tuple(mean), tuple(std),
+                           min_image_tokens, max_image_tokens)
 
     def _check(self, feats: PackedFeatures) -> None:
         if feats.tokens.ndim != 2 or feats.tokens.shape[1] != self.in_dim:
@@ -108,6 +114,7 @@ class Merge2x2Adapter(Adapter):
     """Qwen2-VL's PatchMerger on packed grids: each image's (h, w) grid -> (h/2, w/2)."""
 
     grid_multiple = 2
+    merge = 2
 
     def __init__(self, in_dim: int, out_dim: int, keep_prefix: bool = False, eps: float = 1e-6):
         super().__init__(in_dim, out_dim, keep_prefix)
@@ -116,10 +123,6 @@ class Merge2x2Adapter(Adapter):
                                  nn.Linear(4 * in_dim, out_dim))
         # prefix tokens have no 2x2 neighbourhood; they get their own projection
         self.prefix_proj = nn.Linear(in_dim, out_dim) if keep_prefix else None
-
-    def num_tokens(self, grid_hw, num_prefix: int) -> int:
-        h, w = int(grid_hw[0]), int(grid_hw[1])
-        return (h // 2) * (w // 2) + (num_prefix if self.keep_prefix else 0)
 
     @staticmethod
     def _merge_order(grid_hw: torch.Tensor, device) -> torch.Tensor:
@@ -157,4 +160,7 @@ def build_adapter(spec, in_dim: int, out_dim: int) -> Adapter:
     if isinstance(spec, str):
         spec = {"name": spec}
     kwargs = dict(spec)
-    return ADAPTERS.get(kwargs.pop("name"))(in_dim, out_dim, **kwargs)
+    name = kwargs.pop("name")
+    adapter = ADAPTERS.get(name)(in_dim, out_dim, **kwargs)
+    adapter.name = name
+    return adapter

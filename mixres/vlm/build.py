@@ -19,7 +19,7 @@ __all__ = ["build_vlm", "build_lm"]
 
 def build_lm(spec, strategy, vocab_size: int):
     """"tiny" / a dict -> the built-in decoder laid out by the strategy; a path -> HF LM."""
-    if isinstance(spec, torch.nn.Module):
+    if isinstance(spec, torch.nn.Module) and not _is_hf_model(spec):
         return spec
     if isinstance(spec, str) and spec in LM_PRESETS:
         spec = {"preset": spec}
@@ -38,9 +38,36 @@ def build_lm(spec, strategy, vocab_size: int):
     if isinstance(spec, (str, Path)):
         from mixres.vlm.hf_lm import HFCausalLM
 
-        return HFCausalLM(spec, vocab_size=vocab_size)
+        check_lm_spec(spec)
+        return HFCausalLM(spec, vocab_size=vocab_size, plan_for=strategy.decoder_plan)
+    if _is_hf_model(spec):
+        from mixres.vlm.hf_lm import HFCausalLM
+
+        return HFCausalLM(spec, vocab_size=vocab_size, plan_for=strategy.decoder_plan)
     raise TypeError(f"lm: expected a preset name {sorted(LM_PRESETS)}, a dict or a local HF path, "
                     f"got {type(spec).__name__}")
+
+
+def _is_hf_model(spec) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(spec, PreTrainedModel)
+
+
+def check_lm_spec(spec) -> None:
+    """A path-like LM spec must be a local directory or a hub id ('org/name'); said as the LM."""
+    from mixres.vlm.tokenizer import _looks_like_hub_id
+
+    if isinstance(spec, (str, Path)) and str(spec) not in LM_PRESETS:
+        p = Path(spec)
+        if p.is_file():
+            raise ValueError(f"lm {str(spec)!r} is a file; expected 'tiny', a dict for the built-in "
+                             f"decoder, or an HF causal-LM directory / hub id")
+        if not p.is_dir() and not _looks_like_hub_id(spec):
+            raise ValueError(f"lm {str(spec)!r}: no such directory; expected 'tiny', a dict for the "
+                             f"built-in decoder, or an HF causal-LM directory / hub id")
 
 
 def _check_budgets(cfg: VLMConfig, lm, adapter, tower) -> None:
@@ -50,7 +77,7 @@ def _check_budgets(cfg: VLMConfig, lm, adapter, tower) -> None:
                          f"or raise the LM's max_positions / max_position_embeddings")
     if cfg.max_image_tokens is not None:
         m = adapter.grid_multiple
-        largest = adapter.num_tokens((m, cfg.max_image_tokens // m), tower.num_prefix)
+        largest = adapter.layout(tower).tokens((m, cfg.max_image_tokens // m))
         if largest >= cfg.max_seq_tokens:
             raise ValueError(f"one image may bring up to {largest} LM tokens (max_image_tokens "
                              f"{cfg.max_image_tokens}), which leaves no room for text in "
@@ -58,13 +85,12 @@ def _check_budgets(cfg: VLMConfig, lm, adapter, tower) -> None:
 
 
 def build_vlm(config) -> VLM:
-    """A VLM from a VLMConfig, a dict of its fields or a TOML path (see mixres.vlm.config)."""
+    """A VLM from a VLMConfig, a dict of its fields, a TOML path or a run's config.json
+    (see mixres.vlm.config); `mixres.vlm.load_run` adds the run's trained weights."""
     cfg = VLMConfig.from_any(config)
-    tok_spec = cfg.tokenizer
-    if tok_spec is None:
-        lm_is_path = isinstance(cfg.lm, (str, Path)) and cfg.lm not in LM_PRESETS
-        tok_spec = cfg.lm if lm_is_path else "bytes"
-    tokenizer = load_tokenizer(tok_spec)
+    check_lm_spec(cfg.lm)  # before the tokenizer, which defaults to the LM's own
+    lm_is_path = isinstance(cfg.lm, (str, Path)) and cfg.lm not in LM_PRESETS
+    tokenizer = load_tokenizer(cfg.tokenizer, lm_path=cfg.lm if lm_is_path else None)
     strategy = build_strategy(cfg.strategy)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -1,11 +1,16 @@
 """Samples -> one packed VLM batch: images as PackedImages, all text in one sequence.
 
-A sample is `{"images": [...], "text": "..."}` (loss on every text token) or
+A sample is `{"images": [...], "text": "..."}` (loss on every text token),
 `{"images": [...], "prompt": "...", "response": "..."}` (loss on the response and the
-final <eos> only). Images are (C, H, W) float tensors already resized and normalized
+final <eos> only) or `{"images": [...], "conversations": [{"from": "human", "value":
+...}, {"from": "gpt", "value": ...}, ...]}` (LLaVA; loss on the assistant turns only,
+rendered with the tokenizer's chat template where it has one: mixres.vlm.chat).
+Images are (C, H, W) float tensors already resized and normalized
 (validated), PIL images or paths (loaded and resized with `mixres.images.preprocess`
 to the encoder's patch size, mean and std). With a grid-merging adapter the resize unit
-is `grid_multiple` patches, so every grid side stays even.
+is `grid_multiple` patches, so every grid side stays even. The collator holds plain
+values only (`mixres.vlm.layout.ImageLayout` and the tokenizer), so it pickles cheaply
+into DataLoader workers.
 
 Layout of sample i in the packed sequence: <bos>, its text with each `<image>`
 placeholder expanded to the tokens its image brings (or, with no placeholder, the
@@ -22,11 +27,10 @@ from dataclasses import dataclass, fields
 import torch
 
 from mixres.packing import PackedImages, seqlens_to_cu
+from mixres.vlm.chat import conversation_segments
+from mixres.vlm.layout import IGNORE, IMAGE, TEXT, ImageLayout
 
 __all__ = ["VLMBatch", "Collator", "TEXT", "IMAGE", "IGNORE"]
-
-TEXT, IMAGE = 0, 1     # modality ids
-IGNORE = -100          # label of positions that are not trained on
 
 
 @dataclass
@@ -80,57 +84,74 @@ class VLMBatch:
 
 
 class Collator:
-    """Turns samples into a VLMBatch for one VLM (its tokenizer, tower, adapter, strategy)."""
+    """Turns samples into a VLMBatch: the tokenizer, the image layout (plain values), and
+    whether image tokens take LM positions (`expands_images`, from the strategy)."""
 
-    def __init__(self, tokenizer, tower, adapter, expands_images: bool, *, min_image_tokens: int = 1,
-                 max_image_tokens: int | None = 1024, max_seq_tokens: int | None = None):
-        self.tok, self.tower, self.adapter = tokenizer, tower, adapter
+    def __init__(self, tokenizer, layout: ImageLayout, expands_images: bool, *,
+                 max_seq_tokens: int | None = None, adapter_name: str = "adapter"):
+        self.tok, self.layout = tokenizer, layout
         self.expands_images = expands_images
-        self.min_image_tokens, self.max_image_tokens = min_image_tokens, max_image_tokens
         self.max_seq_tokens = max_seq_tokens
+        self.adapter_name = adapter_name
+
+    @property
+    def min_image_tokens(self) -> int:
+        return self.layout.min_image_tokens
+
+    @property
+    def max_image_tokens(self) -> int | None:
+        return self.layout.max_image_tokens
 
     # images
 
     def prepare_image(self, image, where: str) -> torch.Tensor:
         """One image -> a normalized (C, H, W) tensor whose grid sides are multiples of the
-        adapter's grid_multiple (token bounds are in encoder patches)."""
+        layout's grid_multiple (token bounds are in encoder patches)."""
         from mixres.images import preprocess
 
-        m = self.adapter.grid_multiple
-        unit = self.tower.patch_size * m
-        mean, std = self.tower.mean_std
-        lo = max(1, -(-self.min_image_tokens // (m * m)))
-        hi = None if self.max_image_tokens is None else max(1, self.max_image_tokens // (m * m))
+        lay = self.layout
+        lo, hi = lay.unit_bounds()
         try:
-            return preprocess(image, unit, min_image_tokens=lo, max_image_tokens=hi, mean=mean, std=std)
+            return preprocess(image, lay.unit, min_image_tokens=lo, max_image_tokens=hi,
+                              mean=lay.mean, std=lay.std)
         except ValueError as e:
-            name = getattr(self.adapter, "name", type(self.adapter).__name__)
-            extra = (f" (the {name} adapter needs grids in multiples of {m} patches of "
-                     f"{self.tower.patch_size} px)") if m > 1 else ""
+            # the grid hint only where the grid rule is what failed: a ready tensor whose
+            # sides are not multiples of the resize unit
+            grid_error = (isinstance(image, torch.Tensor) and lay.grid_multiple > 1 and image.ndim == 3
+                          and all(s % lay.patch_size == 0 for s in image.shape[1:])
+                          and any(s % lay.unit for s in image.shape[1:]))
+            extra = (f" (the {self.adapter_name} adapter needs grids in multiples of "
+                     f"{lay.grid_multiple} patches of {lay.patch_size} px)") if grid_error else ""
             raise ValueError(f"{where}: {e}{extra}") from e
 
     def _add_image(self, image, where: str, pixels: list) -> int:
         """Prepare one image, append it to `pixels`; the LM tokens it will bring."""
         pixels.append(self.prepare_image(image, where))
-        p = self.tower.patch_size
-        grid = (pixels[-1].shape[1] // p, pixels[-1].shape[2] // p)
-        return self.adapter.num_tokens(grid, self.tower.num_prefix)
+        p = self.layout.patch_size
+        return self.layout.tokens((pixels[-1].shape[1] // p, pixels[-1].shape[2] // p))
 
     # text
 
-    def _text(self, sample: dict, where: str, add_eos: bool) -> tuple[list[int], list[bool]]:
-        """Token ids (with <bos>, <eos>) and which of them are trained on."""
+    def _body(self, sample: dict, where: str) -> list[tuple[int, bool]]:
         tok = self.tok
         if "text" in sample:
-            ids = tok.encode(sample["text"])
-            body = [(i, True) for i in ids]
-        elif "prompt" in sample and "response" in sample:
-            body = ([(i, False) for i in tok.encode(sample["prompt"])]
+            return [(i, True) for i in tok.encode(sample["text"])]
+        if "prompt" in sample and "response" in sample:
+            return ([(i, False) for i in tok.encode(sample["prompt"])]
                     + [(i, True) for i in tok.encode(sample["response"])])
-        else:
-            raise ValueError(f"{where}: expected a 'text' key or 'prompt' and 'response' keys, got "
-                             f"{sorted(sample)}")
-        n_img = len(sample.get("images") or [])
+        if "conversations" in sample:
+            return [(i, trained) for text, trained in
+                    conversation_segments(tok, sample["conversations"], f"{where} conversations")
+                    for i in tok.encode(text)]
+        raise ValueError(f"{where}: expected a 'text' key, 'prompt' and 'response' keys or "
+                         f"'conversations', got {sorted(sample)}")
+
+    def text_ids(self, sample: dict, where: str = "sample", add_eos: bool = True,
+                 num_images: int | None = None) -> tuple[list[int], list[bool]]:
+        """Token ids (with <bos>, <eos>, one placeholder per image) and which are trained on."""
+        tok = self.tok
+        body = self._body(sample, where)
+        n_img = len(sample.get("images") or []) if num_images is None else num_images
         n_ph = sum(i == tok.image_token_id for i, _ in body)
         if n_ph == 0 and n_img:
             body = [(tok.image_token_id, False)] * n_img + body
@@ -145,17 +166,25 @@ class Collator:
             train.append(True)
         return ids, train
 
+    def length_from_sizes(self, sample: dict, sizes: list[tuple[int, int]]) -> int:
+        """The LM positions `sample` takes, from its images' (height, width) alone."""
+        toks, _ = self.text_ids(sample, num_images=len(sizes))
+        n = len(toks) - len(sizes)
+        if not self.expands_images:
+            return n + len(sizes)
+        return n + sum(self.layout.tokens_for_size(h, w) for h, w in sizes)
+
     def num_positions(self, sample: dict, add_eos: bool = True) -> int:
         """The LM positions `sample` takes once collated (for token-budget batching with
         `mixres.pack_into_bins`); images are preprocessed but not patchified."""
-        toks, _ = self._text(sample, "sample", add_eos)
+        toks, _ = self.text_ids(sample, "sample", add_eos)
         images = list(sample.get("images") or [])
         n = len(toks) - len(images)
         if self.expands_images:
-            p = self.tower.patch_size
+            p = self.layout.patch_size
             for k, image in enumerate(images):
                 t = self.prepare_image(image, f"sample image {k}")
-                n += self.adapter.num_tokens((t.shape[1] // p, t.shape[2] // p), self.tower.num_prefix)
+                n += self.layout.tokens((t.shape[1] // p, t.shape[2] // p))
         else:
             n += len(images)
         return n
@@ -175,9 +204,9 @@ class Collator:
             where = f"sample {s}"
             if not isinstance(sample, dict):
                 raise TypeError(f"{where}: expected a dict with 'images' and 'text' (or 'prompt' and "
-                                f"'response'), got {type(sample).__name__}")
+                                f"'response', or 'conversations'), got {type(sample).__name__}")
             images = list(sample.get("images") or [])
-            toks, train = self._text(sample, where, add_eos)
+            toks, train = self.text_ids(sample, where, add_eos)
             start = len(ids)
             img_iter = iter(range(len(images)))
             for t, tr in zip(toks, train):
@@ -220,6 +249,6 @@ class Collator:
             modality_ids=mod_t, image_positions=(~is_text).nonzero().squeeze(1),
             text_positions=is_text.nonzero().squeeze(1), text_cu_seqlens=seqlens_to_cu(text_lens),
             labels=lab if bool((lab != IGNORE).any()) else None,
-            images=PackedImages.from_images(pixels, self.tower.patch_size) if pixels else None,
+            images=PackedImages.from_images(pixels, self.layout.patch_size) if pixels else None,
             image_token_counts=counts, images_per_sample=per_sample,
             image_token_cu=seqlens_to_cu(img_counts_per_sample))

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixres.vlm.data import IGNORE, TEXT, Collator, VLMBatch
+from mixres.vlm.data import Collator, VLMBatch
+from mixres.vlm.interfaces import LanguageModel, Tokenizer, Tower, missing_members
+from mixres.vlm.layout import TEXT, target_mask
 
 __all__ = ["VLM", "VLMOutput", "apply_freeze"]
 
@@ -66,16 +68,19 @@ class VLM(nn.Module):
                  *, config=None, min_image_tokens: int = 1, max_image_tokens: int | None = 1024,
                  max_seq_tokens: int | None = None):
         super().__init__()
-        strategy.check_lm(lm)
+        for part, proto in ((encoder, Tower), (lm, LanguageModel), (tokenizer, Tokenizer)):
+            if not isinstance(part, proto):
+                raise TypeError(f"VLM: {type(part).__name__} is not a {proto.__name__} "
+                                f"(mixres.vlm.interfaces); it lacks {missing_members(part, proto)}")
         self.encoder, self.adapter, self.lm = encoder, adapter, lm
         # plain attributes: no weights, invisible to state_dict / FSDP / DCP
         self.__dict__["strategy"] = strategy
         self.__dict__["tokenizer"] = tokenizer
         self.__dict__["config"] = config
-        self.__dict__["collator"] = Collator(tokenizer, encoder, adapter, strategy.expands_images,
-                                             min_image_tokens=min_image_tokens,
-                                             max_image_tokens=max_image_tokens,
-                                             max_seq_tokens=max_seq_tokens)
+        self.__dict__["collator"] = Collator(tokenizer,
+                                             adapter.layout(encoder, min_image_tokens, max_image_tokens),
+                                             strategy.expands_images, max_seq_tokens=max_seq_tokens,
+                                             adapter_name=getattr(adapter, "name", type(adapter).__name__))
 
     @property
     def device(self) -> torch.device:
@@ -101,9 +106,7 @@ class VLM(nn.Module):
         logits = self.lm.head(h[batch.text_positions])
         loss = None
         if batch.labels is not None:
-            # position t is predicted from position t-1 of the same sample (never across samples:
-            # a sample's first position has position id 0 and is skipped)
-            tgt = ((batch.labels != IGNORE) & (batch.position_ids > 0)).nonzero().squeeze(1)
+            tgt = target_mask(batch.labels, batch.position_ids).nonzero().squeeze(1)
             if tgt.numel():
                 loss = F.cross_entropy(self.lm.head(h[tgt - 1]).float(), batch.labels[tgt])
         return VLMOutput(logits, batch.text_cu_seqlens, loss)
@@ -138,16 +141,16 @@ class VLM(nn.Module):
         """Greedy decoding of one sample; returns the new token ids (up to and without <eos>).
 
         use_cache=False re-runs the whole packed sequence at every step (the reference the
-        cached paths are tested against; for HF LMs it runs through mixres' varlen path)."""
+        cached path is tested against). Every LM decodes through the same mixres KV cache
+        (`lm.new_cache()`); an LM that has none (an HF family mixres does not run layer by
+        layer) re-runs the sequence."""
         images = list(images) if images is not None else []
         batch = self.collate([{"images": images, "prompt": prompt, "response": ""}],
                              add_eos=False).to(self.device)
         img = self.encode_images(batch)
         eos = self.tokenizer.eos_id
-        if use_cache and hasattr(self.lm, "generate"):  # HF LMs decode with HF's generate + cache
-            out = self.lm.generate(self.strategy.embed(self.lm, batch, img), max_new_tokens, eos)
-            return out[:out.index(eos)] if eos in out else out
         cache = self.lm.new_cache() if use_cache else None
+        use_cache = cache is not None
         h = self.strategy.forward(self.lm, batch, img, cache)
         out: list[int] = []
         for _ in range(max_new_tokens):

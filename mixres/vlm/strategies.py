@@ -5,11 +5,12 @@ and the state dict holds only the LM's, the adapter's and the encoder's weights.
 decides three things:
     expands_images   whether image tokens take positions in the LM sequence (the collator
                      lays samples out accordingly)
-    decoder_plan     which blocks the built-in decoder is made of
+    decoder_plan     which blocks the LM is made of: for the built-in decoder its blocks, for
+                     an HF LM which of its layers get an image expert ("mot") and where
+                     gated cross-attention blocks go in between ("xattn"); mixres.vlm.hf_lm
     forward          how the text embeddings and the image tokens enter the LM
 
-    joint_decoder    image tokens replace the <image> placeholders (LLaVA); built-in and
-                     HF LMs
+    joint_decoder    image tokens replace the <image> placeholders (LLaVA)
     cross_attention  text-only residual stream; gated cross-attention blocks every k
                      layers read only the sample's own image tokens (Flamingo)
     mot              joint layout; every block has modality-specific weights routed by
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from mixres.vlm.lm import Decoder, SeqContext
+from mixres.vlm.lm import SeqContext
 from mixres.vlm.registry import STRATEGIES, register_strategy
 
 __all__ = ["ModalityStrategy", "JointDecoder", "CrossAttention", "MixtureOfTransformers",
@@ -33,12 +34,6 @@ class ModalityStrategy:
 
     def decoder_plan(self, cfg) -> list[tuple[str, dict]]:
         return [("self", {})] * cfg.layers
-
-    def check_lm(self, lm) -> None:
-        """Raise if this strategy cannot drive `lm` (HF LMs only support joint layouts)."""
-        if not isinstance(lm, Decoder):
-            raise ValueError(f"strategy {self.name!r} needs the built-in decoder (lm='tiny' or a dict); "
-                             f"{type(lm).__name__} supports only 'joint_decoder'")
 
     def context(self, batch, image_tokens, cache=None) -> SeqContext:
         return SeqContext(cu_q=batch.cu_seqlens, max_q=batch.max_seqlen,
@@ -65,12 +60,13 @@ class ModalityStrategy:
 
 @register_strategy("joint_decoder")
 class JointDecoder(ModalityStrategy):
-    def check_lm(self, lm) -> None:
-        pass  # any LM that takes embeddings and packed positions
+    name = "joint_decoder"
 
 
 @register_strategy("mot")
 class MixtureOfTransformers(ModalityStrategy):
+    name = "mot"
+
     def decoder_plan(self, cfg):
         return [("mot", {})] * cfg.layers
 
@@ -85,6 +81,7 @@ class CrossAttention(ModalityStrategy):
     """every: a gated cross-attention block before every `every`-th LM layer (Flamingo: 1-4).
     gate_init: tanh-gate start value; Flamingo's 0 makes the untrained model text-only."""
 
+    name = "cross_attention"
     expands_images = False
 
     def __init__(self, every: int = 1, gate_init: float = 0.0):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mixres.packing import PackedFeatures, PackedImages
+from mixres.vlm.interfaces import Tower
 from mixres.vlm.registry import ENCODERS, register_encoder
 
 __all__ = ["RandomEncoder", "MixresEncoder", "build_tower", "scratch_vit"]
@@ -156,7 +157,7 @@ def build_tower(spec) -> nn.Module:
     """A tower from a spec: "random", {"name": "random", "hidden": 48}, {"name": "packed",
     "model": "tiny-vit", "select_layer": -2}, "tiny-vit", a path, or an nn.Module."""
     if isinstance(spec, nn.Module):
-        if hasattr(spec, "patch_size") and hasattr(spec, "num_prefix") and hasattr(spec, "mean_std"):
+        if isinstance(spec, Tower):
             return spec  # already a tower
         return MixresEncoder(spec)
     if isinstance(spec, str):

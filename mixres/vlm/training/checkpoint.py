@@ -114,7 +114,7 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, data_state:
     """Collective: every rank must call it (FSDP gathers shards); only rank 0 writes.
 
     rng_states: every rank's `rng_state()` (gathered by the caller), or None for this one.
-    Keeps the newest `keep` checkpoints.
+    Keeps the newest `keep` checkpoints (by age; the new one always).
     """
     model_sd = get_model_state_dict(model, options=_FULL)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_FULL)
@@ -134,8 +134,11 @@ def save_checkpoint(out_dir, step: int, model, optimizer, scheduler, data_state:
     os.replace(tmp, final)
     (root / ".latest.tmp").write_text(name)
     os.replace(root / ".latest.tmp", root / "latest")
-    old = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for p in old[:-keep] if keep > 0 else []:
+    # prune by age, never by step number (a run's newest checkpoint may have a lower step
+    # than an older run's), and never the one `latest` names
+    old = sorted((p for p in root.glob("step_*") if p.is_dir() and p != final),
+                 key=lambda p: p.stat().st_mtime_ns)
+    for p in old[:len(old) - (keep - 1)] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     return final
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mixres.renamed import BATCH_TOKENS, take_renamed
+from mixres.vlm.config import check_types
 
 __all__ = ["DataConfig", "OptimConfig", "RunConfig"]
 
@@ -95,7 +96,19 @@ def _section(cls, values: dict | None, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+    check_types(cls, values, where)
     return cls(**values)
+
+
+def _resolve_vlm_paths(vlm: dict, base: Path) -> dict:
+    """lm / tokenizer given as paths relative to the TOML file -> absolute (when they exist
+    there), so a config runs the same from any working directory."""
+    for key in ("lm", "tokenizer"):
+        v = vlm.get(key)
+        if isinstance(v, str) and v not in ("tiny", "small", "bytes") and not Path(v).is_absolute():
+            if (base / v).exists():
+                vlm[key] = str((base / v).resolve())
+    return vlm
 
 
 @dataclass
@@ -117,6 +130,7 @@ class RunConfig:
             path = Path(spec)
             spec = read_toml(path, "training config")
             base = str(path.resolve().parent)
+            spec["vlm"] = _resolve_vlm_paths(dict(spec.get("vlm", {})), Path(base))
         if not isinstance(spec, dict):
             raise TypeError(f"training config: expected a dict or a TOML path, got {type(spec).__name__}")
         unknown = sorted(set(spec) - {"vlm", "data", "train", "base_dir"})
@@ -135,5 +149,10 @@ class RunConfig:
         return p if p.is_absolute() else Path(self.base_dir) / p
 
     def to_dict(self) -> dict:
-        return {"vlm": self.vlm, "data": asdict(self.data), "train": asdict(self.train),
+        from mixres.vlm.config import VLMConfig
+
+        # every VLM setting spelled out (defaults included): what config.json records and
+        # what a resume is compared with
+        vlm = {**asdict(VLMConfig()), **self.vlm}
+        return {"vlm": vlm, "data": asdict(self.data), "train": asdict(self.train),
                 "base_dir": self.base_dir}

@@ -21,19 +21,24 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["content_hits", "MetricsLog", "plot_losses"]
+from mixres.vlm.layout import target_mask
+
+__all__ = ["content_hits", "token_spans", "MetricsLog", "plot_losses"]
 
 
-def _token_spans(tokenizer, response: str, spans) -> list[tuple[int, int]]:
-    """Character spans of the response -> token index spans (by encoding prefixes)."""
+def token_spans(tokenizer, response: str, spans) -> list[tuple[int, int]]:
+    """Character spans of the response -> token index spans [start, end), from one
+    tokenization's offsets: a word's tokens are those whose characters overlap it (with a
+    subword tokenizer the token of " green" covers the space before the word too)."""
+    _, offsets = tokenizer.encode_with_offsets(response)
     out = []
     for a, b in spans:
-        out.append((len(tokenizer.encode(response[:a])), len(tokenizer.encode(response[:b]))))
+        hit = [i for i, (s, e) in enumerate(offsets) if s < b and e > a and e > s]
+        out.append((hit[0], hit[-1] + 1) if hit else (0, 0))
     return out
 
 
-def content_hits(batch, logits: torch.Tensor, meta: list[dict], tokenizer, ignore: int = -100,
-                 by_slot: dict | None = None):
+def content_hits(batch, logits: torch.Tensor, meta: list[dict], tokenizer, by_slot: dict | None = None):
     """(correct content words, content words) of one packed batch under teacher forcing.
 
     by_slot: if given, {k: [correct, total]} is accumulated for the k-th content word of
@@ -57,8 +62,8 @@ def content_hits(batch, logits: torch.Tensor, meta: list[dict], tokenizer, ignor
         if not spans:
             continue
         a, b = cu[s], cu[s + 1]
-        trained = ((labels[a:b] != ignore) & (pos[a:b] > 0)).nonzero().squeeze(1) + a
-        for k, (ta, tb) in enumerate(_token_spans(tokenizer, m["response"], spans)):
+        trained = target_mask(labels[a:b], pos[a:b]).nonzero().squeeze(1) + a
+        for k, (ta, tb) in enumerate(token_spans(tokenizer, m["response"], spans)):
             q = trained[ta:tb]
             rows = row_of[q - 1] if q.numel() else q
             ok = (q.numel() == tb - ta > 0 and not bool((rows < 0).any())

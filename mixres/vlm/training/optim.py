@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["param_groups", "build_optimizer", "warmup_cosine", "FreezeStages"]
+__all__ = ["param_groups", "build_optimizer", "warmup_cosine", "schedule_factor", "FreezeStages"]
 
 _DENSE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -63,17 +63,19 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, foreach=False)
 
 
+def schedule_factor(step: int, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1) -> float:
+    """The learning-rate multiplier at `step`: linear warm-up, then cosine to min_lr_ratio."""
+    total_steps, warmup_steps = max(1, int(total_steps)), max(0, int(warmup_steps))
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def warmup_cosine(optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1):
     """LambdaLR: lr * step/warmup for the warm-up, then cosine from lr to min_lr_ratio * lr."""
-    total_steps, warmup_steps = max(1, int(total_steps)), max(0, int(warmup_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: schedule_factor(step, total_steps, warmup_steps, min_lr_ratio))
 
 
 class FreezeStages:
@@ -137,9 +139,6 @@ class FreezeStages:
         for name, p in model.named_parameters():
             p.requires_grad_(any(_matches(name, pre) for pre in prefixes))
         return True
-
-    def trainable(self, model: nn.Module) -> list[str]:
-        return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _matches(name: str, prefix: str) -> bool:

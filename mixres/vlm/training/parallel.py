@@ -81,7 +81,3 @@ def wrap_data_parallel(model: nn.Module, info: DistInfo, how: str, trainable: se
         p.requires_grad_(saved[n])
     return wrapped
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The VLM inside a DDP wrapper (FSDP2 and compile keep the module itself)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model

@@ -11,9 +11,11 @@ AdamW (no decay on norms, biases, embeddings), warm-up + cosine, staged freezing
 
 Outputs under OUT: metrics.jsonl (mixres.vlm.training.metrics), loss.png, summary.json and
 checkpoints/ (mixres.vlm.training.checkpoint); `--resume` continues from the newest checkpoint
-exactly where the data order, optimizer, schedule and RNG left off. Only rank 0 writes.
+exactly where the data order, optimizer, schedule and RNG left off, with the run's own
+settings (a fresh run never writes into another run's OUT: mixres.vlm.training.run_dir).
+Only rank 0 writes.
 
-`mixres train --synthetic --strategy S --out DIR` trains the shapes task of
+`mixres train --synthetic --strategy S [--lm HF_LM_DIR] --out DIR` trains the shapes task of
 mixres.vlm.training.synthetic with a tiny VLM and reports content_accuracy on held-out images.
 """
 
@@ -29,6 +31,8 @@ import torch
 
 from mixres.distributed import init_distributed
 from mixres.packing import pack_into_bins
+from mixres.vlm.interfaces import CaptionSource
+from mixres.vlm.layout import target_mask
 from mixres.vlm.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from mixres.vlm.training.config import RunConfig
 from mixres.vlm.training.metrics import MetricsLog, content_hits, plot_losses
@@ -38,30 +42,11 @@ from mixres.vlm.training.parallel import (
     apply_compile,
     wrap_data_parallel,
 )
+from mixres.vlm.training.run_dir import DEFAULT_OUT, check_resume, claim, saved_config
 from mixres.vlm.training.sampler import TokenBudgetSampler
+from mixres.vlm.training.synthetic import synthetic_config
 
-__all__ = ["train", "sample_length", "evaluate", "add_arguments", "run", "SYNTHETIC_VLM"]
-
-IGNORE = -100
-
-# the tiny VLM of the synthetic task (`mixres train --synthetic`), trained from scratch: a
-# 2-layer hidden-64 ViT with 8 px patches (36-64 per image, so every image is resized to a
-# bounded grid; position table started at a 2-D sine-cosine code), 2x2 patch merging (9-16 LM
-# tokens per image) and the 2-layer hidden-64 decoder. The `random` stub (no attention across
-# patches) cannot tell shapes apart; a ViT can.
-SYNTHETIC_VLM = {"encoder": {"name": "vit", "hidden": 64, "layers": 2, "heads": 4, "patch_size": 8,
-                             "sincos": 0.3},
-                 "adapter": "merge2x2", "lm": "tiny", "min_image_tokens": 36, "max_image_tokens": 64,
-                 "max_seq_tokens": 512}
-# Flamingo's tanh gates start at 0, which a tiny model trained for minutes never leaves
-# (the gate's gradient is noise until the attention behind it is useful): start them open
-SYNTHETIC_STRATEGIES = {"joint_decoder": "joint_decoder", "mot": "mot",
-                        "cross_attention": {"name": "cross_attention", "gate_init": 1.0}}
-# mot sat on the colour-only plateau (shape and position at chance for 3000+ steps) with the
-# weaker 0.3 position code and left it within 500 steps with 1.0; cross_attention is the
-# other way round (a strong position code in its keys hides the shape from its queries)
-SYNTHETIC_ENCODER = {"mot": {"sincos": 1.0}}
-
+__all__ = ["train", "sample_length", "evaluate", "add_arguments", "run", "synthetic_config"]
 
 # data
 
@@ -85,38 +70,15 @@ def _datasets(cfg: RunConfig):
 
 
 def sample_length(vlm, item: dict, sizes: list[tuple[int, int]]) -> int:
-    """Image + text tokens one sample brings, from image sizes alone (nothing decoded).
-
-    Mirrors the collator: <bos> + text (+ one placeholder per image when there is none)
-    + <eos>; each image brings the adapter's tokens for the grid `target_size` gives.
-    """
-    from mixres.images import target_size
-
-    col, tok = vlm.collator, vlm.tokenizer
-    text = item["text"] if "text" in item else item["prompt"] + item["response"]
-    ids = tok.encode(text)
-    n_ph = sum(i == tok.image_token_id for i in ids)
-    n_text = len(ids) + (tok.bos_id is not None) + (tok.eos_id is not None) + (0 if n_ph else len(sizes))
-    m = vlm.adapter.grid_multiple
-    p = vlm.encoder.patch_size
-    lo = max(1, -(-col.min_image_tokens // (m * m)))
-    hi = None if col.max_image_tokens is None else max(1, col.max_image_tokens // (m * m))
-    n_img = 0
-    for h, w in sizes:
-        H, W = target_size(h, w, p * m, min_image_tokens=lo, max_image_tokens=hi)
-        n_img += vlm.adapter.num_tokens((H // p, W // p), vlm.encoder.num_prefix)
-    if vlm.strategy.expands_images:
-        n_text -= max(n_ph, len(sizes))  # placeholders become the image tokens
-    return n_text + n_img
+    """Image + text tokens one sample brings, from image sizes alone (nothing decoded)."""
+    return vlm.collator.length_from_sizes(item, sizes)
 
 
 def _text_only(ds, i: int) -> dict:
     """An item's text fields without rendering or loading its images."""
-    if hasattr(ds, "spec"):  # synthetic: the caption is known without drawing
-        from mixres.vlm.training.synthetic import PROMPT
-
-        return {"prompt": PROMPT, "response": ds.spec(i).caption}
-    return {k: v for k, v in ds[i].items() if k in ("text", "prompt", "response")}
+    if isinstance(ds, CaptionSource):  # synthetic: the caption is known without drawing
+        return ds.text_of(i)
+    return {k: v for k, v in ds[i].items() if k in ("text", "prompt", "response", "conversations")}
 
 
 def _lengths(vlm, ds) -> list[int]:
@@ -157,7 +119,7 @@ def _loader(ds, batch_sampler, collate, workers: int):
 def _num_targets(batch) -> int:
     if batch.labels is None:
         return 0
-    return int(((batch.labels != IGNORE) & (batch.position_ids > 0)).sum())
+    return int(target_mask(batch.labels, batch.position_ids).sum())
 
 
 def _num_tokens(batch) -> int:
@@ -241,10 +203,12 @@ def evaluate(model, vlm, ds, lengths, max_batch_tokens, info, cfg, workers: int 
 
 # the loop
 
-def train(config, out=None, *, resume: bool = False, stop_after: int | None = None,
-          evaluate_at_stop: bool = False, device: str | None = None) -> dict:
+def train(config, out=None, *, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None, evaluate_at_stop: bool = False, device: str | None = None) -> dict:
     """Train as `config` says (a RunConfig, a dict or a TOML path); returns the summary.
 
+    A fresh run refuses a non-empty `out` unless `overwrite`; `resume` refuses changed
+    settings (mixres.vlm.training.run_dir).
     stop_after: leave after that many steps with a checkpoint, as if interrupted (tests);
     evaluate_at_stop: evaluate there too (an interrupted run normally does not).
     """
@@ -252,8 +216,10 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
 
     cfg = RunConfig.from_any(config)
     tc = cfg.train
-    out = Path(out or "mixres-train")
+    out = Path(out or DEFAULT_OUT)
     info = init_distributed(device)
+    if not resume and info.is_main:
+        claim(out, overwrite)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -281,6 +247,7 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
     if ckpt is not None:
+        check_resume(out, cfg.to_dict(), int(ckpt.name.split("_")[-1]))
         state = load_checkpoint(ckpt, model, optimizer, scheduler, rank=info.rank)
         step, epoch, estep = state["step"], state["data"]["epoch"], state["data"]["step"]
     if info.is_main:
@@ -391,50 +358,58 @@ def train(config, out=None, *, resume: bool = False, stop_after: int | None = No
 
 # command line
 
+TOML_HELP = """CONFIG is a TOML file with [vlm], [data] and [train] tables. Every key and its
+default: README.md, section "Train on your data" (the same list is in the docstrings of
+mixres/vlm/config.py for [vlm] and mixres/vlm/training/config.py for [data] and [train]).
+Examples that run as written: examples/README.md (examples/train_tiny.toml)."""
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("config", nargs="?", help="training TOML ([vlm], [data], [train] tables)")
-    parser.add_argument("--out", default="mixres-train", help="output folder (metrics, checkpoints, plot)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT's newest checkpoint")
+    import argparse
+
+    parser.epilog = TOML_HELP
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("config", nargs="?", help="training TOML ([vlm], [data], [train] tables); with "
+                                                  "--resume it defaults to OUT/config.json")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output folder (metrics, checkpoints, plot; default ./{DEFAULT_OUT})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue OUT's run from its newest checkpoint, with its settings")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fresh run in a non-empty OUT, deleting the run there")
     parser.add_argument("--synthetic", action="store_true",
                         help="train the synthetic shapes task with a tiny VLM (no config needed)")
     parser.add_argument("--strategy", help="override vlm.strategy (joint_decoder | cross_attention | mot)")
+    parser.add_argument("--lm", help="override vlm.lm: a local HF causal-LM directory (or hub id), "
+                                     "e.g. with --synthetic")
     parser.add_argument("--blank-images", action="store_true",
                         help="synthetic: images without the shape (the no-vision baseline)")
-    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument("--steps", type=int, help="override train.steps (on --resume: extend the run)")
     parser.add_argument("--time-limit", type=float, help="override train.time_limit (seconds)")
     parser.add_argument("--device", help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def synthetic_config(strategy: str = "joint_decoder", blank: bool = False, steps: int = 4000) -> dict:
-    """The configuration of the synthetic shapes run (see benchmarks/train_synthetic.py): about
-    4 minutes on 2 CPU threads (~25 images of 1024 tokens a step)."""
-    encoder = {**SYNTHETIC_VLM["encoder"], **SYNTHETIC_ENCODER.get(strategy, {})}
-    return {"vlm": {**SYNTHETIC_VLM, "encoder": encoder,
-                    "strategy": SYNTHETIC_STRATEGIES.get(strategy, strategy)},
-            "data": {"synthetic": 100000, "synthetic_eval": 300, "blank_images": blank,
-                     "max_batch_tokens": 1024},
-            "train": {"steps": steps, "lr": 3e-3, "warmup": 50, "weight_decay": 0.01, "log_every": 50,
-                      "eval_every": 500, "grad_clip": 1.0, "min_lr_ratio": 0.05, "threads": 2}}
-
-
 def run(args) -> int:
     if args.synthetic:
-        spec = synthetic_config(args.strategy or "joint_decoder", args.blank_images)
+        spec = synthetic_config(args.strategy or "joint_decoder", args.blank_images, lm=args.lm)
         if args.config:
             raise ValueError("--synthetic builds its own configuration; leave CONFIG out")
-    elif args.config:
-        spec = RunConfig.from_any(args.config).to_dict()
+    elif args.config or args.resume:
+        # --resume without CONFIG: the run's own settings, as it saved them
+        spec = RunConfig.from_any(args.config or saved_config(Path(args.out))).to_dict()
         if args.strategy:
             spec["vlm"]["strategy"] = args.strategy
+        if args.lm:
+            spec["vlm"]["lm"] = args.lm
     else:
-        raise ValueError("give a CONFIG.toml or --synthetic")
+        raise ValueError("give a CONFIG.toml, --synthetic, or --resume with an --out that holds a run")
     if args.steps:
         spec["train"]["steps"] = args.steps
     if args.time_limit:
         spec["train"]["time_limit"] = args.time_limit
     if args.no_progress:
         spec["train"]["progress"] = False
-    summary = train(spec, args.out, resume=args.resume, device=args.device)
+    summary = train(spec, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device)
     print(json.dumps(summary, indent=2))
     return 0
