@@ -228,4 +228,5 @@ SPEC = register_family(FamilySpec(
     "navit", _mean_std(None), classes=("vit_pytorch.na_vit.NaViT", "vit_pytorch.na_vit_nested_tensor.NaViT"),
     tower=lambda model: model, patch_size=lambda tower: unwrap_navit(tower).patch_size,
     hidden_size=lambda tower: int(unwrap_navit(tower).pos_embed_height.shape[-1]),
+    num_layers=lambda tower: len(unwrap_navit(tower).transformer.layers),
     call=patch_call(call=call_whole, whole_patches=True), backend="navit"))
