@@ -1,11 +1,19 @@
-"""select_layer is checked at load for every backend."""
+"""select_layer is checked at load for every backend; the default pool follows the layer
+(encode, load_encoder().encode, `mixres embed`)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers as tf
+from conftest import rel_err
 
 import mixres
+from mixres.cli import main
+from mixres.embed import embed, encode, read_features
+from mixres.workloads import write_photos
+
+KW = dict(max_image_tokens=16, progress=False, shard_size=2)
 
 
 def _resnet():
@@ -34,3 +42,50 @@ def test_select_layer_past_the_layers_fails_at_load(backend, name):
         mixres.load_encoder(model, backend=backend, select_layer=1.0)
     for good in (2, 0, -3):  # hidden_states[0..2]
         assert mixres.load_encoder(model, backend=backend, select_layer=good).select_layer == good
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder, n=3, seed=3, sizes=((24, 90), (24, 90)))
+    return sorted(folder.glob("photo_*"))
+
+
+def test_encode_default_pool_follows_the_layer(photos):
+    # last layer: the model's pooler; other layers: the CLS token, else the patch mean
+    last = encode(photos, "tiny-vit", max_image_tokens=16)
+    assert torch.equal(last.pooled, encode(photos, "tiny-vit", max_image_tokens=16, pool="model").pooled)
+    inner = encode(photos, "tiny-vit", select_layer=-2, max_image_tokens=16)
+    assert torch.equal(inner.pooled, torch.stack([t[0] for t in inner.unpack()]))
+    siglip = encode(photos, "tiny-siglip", select_layer=-2, max_image_tokens=16)  # no CLS token
+    assert siglip.num_prefix == 0
+    assert rel_err(siglip.pooled, torch.stack([t.mean(0) for t in siglip.unpack()])) <= 1e-6
+    # an Encoder passed in keeps its own layer, and the default follows it
+    enc = mixres.load_encoder("tiny-vit", select_layer=0, max_image_tokens=16)
+    mine = encode(photos, enc)
+    assert torch.equal(mine.pooled, torch.stack([t[0] for t in mine.unpack()]))
+    with pytest.raises(ValueError, match="pool='model' needs select_layer=-1"):
+        encode(photos, "tiny-vit", select_layer=-2, pool="model")
+
+
+def test_encoder_pooled_is_the_models_pooler_on_the_last_layer_only(photos):
+    model = mixres.load_model("tiny-vit")
+    imgs = mixres.load_encoder(model).prepare(photos)
+    last = mixres.load_encoder(model).encode(imgs)
+    with torch.no_grad():
+        for img, pooled in zip(imgs, last.pooled):
+            ref = model(pixel_values=img[None], interpolate_pos_encoding=True).pooler_output[0]
+            assert rel_err(pooled, ref) <= 1e-5
+    assert mixres.load_encoder(model, select_layer=-2).encode(imgs).pooled is None
+
+
+def test_embed_default_pool_follows_the_layer(photos, tmp_path):
+    embed([str(p) for p in photos], tmp_path / "api", "tiny-vit", select_layer=-2, **KW)
+    out = tmp_path / "cli"
+    assert main(["embed", str(photos[0].parent), "--model", "tiny-vit", "--out", str(out), "--select-layer",
+                 "-2", "--max-image-tokens", "16", "--num-workers", "0", "--no-progress"]) == 0
+    for folder in (tmp_path / "api", out):
+        feats = read_features(folder)
+        assert feats.meta["settings"]["pool"] == "cls" and feats.meta["settings"]["select_layer"] == -2
+        for rec in feats.records():
+            assert torch.equal(rec.pooled, rec.tokens[0])

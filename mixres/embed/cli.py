@@ -27,8 +27,10 @@ def add_arguments(p) -> None:
                    help="embed a small folder of generated photos (written to DIR/demo_images)")
     p.add_argument("--backend", default="packed", help="encoder backend (default: packed)")
     p.add_argument("--select-layer", type=int, default=-1, help="-1: last layer; -2: penultimate")
-    p.add_argument("--pool", default="model", choices=sorted(POOLERS),
-                   help="pooled vector per image: the model's pooler, CLS token, mean of patches, none")
+    p.add_argument("--pool", default=None, choices=sorted(POOLERS),
+                   help="pooled vector per image: the model's pooler, CLS token, mean of patches, none "
+                        "(default: model for --select-layer -1, else cls where the model has a CLS "
+                        "token, else mean)")
     p.add_argument("--min-image-tokens", type=int, default=1, help="smaller images are upscaled to this")
     p.add_argument("--max-image-tokens", type=int, default=1024, help="larger images are downscaled to this")
     # the old spellings (the batch budget is --max-batch-tokens)
