@@ -1,5 +1,5 @@
 """select_layer is checked at load for every backend; the default pool follows the layer
-(encode, load_encoder().encode, `mixres embed`)."""
+(encode, load_encoder().encode, `mixres embed`); a single image file is an INPUT of one."""
 
 from __future__ import annotations
 
@@ -89,3 +89,18 @@ def test_embed_default_pool_follows_the_layer(photos, tmp_path):
         assert feats.meta["settings"]["pool"] == "cls" and feats.meta["settings"]["select_layer"] == -2
         for rec in feats.records():
             assert torch.equal(rec.pooled, rec.tokens[0])
+
+
+def test_presets_are_named_in_embed_help_and_the_readme(capsys):
+    from pathlib import Path
+
+    from mixres.presets import list_presets
+
+    with pytest.raises(SystemExit):
+        main(["embed", "--help"])
+    said = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "mixres presets" in said and "### Presets" in readme
+    for name in list_presets():
+        assert name in said.replace("- ", "-"), name  # argparse may break a name at its hyphen
+        assert f"`{name}`" in readme, name

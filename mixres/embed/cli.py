@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mixres.embed.runner import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_SHARD_SIZE, embed
 from mixres.packing import POOLERS
+from mixres.presets import list_presets
 
 __all__ = ["add_arguments", "run"]
 
@@ -21,7 +22,9 @@ def add_arguments(p) -> None:
                    help="a folder of images (recursive), a text file of paths, a JSONL with a 'path' "
                         "field, webdataset .tar shards (paths, 'shards/{000000..000099}.tar', fsspec "
                         "URLs), parquet files (a file, folder or glob) or a datasets save_to_disk folder")
-    p.add_argument("--model", required=True, help="local directory, hub id or preset (e.g. tiny-vit)")
+    p.add_argument("--model", required=True,
+                   help=f"local directory, hub id or preset: {', '.join(list_presets())} "
+                        f"(random weights; 'mixres presets' shows their shapes)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
     p.add_argument("--demo", action="store_true",
                    help="embed a small folder of generated photos (written to DIR/demo_images)")
