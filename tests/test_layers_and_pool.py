@@ -91,6 +91,17 @@ def test_embed_default_pool_follows_the_layer(photos, tmp_path):
             assert torch.equal(rec.pooled, rec.tokens[0])
 
 
+def test_one_image_file_is_an_input_of_one(photos, tmp_path):
+    out = tmp_path / "one"
+    assert main(["embed", str(photos[1]), "--model", "tiny-vit", "--out", str(out),
+                 "--max-image-tokens", "16", "--num-workers", "0", "--no-progress"]) == 0
+    feats = read_features(out)
+    assert list(feats) == [str(photos[1])]
+    alone = encode([photos[1]], "tiny-vit", max_image_tokens=16)
+    assert rel_err(feats[0].tokens, alone.tokens) <= 1e-5
+    assert rel_err(feats[0].pooled, alone.pooled[0]) <= 1e-5
+
+
 def test_presets_are_named_in_embed_help_and_the_readme(capsys):
     from pathlib import Path
 
