@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["PackedImages", "PackedFeatures", "pack_into_bins", "seqlens_to_cu", "patchify",
-           "POOLERS", "pool_features", "check_pool", "segment_ids", "local_positions",
+           "POOLERS", "pool_features", "check_pool", "default_pool", "segment_ids", "local_positions",
            "interleave_prefix", "resample_table", "unpatchify"]
 
 
@@ -377,9 +377,24 @@ def pool_features(feats: PackedFeatures, how: str) -> PackedFeatures:
     return replace(feats, pooled=None if fn is None else fn(feats))
 
 
-def check_pool(pool: str, select_layer: int) -> None:
+def default_pool(select_layer: int, num_prefix: int) -> str:
+    """What pool=None means: the model's own pooler on the last layer (select_layer=-1; the
+    pooler reads the last layer), else the CLS token where the model has one (num_prefix >= 1),
+    else the mean of the patch tokens."""
+    if select_layer == -1:
+        return "model"
+    return "cls" if num_prefix >= 1 else "mean"
+
+
+def check_pool(pool: str | None, select_layer: int, num_prefix: int | None = None) -> str | None:
+    """`pool` checked against select_layer; None resolves to `default_pool` once num_prefix is known
+    (None stays None before that)."""
+    if pool is None:
+        return None if num_prefix is None else default_pool(select_layer, num_prefix)
     if pool not in POOLERS:
         raise ValueError(f"pool={pool!r}: choose one of {sorted(POOLERS)}")
     if pool == "model" and select_layer != -1:
         raise ValueError(f"pool='model' needs select_layer=-1 (the model's pooler reads the last layer), "
-                         f"got select_layer={select_layer}; use pool 'cls', 'mean' or 'none'")
+                         f"got select_layer={select_layer}; use pool 'cls', 'mean' or 'none', or leave "
+                         f"pool unset (the default follows the layer)")
+    return pool

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mixres.embed.runner import DEFAULT_MAX_BATCH_TOKENS, DEFAULT_SHARD_SIZE, embed
 from mixres.packing import POOLERS
+from mixres.presets import list_presets
 
 __all__ = ["add_arguments", "run"]
 
@@ -22,8 +23,9 @@ def add_arguments(p) -> None:
                         "field, webdataset .tar shards (paths, 'shards/{000000..000099}.tar', fsspec "
                         "URLs), parquet files (a file, folder or glob) or a datasets save_to_disk folder")
     p.add_argument("--model", required=True,
-                   help="local directory, hub id or preset (e.g. tiny-vit); timm:<name>, hf-hub:timm/..., "
-                        "open_clip:<arch>[:<pretrained>]")
+                   help=f"a preset ({', '.join(list_presets())}; random weights, 'mixres presets' "
+                        "shows their shapes), a local directory, a hub id, timm:<name>, hf-hub:timm/..., "
+                        "or open_clip:<arch>[:<pretrained>]")
     p.add_argument("--model-kwargs", default=None, metavar="JSON",
                    help='create_model kwargs (timm, open_clip), e.g. \'{"pretrained": false}\'')
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (rerun to resume)")
@@ -31,8 +33,10 @@ def add_arguments(p) -> None:
                    help="embed a small folder of generated photos (written to DIR/demo_images)")
     p.add_argument("--backend", default="packed", help="encoder backend (default: packed)")
     p.add_argument("--select-layer", type=int, default=-1, help="-1: last layer; -2: penultimate")
-    p.add_argument("--pool", default="model", choices=sorted(POOLERS),
-                   help="pooled vector per image: the model's pooler, CLS token, mean of patches, none")
+    p.add_argument("--pool", default=None, choices=sorted(POOLERS),
+                   help="pooled vector per image: the model's pooler, CLS token, mean of patches, none "
+                        "(default: model for --select-layer -1, else cls where the model has a CLS "
+                        "token, else mean)")
     p.add_argument("--min-image-tokens", type=int, default=1, help="smaller images are upscaled to this")
     p.add_argument("--max-image-tokens", type=int, default=1024, help="larger images are downscaled to this")
     # the old spellings (the batch budget is --max-batch-tokens)

@@ -63,7 +63,7 @@ def make_encoder(model, *, backend: str = "packed", **kwargs):
     return load_encoder(model, backend=backend, **kwargs)
 
 
-def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, pool: str = "model",
+def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, pool: str | None = None,
            min_image_tokens: int = 1, max_image_tokens: int | None = 1024,
            max_batch_tokens: int | str | None = "auto", device=None, dtype=None, **renamed) -> PackedFeatures:
     """Encode paths, PIL images or (C, H, W) tensors; PackedFeatures with `pooled` as asked.
@@ -72,7 +72,9 @@ def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, po
             parquet, a datasets folder, a folder or list of files): all its items, in order
     model  an HF model, an Encoder (then the encoder's own settings apply), a local
            directory, a hub id or a preset name
-    pool   "model" (the model's pooler), "cls", "mean" (over patch tokens only), "none"
+    pool   "model" (the model's pooler), "cls", "mean" (over patch tokens only), "none";
+           None (the default) follows the layer: "model" for select_layer=-1, else "cls"
+           where the model has a CLS token, else "mean" (`mixres.packing.default_pool`)
     """
     min_image_tokens, max_image_tokens = resolve_renamed(
         renamed, IMAGE_TOKENS, "mixres.encode", min_image_tokens=min_image_tokens,
@@ -81,11 +83,22 @@ def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, po
     enc = make_encoder(model, backend=backend, select_layer=select_layer, min_image_tokens=min_image_tokens,
                        max_image_tokens=max_image_tokens, max_batch_tokens=max_batch_tokens, device=device,
                        dtype=dtype)
+    pool = resolve_pool(pool, enc)
     if isinstance(inputs, (str, os.PathLike, Source)) and not _is_image_file(inputs):
         inputs = _read_all(open_source(inputs))
     elif isinstance(inputs, (str, os.PathLike, torch.Tensor)) or hasattr(inputs, "mode"):
         inputs = [inputs]
     return pool_features(enc.encode(list(inputs)), pool)
+
+
+def resolve_pool(pool: str | None, enc) -> str:
+    """`pool` checked against the encoder's select_layer (an Encoder passed in keeps its own);
+    None becomes the default that follows the layer."""
+    try:
+        num_prefix = enc.num_prefix
+    except ValueError:  # a family mixres has no file for: no prefix tokens known
+        num_prefix = 0
+    return check_pool(pool, enc.select_layer, num_prefix)
 
 
 def _is_image_file(x) -> bool:
@@ -165,7 +178,7 @@ class _Runner:
         return (PackedFeatures.cat([out[i] for i in keep]) if keep else None), oom
 
 
-def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1, pool: str = "model",
+def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1, pool: str | None = None,
           min_image_tokens: int = 1, max_image_tokens: int | None = 1024, max_pixels: int | None = None,
           max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, device=None, dtype=None,
           store_dtype: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 0,
@@ -176,7 +189,8 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
     takes (folder, text list, JSONL, list of paths, .tar shards, parquet, a datasets folder).
 
     Resumes what is already in `out` (same settings and source only); one run per folder
-    at a time. write_tokens=False (--no-tokens) writes only pooled/ and metadata/.
+    at a time. write_tokens=False (--no-tokens) writes only pooled/ and metadata/. pool as in
+    `encode` (None follows the layer).
     decode  how images become tensors: "pil" (mixres.images), "fast", "cuda" (mixres.decode)
     Returns a summary dict.
     """
@@ -217,6 +231,7 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         enc = make_encoder(model, backend=backend, select_layer=select_layer,
                            min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
                            max_batch_tokens="auto", device=dev, dtype=dtype)
+        pool = resolve_pool(pool, enc)
         settings = Settings.of(enc, model, model_name, pool=pool, min_image_tokens=min_image_tokens,
                                max_image_tokens=max_image_tokens, max_pixels=max_pixels,
                                max_batch_tokens=max_batch_tokens, store_dtype=store_dtype,

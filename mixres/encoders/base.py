@@ -27,7 +27,8 @@ def resolve_layer(select_layer: int, num_layers: int) -> int:
     idx = select_layer if select_layer >= 0 else num_layers + 1 + select_layer
     if not 0 <= idx <= num_layers:
         raise ValueError(f"select_layer={select_layer} is out of range for a model with {num_layers} "
-                         f"layers (hidden_states has {num_layers + 1} entries)")
+                         f"layers (hidden_states has {num_layers + 1} entries: 0..{num_layers} or "
+                         f"-1..-{num_layers + 1})")
     return idx
 
 
@@ -73,6 +74,22 @@ class Encoder:
         self.select_layer = select_layer
         self.max_batch_tokens = max_batch_tokens
         self.min_image_tokens, self.max_image_tokens = min_image_tokens, max_image_tokens
+        self._check_select_layer()
+
+    def _check_select_layer(self) -> None:
+        """A select_layer past the model's layers fails here, at load, not at the first encode."""
+        from mixres import families
+
+        if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int):
+            raise TypeError(f"select_layer must be an int, got {self.select_layer!r}")
+        try:
+            layers = families.num_layers(self.model)
+        except families.UnknownImageEncoderError:  # a family mixres has no file for
+            return
+        try:
+            resolve_layer(self.select_layer, layers)
+        except ValueError as e:
+            raise ValueError(f"backend {self.backend!r}, {type(self.model).__name__}: {e}") from None
 
     # what the model expects, as its family says (mixres.families via vision_utils)
     @property

@@ -15,7 +15,6 @@ and CNNs use every pixel: their images keep their exact size.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -23,57 +22,19 @@ from torch import nn
 from mixres import families
 from mixres.encoders import register_encoder_backend
 from mixres.encoders.base import Encoder
-from mixres.families import Call, vision_tower
+from mixres.encoders.whole import (
+    _family_name,
+    call_for,
+    crop_for,
+    grad_or_inference,
+    output_tokens,
+    params_of,
+    tower_config,
+)
+from mixres.families import vision_tower
 from mixres.packing import PackedFeatures, PackedImages, seqlens_to_cu
 
 __all__ = ["GroupedEncoder", "call_for", "crop_for", "run_grouped", "output_tokens", "probe_tokens"]
-
-
-def call_for(model: nn.Module) -> Call:
-    """The family's whole-model call; a plain pixel call for families mixres has no file for."""
-    spec = families.spec_of(model)
-    return spec.call if spec is not None else Call()
-
-
-def call_config(tower: nn.Module):
-    """What a family's `Call` callables get: the HF config, or the tower itself for non-HF
-    models (timm, open_clip), whose facts live on the module."""
-    config = getattr(tower, "config", None)
-    return tower if config is None else config
-
-
-def _family_name(model: nn.Module) -> str:
-    try:
-        return families.family(model)
-    except families.UnknownImageEncoderError:
-        return type(model).__name__
-
-
-def params_of(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters(), None)
-    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
-
-
-def grad_or_inference():
-    # keep autograd when the caller asked for it (fine-tuning through the encoder)
-    return nullcontext() if torch.is_grad_enabled() else torch.inference_mode()
-
-
-def crop_for(model: nn.Module, image: torch.Tensor, what: str = "image") -> torch.Tensor:
-    """`image` (C, H, W) cropped as its family needs (floor multiple of the patch, or as is)."""
-    tower = vision_tower(model)
-    fc = call_for(tower)
-    if image.ndim != 3:
-        raise ValueError(f"{what}: expected a (C, H, W) tensor, got shape {tuple(image.shape)}")
-    _, H, W = image.shape
-    cfg = call_config(tower)
-    low = fc.min_size(cfg)
-    if H < low or W < low:
-        raise ValueError(f"{what}: size {H}x{W} is smaller than one {low}x{low} patch of "
-                         f"{_family_name(tower)}; the model cannot encode it "
-                         f"alone either (pad or resize it first)")
-    p = fc.crop(cfg)
-    return image[:, :H // p * p, :W // p * p] if p else image
 
 
 def run_grouped(model: nn.Module, images: Sequence[torch.Tensor], *,
@@ -87,7 +48,7 @@ def run_grouped(model: nn.Module, images: Sequence[torch.Tensor], *,
     """
     tower = vision_tower(model)
     fc = call_for(tower)
-    cfg = call_config(tower)
+    cfg = tower_config(tower)
     device, dtype = params_of(tower)
     if max_batch_pixels is not None and max_batch_pixels <= 0:
         raise ValueError(f"max_batch_pixels must be positive, got {max_batch_pixels}")
@@ -123,19 +84,6 @@ def run_grouped(model: nn.Module, images: Sequence[torch.Tensor], *,
     return results
 
 
-def output_tokens(hidden: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int] | None]:
-    """A batch's hidden state as (B, n, D) tokens, plus the grid when it is a feature map.
-
-    CNN feature maps (B, C, h, w) are flattened row-major to (B, h*w, C).
-    """
-    if hidden.ndim == 4:
-        return hidden.flatten(2).transpose(1, 2), (hidden.shape[2], hidden.shape[3])
-    if hidden.ndim == 3:
-        return hidden, None
-    raise ValueError(f"expected a (B, n, D) sequence or a (B, C, h, w) feature map from the "
-                     f"model, got shape {tuple(hidden.shape)}")
-
-
 def probe_tokens(model: nn.Module, select_layer: int = -1) -> torch.Tensor:
     """Tokens of a blank 64x64 image (only to learn the width D when every slot is empty)."""
     channels = int(getattr(getattr(vision_tower(model), "config", None), "num_channels", 3))
@@ -164,7 +112,7 @@ class GroupedEncoder(Encoder):
 
     @property
     def _config(self):
-        return call_config(self._tower)
+        return tower_config(self._tower)
 
     @property
     def patch_size(self) -> int | None:

@@ -41,7 +41,7 @@ from mixres.registry import Registry
 __all__ = ["FAMILIES", "FamilySpec", "Call", "Recipe", "Embedded", "PosCache", "MeanStd",
            "UnknownImageEncoderError", "register_family", "spec_of", "family_spec", "family",
            "vision_tower", "vision_config", "forward_kwargs", "accepts", "model_args_dict",
-           "num_prefix_tokens", "IMAGENET_DEFAULT", "IMAGENET_STANDARD", "OPENAI_CLIP",
+           "num_prefix_tokens", "num_layers", "IMAGENET_DEFAULT", "IMAGENET_STANDARD", "OPENAI_CLIP",
            "NO_NORMALIZATION", "cls_only", "no_prefix"]
 
 FAMILIES = Registry("model family")
@@ -175,6 +175,22 @@ def family_spec(model: nn.Module, need: str = "family") -> FamilySpec:
 def num_prefix_tokens(model: nn.Module) -> int:
     """Tokens before the patches in last_hidden_state (CLS, distillation, registers)."""
     return int(family_spec(model, "number of prefix tokens").prefix_tokens(vision_tower(model)))
+
+
+@per_model
+def num_layers(model: nn.Module) -> int:
+    """The layers `select_layer` counts: the model's hidden_states has num_layers + 1 entries
+    (the embeddings, or a CNN's stem, then one per layer or stage)."""
+    spec = spec_of(model)
+    if spec is not None and spec.num_layers is not None:
+        return int(spec.num_layers(vision_tower(model)))
+    config = vision_config(model)
+    if getattr(config, "num_hidden_layers", None) is not None:
+        return int(config.num_hidden_layers)
+    if getattr(config, "depths", None) is not None:  # staged models: ResNet, ConvNeXt, Swin
+        return len(config.depths)
+    raise UnknownImageEncoderError(f"{_name(model)}: its config has neither num_hidden_layers nor "
+                                   f"depths, so mixres cannot count its layers")
 
 
 # forward arguments

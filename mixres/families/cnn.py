@@ -37,7 +37,7 @@ RESNET = register_family(FamilySpec("resnet", IMAGENET_DEFAULT, patch_tokens=Fal
 # MobileViT's processor does not normalize (it flips RGB -> BGR instead, which is not a
 # mean/std matter and is left to the caller)
 MOBILEVIT = register_family(FamilySpec(
-    "mobilevit", NO_NORMALIZATION, patch_tokens=False,
+    "mobilevit", NO_NORMALIZATION, patch_tokens=False, num_layers=lambda tower: 4,  # 5 stages' outputs
     call=Call(stride=lambda cfg: int(getattr(cfg, "output_stride", 32)))))
 # DINOv3ConvNextModel flattens its last feature map to tokens and prepends the average-pooled
 # one as a CLS-like token: (B, 1 + h*w, C)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from types import SimpleNamespace
 
 import torch
 from einops import rearrange, repeat
@@ -183,8 +184,40 @@ def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -
     return x, attention_pool(navit, recipe, x, cu, max_len)
 
 
-# the spec: NaViTModel takes `pixel_values` (B, C, H, W) like any HF model for the whole-model
-# call (grouped, loop); encode_images goes to the "navit" backend
+# the whole-model call (loop, grouped): vit-pytorch's own forward, read back with hooks
+
+def call_whole(tower: nn.Module, pixels: torch.Tensor, output_hidden_states: bool = False, **kw):
+    """vit-pytorch's forward on same-size images (B, C, H, W), read back with forward hooks.
+
+    The images go in as one list (one group: each image attends to itself only). Tokens are
+    `transformer`'s output (after its final norm), the pooled latent is `mlp_head`'s input,
+    hidden_states the embeddings then each block's residual output (a hook on each block's
+    feed-forward: its input plus its output). No mixres code runs the model: this is the
+    reference the packed forward above is compared with.
+    """
+    navit = unwrap_navit(tower)
+    b = pixels.shape[0]
+    seen, hidden = {}, []
+
+    def per_image(t):  # one padded group (1, B*n, D) or a jagged nested tensor -> (B, n, D)
+        return torch.stack(t.unbind()) if t.is_nested else t.reshape(b, -1, t.shape[-1])
+
+    hooks = [navit.transformer.register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o)),
+             navit.mlp_head.register_forward_pre_hook(lambda m, i: seen.__setitem__("pooled", i[0]))]
+    if output_hidden_states:
+        hooks.append(navit.transformer.register_forward_pre_hook(lambda m, i: hidden.append(i[0])))
+        hooks += [ff.register_forward_hook(lambda m, i, o: hidden.append(i[0] + o))
+                  for _, ff in navit.transformer.layers]
+    try:
+        logits = navit(list(pixels))
+    finally:
+        for h in hooks:
+            h.remove()
+    return SimpleNamespace(last_hidden_state=per_image(seen["tokens"]), pooler_output=seen["pooled"],
+                           hidden_states=tuple(map(per_image, hidden)) or None, logits=logits)
+
+
+# the spec: encode_images goes to the "navit" backend
 
 def _mean_std(tower):
     # NaViT defines no pixel normalization: mean = std = 0.5 per channel (pixels to [-1, 1])
@@ -195,4 +228,5 @@ SPEC = register_family(FamilySpec(
     "navit", _mean_std(None), classes=("vit_pytorch.na_vit.NaViT", "vit_pytorch.na_vit_nested_tensor.NaViT"),
     tower=lambda model: model, patch_size=lambda tower: unwrap_navit(tower).patch_size,
     hidden_size=lambda tower: int(unwrap_navit(tower).pos_embed_height.shape[-1]),
-    call=patch_call(whole_patches=True), backend="navit"))
+    num_layers=lambda tower: len(unwrap_navit(tower).transformer.layers),
+    call=patch_call(call=call_whole, whole_patches=True), backend="navit"))

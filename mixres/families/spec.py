@@ -193,6 +193,8 @@ class FamilySpec:
     tower         model -> the module that runs the vision backbone; None: HF's wrappers
     patch_tokens  False for CNNs (no pixel patch maps to one output token: patch_size None)
     patch_size, hidden_size  tower -> int; None: read from the HF config
+    num_layers    tower -> the layers `select_layer` counts (hidden_states has num_layers + 1
+                  entries); None: the config's num_hidden_layers, else len(depths)
     inputs        (tower, (B, C, H, W)) -> forward kwargs, where the forward takes no image
                   (SigLIP2's NaFlex patches, mask and spatial shapes)
     call          how to call it whole (`Call`)
@@ -211,6 +213,7 @@ class FamilySpec:
     patch_tokens: bool = True
     patch_size: Callable[[nn.Module], int | None] | None = None
     hidden_size: Callable[[nn.Module], int] | None = None
+    num_layers: Callable[[nn.Module], int] | None = None
     inputs: Callable[[nn.Module, torch.Tensor], dict] | None = None
     call: Call = Call()
     recipe: Recipe | None = None
