@@ -270,12 +270,68 @@ def _where(source: Source, pos: int, key: str) -> str:
     return key if isinstance(source, FileSource) else f"{source.unit_of(pos)}: {key}"
 
 
+def make_prep(settings: Settings) -> Prep:
+    """How a decode worker preprocesses an item for these settings (the same in every engine)."""
+    return Prep(settings.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_image_tokens,
+                settings.max_image_tokens, settings.max_pixels)
+
+
+def decode_shard(source: Source, shard: int, prep: Prep, shard_size: int) -> dict:
+    """One whole shard, decoded in this process (the Ray engine's decode task)."""
+    ds = SliceDataset(source, plan_slices([shard], len(source.keys), shard_size, SLICE_SIZE), prep)
+    return join_slices([ds[i] for i in range(len(ds))])
+
+
+def finish_shard(root: Path, source: Source, item: dict, runner: _Runner, settings: Settings,
+                 journal: Path, on_error: str, hook=None) -> dict:
+    """Encode one decoded shard, write its files, then append its journal line.
+
+    The one step every engine runs per shard (the local loop, each Ray encoder actor), so
+    their folders are the same. Returns its counts; raises ValueError under --on-error fail.
+    hook(stage, wrote) runs after the files are written ("shard") and after the journal line
+    ("journal"); wrote is 1 when this shard wrote files (0: all its items were errors).
+    """
+    if on_error == "fail" and item["errors"]:
+        pos, key, reason = item["errors"][0]
+        raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; nothing "
+                         "written so far is lost; rerun with --on-error skip to record bad "
+                         "inputs in errors.jsonl)")
+    feats, oom = runner.encode_shard(item)
+    if oom and on_error == "fail":
+        k, reason = next(iter(oom.items()))
+        pos, key = item["items"][k][:2]
+        raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; try a smaller "
+                         "--max-image-tokens)")
+    good = [it for k, it in enumerate(item["items"]) if k not in oom]
+    errors = list(item["errors"]) + [(item["items"][k][0], item["items"][k][1], r) for k, r in oom.items()]
+    grids = [g for k, g in enumerate(item["grid_hw"].tolist()) if k not in oom]
+    lens = feats.seqlens.tolist() if feats is not None else []
+    rows = [{**_named(source, pos, key), "row": r, "grid": grids[r], "tokens": lens[r], "sha256": sha}
+            for r, (pos, key, sha, _) in enumerate(good)]
+    files = {"file": None}
+    hook = hook or (lambda stage, wrote: None)
+    if feats is not None:
+        # every file of the shard durable before its journal line (see embed.store)
+        if settings.write_tokens:
+            files["file"] = write_shard(root, item["shard"], feats.tokens, feats.cu_seqlens, feats.grid_hw,
+                                        feats.pooled, [it[1] for it in good], feats.num_prefix)
+        if feats.pooled is not None:
+            files["pooled"] = write_pooled(root, item["shard"], feats.pooled)
+        files["metadata"] = write_metadata(root, item["shard"], rows, [it[3] for it in good])
+        hook("shard", 1)
+    append_journal(journal, {
+        "shard": item["shard"], **files, "items": rows,
+        "errors": [{**_named(source, pos, key), "reason": reason} for pos, key, reason in sorted(errors)]})
+    hook("journal", int(feats is not None))
+    return {"images": len(good), "tokens": sum(lens), "errors": len(errors),
+            "shards": int(feats is not None)}
+
+
 def _run_shards(root: Path, source: Source, shards, enc, settings, dist_: DistInfo, dev, *, pool, budget,
                 on_error, num_workers, progress) -> dict:
     from tqdm import tqdm
 
-    prep = Prep(enc.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_image_tokens,
-                settings.max_image_tokens, settings.max_pixels)
+    prep = make_prep(settings)
     paths = source.keys
     slices = plan_slices(shards, len(paths), settings.shard_size, SLICE_SIZE)
     workers = max(0, num_workers)
@@ -294,45 +350,11 @@ def _run_shards(root: Path, source: Source, shards, enc, settings, dist_: DistIn
     t0 = time.perf_counter()
     try:
         for item in _whole_shards(loader, settings.shard_size, len(paths), on_error):
-            if on_error == "fail" and item["errors"]:
-                pos, key, reason = item["errors"][0]
-                raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; nothing "
-                                 "written so far is lost; rerun with --on-error skip to record bad "
-                                 "inputs in errors.jsonl)")
-            feats, oom = runner.encode_shard(item)
-            if oom and on_error == "fail":
-                k, reason = next(iter(oom.items()))
-                pos, key = item["items"][k][:2]
-                raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; try a smaller "
-                                 "--max-image-tokens)")
-            good = [it for k, it in enumerate(item["items"]) if k not in oom]
-            errors = list(item["errors"]) + [(item["items"][k][0], item["items"][k][1], r)
-                                             for k, r in oom.items()]
-            grids = [g for k, g in enumerate(item["grid_hw"].tolist()) if k not in oom]
-            lens = feats.seqlens.tolist() if feats is not None else []
-            rows = [{**_named(source, pos, key), "row": r, "grid": grids[r], "tokens": lens[r], "sha256": sha}
-                    for r, (pos, key, sha, _) in enumerate(good)]
-            files = {"file": None}
-            if feats is not None:
-                # every file of the shard durable before its journal line (see embed.store)
-                if settings.write_tokens:
-                    files["file"] = write_shard(root, item["shard"], feats.tokens, feats.cu_seqlens,
-                                                feats.grid_hw, feats.pooled, [it[1] for it in good],
-                                                feats.num_prefix)
-                if feats.pooled is not None:
-                    files["pooled"] = write_pooled(root, item["shard"], feats.pooled)
-                files["metadata"] = write_metadata(root, item["shard"], rows, [it[3] for it in good])
-                counts["shards"] += 1
-                _test_kill(counts["shards"], "shard")
-            append_journal(journal, {
-                "shard": item["shard"], **files, "items": rows,
-                "errors": [{**_named(source, pos, key), "reason": reason}
-                           for pos, key, reason in sorted(errors)]})
-            _test_kill(counts["shards"], "journal")
-            counts["images"] += len(good)
-            counts["tokens"] += sum(lens)
-            counts["errors"] += len(errors)
-            bar.update(len(good) + len(errors))
+            c = finish_shard(root, source, item, runner, settings, journal, on_error,
+                             hook=lambda stage, wrote: _test_kill(counts["shards"] + wrote, stage))
+            for k in ("images", "tokens", "errors", "shards"):
+                counts[k] += c[k]
+            bar.update(c["images"] + c["errors"])
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{counts['images'] / dt:.1f} img/s, {counts['tokens'] / dt:,.0f} tok/s, "
                                 f"{counts['errors']} errors", refresh=False)
