@@ -171,13 +171,16 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
           store_dtype: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 0,
           on_error: str = "skip", limit: int | None = None, progress: bool = True,
           model_name: str | None = None, image_column: str | None = None, id_column: str | None = None,
-          write_tokens: bool = True, **renamed) -> dict:
+          write_tokens: bool = True, engine: str = "local", ray_address: str | None = None,
+          ray_actors: int | None = None, ray_cpus_per_decode: float = 1.0, **renamed) -> dict:
     """Embed INPUT into the folder `out`; INPUT is anything `mixres.embed.sources.open_source`
     takes (folder, text list, JSONL, list of paths, .tar shards, parquet, a datasets folder).
 
     Resumes what is already in `out` (same settings and source only); one run per folder
     at a time. write_tokens=False (--no-tokens) writes only pooled/ and metadata/.
-    Returns a summary dict.
+    engine="ray" runs on Ray Data (`mixres.embed.ray_engine`: ray_address None starts a local
+    Ray, "auto" / "ray://..." connect; ray_actors encoder actors, default one per GPU) and
+    writes the same folder. Returns a summary dict.
     """
     from mixres.images import DEFAULT_MAX_PIXELS
 
@@ -192,6 +195,18 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
     if not write_tokens and pool == "none":
         raise ValueError("--no-tokens keeps only the pooled vectors: choose a --pool other than none")
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if engine == "ray":
+        from mixres.embed.ray_engine import embed_ray
+
+        return embed_ray(inputs, out, model, backend=backend, select_layer=select_layer, pool=pool,
+                         min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
+                         max_pixels=max_pixels, max_batch_tokens=max_batch_tokens, device=device, dtype=dtype,
+                         store_dtype=store_dtype, shard_size=shard_size, on_error=on_error, limit=limit,
+                         progress=progress, model_name=model_name, image_column=image_column,
+                         id_column=id_column, write_tokens=write_tokens, ray_address=ray_address,
+                         ray_actors=ray_actors, ray_cpus_per_decode=ray_cpus_per_decode)
+    if engine != "local":
+        raise ValueError(f"engine={engine!r}: choose 'local' or 'ray'")
     t_start = time.perf_counter()
     dist_ = init_distributed(device)
     lock = None
