@@ -30,6 +30,7 @@ import signal
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -205,15 +206,18 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # ours counts images; Ray's would count blocks
     ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=min(len(pending), 10_000))
-    ds = ds.map(_decode, fn_kwargs={"source": source, "prep": make_prep(settings),
-                                    "shard_size": settings.shard_size},
-                num_cpus=cpus_per_decode, ray_remote_args_fn=lambda: {"max_retries": MAX_RETRIES})
-    ds = ds.map(_EncoderActor, fn_constructor_kwargs={
-        "root": str(root.resolve()), "model": model_arg, "source": source, "settings": settings,
-        "enc_kwargs": enc_kwargs, "device": "cuda" if use_gpu else "cpu", "on_error": on_error,
-        "lock_text": lock_text}, compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1,
-        num_gpus=1 if use_gpu else 0,
-        ray_remote_args_fn=lambda: {"max_restarts": MAX_RETRIES, "max_task_retries": MAX_RETRIES})
+    with warnings.catch_warnings():
+        # Ray 2.6x deprecates **ray_remote_args and ray_remote_args_fn alike with no named
+        # replacement for max_retries / max_restarts yet; we set them explicitly on purpose
+        warnings.filterwarnings("ignore", message=".*ray_remote_args", category=DeprecationWarning)
+        ds = ds.map(_decode, fn_kwargs={"source": source, "prep": make_prep(settings),
+                                        "shard_size": settings.shard_size},
+                    num_cpus=cpus_per_decode, max_retries=MAX_RETRIES)
+        ds = ds.map(_EncoderActor, fn_constructor_kwargs={
+            "root": str(root.resolve()), "model": model_arg, "source": source, "settings": settings,
+            "enc_kwargs": enc_kwargs, "device": "cuda" if use_gpu else "cpu", "on_error": on_error,
+            "lock_text": lock_text}, compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1,
+            num_gpus=1 if use_gpu else 0, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
     n = len(source.keys)
     total = sum(min((s + 1) * settings.shard_size, n) - s * settings.shard_size for s in pending)
     bar = tqdm(total=total, unit="img", desc="embed (ray)", disable=not progress, dynamic_ncols=True,
