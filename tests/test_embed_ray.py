@@ -139,3 +139,15 @@ def test_without_ray_the_engine_says_how_to_install_it(photos, tmp_path, monkeyp
     assert err == ["mixres embed: error: --engine ray needs Ray Data: pip install 'mixres[ray]' "
                    "(or pip install 'ray[data]')"]
     assert not out.exists()  # nothing written before the check
+
+
+def test_on_error_fail_stops_the_ray_run_with_one_line(ray_address, photos, tmp_path):
+    bad = tmp_path / "corrupt.jpg"
+    bad.write_bytes(os.urandom(2000))
+    with pytest.raises(ValueError) as e:
+        embed([str(photos[0]), str(bad)], tmp_path / "out", "tiny-vit", engine="ray", on_error="fail", **KW)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{bad}: ") and "--on-error fail" in msg
+    out = tmp_path / "out"  # nothing half-written: only the status says the run did not complete
+    assert [p for p in verify(out) if not p.startswith("meta.json: ")] == [] and not list(out.rglob(".*tmp*"))
+    assert not read_features(out).meta["status"]["complete"]

@@ -122,7 +122,7 @@ class _EncoderActor:
 # the driver
 
 def _start_ray(ray, address: str | None):
-    """(ray, started): connect to `address` (auto, ray://..., host:port) or start a local Ray."""
+    """Connect to `address` (auto, ray://..., host:port) or start a local Ray; True if we started it."""
     if ray.is_initialized():
         return False  # the caller's own session (library use): leave it running
     kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=True, logging_level="WARNING")
@@ -224,7 +224,8 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
                file=sys.stderr)
     t0, consumed = time.perf_counter(), 0
     try:
-        for row in ds.iter_rows():
+        rows = _rows(ray, ds)
+        for row in rows:
             if row["failed"]:
                 raise ValueError(row["failed"])
             for k in counts:
@@ -238,3 +239,13 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
     finally:
         bar.close()
     return n_actors
+
+
+def _rows(ray, ds):
+    """The summary rows; a failure Ray gave up on (retries spent, an actor that cannot start)
+    becomes one line: the last line of Ray's report is the worker's own exception."""
+    try:
+        yield from ds.iter_rows()
+    except ray.exceptions.RayError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        raise RuntimeError(f"the Ray engine stopped: {lines[-1] if lines else type(e).__name__}") from None
