@@ -223,8 +223,8 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
     bar = tqdm(total=total, unit="img", desc="embed (ray)", disable=not progress, dynamic_ncols=True,
                file=sys.stderr)
     t0, consumed = time.perf_counter(), 0
+    rows = _rows(ray, ds)
     try:
-        rows = _rows(ray, ds)
         for row in rows:
             if row["failed"]:
                 raise ValueError(row["failed"])
@@ -237,6 +237,7 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
             bar.set_postfix_str(f"{counts['images'] / dt:.1f} img/s, {counts['errors']} errors",
                                 refresh=False)
     finally:
+        rows.close()  # stop the stream now (an early raise), while Ray is still up
         bar.close()
     return n_actors
 
