@@ -8,7 +8,8 @@ sources/ lists INPUT (files, webdataset tars, parquet, datasets folders) with st
 and reads one item's bytes; inputs.py decodes items in DataLoader workers; state.py plans
 shards and checks a folder's settings and source; store.py writes shards, pooled/,
 metadata/ and the crash-safe journal; lock.py keeps one writer per folder; verify.py is
-`mixres verify`; cli.py is `mixres embed`.
+`mixres verify`; cli.py is `mixres embed`. ray_engine.py is `--engine ray`: the same
+per-shard step (runner.finish_shard) in Ray Data encoder actors fed by decode tasks.
 """
 
 from mixres.embed.reader import FeatureRecord, Features, read_features

@@ -71,6 +71,16 @@ def add_arguments(p) -> None:
     p.add_argument("--no-tokens", action="store_true",
                    help="write only pooled/ and metadata/ (no token shards)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process (+ DataLoader workers; torchrun for ranks); ray: Ray Data "
+                        "decode tasks and encoder actors (pip install 'mixres[ray]')")
+    p.add_argument("--ray-address", default=None,
+                   help="--engine ray: a cluster to connect to (auto, ray://host:10001, host:6379; "
+                        "default: start a local Ray with this machine's CPUs and GPUs)")
+    p.add_argument("--ray-actors", type=int, default=None,
+                   help="--engine ray: encoder actors, each holding the model (default: one per GPU, else 1)")
+    p.add_argument("--ray-cpus-per-decode", type=float, default=1.0,
+                   help="--engine ray: CPUs reserved by each decode task (default 1)")
 
 
 def _demo_inputs(out: str) -> str:
@@ -126,7 +136,9 @@ def run(args) -> int:
               shard_size=args.shard_size or DEFAULT_SHARD_SIZE,
               num_workers=args.num_workers, on_error=args.on_error, limit=args.limit,
               progress=not args.no_progress, image_column=args.image_column, id_column=args.id_column,
-              write_tokens=not args.no_tokens, decode=args.decode)
+              write_tokens=not args.no_tokens, decode=args.decode, engine=args.engine,
+              ray_address=args.ray_address, ray_actors=args.ray_actors,
+              ray_cpus_per_decode=args.ray_cpus_per_decode)
     if "index_rows" in s:  # rank 0
         resumed = f" ({s['done_before']} shards were already done)" if s["done_before"] else ""
         if s["shards"] == 0 and s["errors"] == 0 and s["done_before"]:

@@ -18,6 +18,7 @@ K-th pending shard; rank 0 merges the journals into index.jsonl at the end.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -184,7 +185,9 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
           store_dtype: str = "auto", shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 0,
           on_error: str = "skip", limit: int | None = None, progress: bool = True,
           model_name: str | None = None, image_column: str | None = None, id_column: str | None = None,
-          write_tokens: bool = True, decode: str = "pil", **renamed) -> dict:
+          write_tokens: bool = True, decode: str = "pil", engine: str = "local",
+          ray_address: str | None = None, ray_actors: int | None = None, ray_cpus_per_decode: float = 1.0,
+          **renamed) -> dict:
     """Embed INPUT into the folder `out`; INPUT is anything `mixres.embed.sources.open_source`
     takes (folder, text list, JSONL, list of paths, .tar shards, parquet, a datasets folder).
 
@@ -192,7 +195,9 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
     at a time. write_tokens=False (--no-tokens) writes only pooled/ and metadata/. pool as in
     `encode` (None follows the layer).
     decode  how images become tensors: "pil" (mixres.images), "fast", "cuda" (mixres.decode)
-    Returns a summary dict.
+    engine="ray" runs on Ray Data (`mixres.embed.ray_engine`: ray_address None starts a local
+    Ray, "auto" / "ray://..." connect; ray_actors encoder actors, default one per GPU) and
+    writes the same folder. Returns a summary dict.
     """
     from mixres.decode import get_decoder
     from mixres.images import DEFAULT_MAX_PIXELS
@@ -211,6 +216,22 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
     if decode == "cuda":  # CUDA cannot run in forked DataLoader workers
         num_workers = 0
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if engine == "ray":
+        from mixres.embed.ray_engine import embed_ray
+
+        if decode == "cuda":
+            raise ValueError("--engine ray decodes in CPU tasks: use --decode fast or pil with it "
+                             "(--decode cuda is for the local engine)")
+
+        return embed_ray(inputs, out, model, backend=backend, select_layer=select_layer, pool=pool,
+                         min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
+                         max_pixels=max_pixels, max_batch_tokens=max_batch_tokens, device=device, dtype=dtype,
+                         store_dtype=store_dtype, shard_size=shard_size, on_error=on_error, limit=limit,
+                         progress=progress, model_name=model_name, image_column=image_column,
+                         id_column=id_column, write_tokens=write_tokens, ray_address=ray_address,
+                         ray_actors=ray_actors, ray_cpus_per_decode=ray_cpus_per_decode, decode=decode)
+    if engine != "local":
+        raise ValueError(f"engine={engine!r}: choose 'local' or 'ray'")
     t_start = time.perf_counter()
     dist_ = init_distributed(device)
     lock = None
@@ -236,8 +257,7 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
                                max_image_tokens=max_image_tokens, max_pixels=max_pixels,
                                max_batch_tokens=max_batch_tokens, store_dtype=store_dtype,
                                shard_size=shard_size, write_tokens=write_tokens)
-        if decode != "pil":  # other pixels, other features: a resume must use the same decoder
-            settings.resample = f"bicubic (--decode {decode})"  # pil keeps old folders' fingerprint
+        with_decoder(settings, decode)
         # rank 0 checks the settings and repairs what a crash left; the others wait for it
         err = None
         if dist_.rank == 0:
@@ -292,12 +312,81 @@ def _where(source: Source, pos: int, key: str) -> str:
     return key if isinstance(source, FileSource) else f"{source.unit_of(pos)}: {key}"
 
 
+def with_decoder(settings: Settings, decode: str) -> Settings:
+    """Record the decoder in the settings: other pixels, other features, so a resume must use
+    the same one. `pil` leaves them as they were (older folders keep their fingerprint)."""
+    if decode != "pil":
+        settings.resample = f"bicubic (--decode {decode})"
+    return settings
+
+
+def decoder_of(settings: Settings) -> str:
+    m = re.fullmatch(r"bicubic \(--decode (\w+)\)", settings.resample)
+    return m.group(1) if m else "pil"
+
+
+def make_prep(settings: Settings) -> Prep:
+    """How a decode worker preprocesses an item for these settings (the same in every engine)."""
+    return Prep(settings.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_image_tokens,
+                settings.max_image_tokens, settings.max_pixels, decode=decoder_of(settings))
+
+
+def decode_shard(source: Source, shard: int, prep: Prep, shard_size: int) -> dict:
+    """One whole shard, decoded in this process (the Ray engine's decode task)."""
+    ds = SliceDataset(source, plan_slices([shard], len(source.keys), shard_size, SLICE_SIZE), prep)
+    return join_slices([ds[i] for i in range(len(ds))])
+
+
+def finish_shard(root: Path, source: Source, item: dict, runner: _Runner, settings: Settings,
+                 journal: Path, on_error: str, hook=None) -> dict:
+    """Encode one decoded shard, write its files, then append its journal line.
+
+    The one step every engine runs per shard (the local loop, each Ray encoder actor), so
+    their folders are the same. Returns its counts; raises ValueError under --on-error fail.
+    hook(stage, wrote) runs after the files are written ("shard") and after the journal line
+    ("journal"); wrote is 1 when this shard wrote files (0: all its items were errors).
+    """
+    if on_error == "fail" and item["errors"]:
+        pos, key, reason = item["errors"][0]
+        raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; nothing "
+                         "written so far is lost; rerun with --on-error skip to record bad "
+                         "inputs in errors.jsonl)")
+    feats, oom = runner.encode_shard(item)
+    if oom and on_error == "fail":
+        k, reason = next(iter(oom.items()))
+        pos, key = item["items"][k][:2]
+        raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; try a smaller "
+                         "--max-image-tokens)")
+    good = [it for k, it in enumerate(item["items"]) if k not in oom]
+    errors = list(item["errors"]) + [(item["items"][k][0], item["items"][k][1], r) for k, r in oom.items()]
+    grids = [g for k, g in enumerate(item["grid_hw"].tolist()) if k not in oom]
+    lens = feats.seqlens.tolist() if feats is not None else []
+    rows = [{**_named(source, pos, key), "row": r, "grid": grids[r], "tokens": lens[r], "sha256": sha}
+            for r, (pos, key, sha, _) in enumerate(good)]
+    files = {"file": None}
+    hook = hook or (lambda stage, wrote: None)
+    if feats is not None:
+        # every file of the shard durable before its journal line (see embed.store)
+        if settings.write_tokens:
+            files["file"] = write_shard(root, item["shard"], feats.tokens, feats.cu_seqlens, feats.grid_hw,
+                                        feats.pooled, [it[1] for it in good], feats.num_prefix)
+        if feats.pooled is not None:
+            files["pooled"] = write_pooled(root, item["shard"], feats.pooled)
+        files["metadata"] = write_metadata(root, item["shard"], rows, [it[3] for it in good])
+        hook("shard", 1)
+    append_journal(journal, {
+        "shard": item["shard"], **files, "items": rows,
+        "errors": [{**_named(source, pos, key), "reason": reason} for pos, key, reason in sorted(errors)]})
+    hook("journal", int(feats is not None))
+    return {"images": len(good), "tokens": sum(lens), "errors": len(errors),
+            "shards": int(feats is not None)}
+
+
 def _run_shards(root: Path, source: Source, shards, enc, settings, dist_: DistInfo, dev, *, pool, budget,
                 on_error, num_workers, progress, decode="pil") -> dict:
     from tqdm import tqdm
 
-    prep = Prep(enc.patch_size, tuple(settings.mean), tuple(settings.std), settings.min_image_tokens,
-                settings.max_image_tokens, settings.max_pixels, decode=decode)
+    prep = make_prep(settings)
     paths = source.keys
     slices = plan_slices(shards, len(paths), settings.shard_size, SLICE_SIZE)
     workers = max(0, num_workers)
@@ -316,45 +405,11 @@ def _run_shards(root: Path, source: Source, shards, enc, settings, dist_: DistIn
     t0 = time.perf_counter()
     try:
         for item in _whole_shards(loader, settings.shard_size, len(paths), on_error):
-            if on_error == "fail" and item["errors"]:
-                pos, key, reason = item["errors"][0]
-                raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; nothing "
-                                 "written so far is lost; rerun with --on-error skip to record bad "
-                                 "inputs in errors.jsonl)")
-            feats, oom = runner.encode_shard(item)
-            if oom and on_error == "fail":
-                k, reason = next(iter(oom.items()))
-                pos, key = item["items"][k][:2]
-                raise ValueError(f"{_where(source, pos, key)}: {reason} (--on-error fail; try a smaller "
-                                 "--max-image-tokens)")
-            good = [it for k, it in enumerate(item["items"]) if k not in oom]
-            errors = list(item["errors"]) + [(item["items"][k][0], item["items"][k][1], r)
-                                             for k, r in oom.items()]
-            grids = [g for k, g in enumerate(item["grid_hw"].tolist()) if k not in oom]
-            lens = feats.seqlens.tolist() if feats is not None else []
-            rows = [{**_named(source, pos, key), "row": r, "grid": grids[r], "tokens": lens[r], "sha256": sha}
-                    for r, (pos, key, sha, _) in enumerate(good)]
-            files = {"file": None}
-            if feats is not None:
-                # every file of the shard durable before its journal line (see embed.store)
-                if settings.write_tokens:
-                    files["file"] = write_shard(root, item["shard"], feats.tokens, feats.cu_seqlens,
-                                                feats.grid_hw, feats.pooled, [it[1] for it in good],
-                                                feats.num_prefix)
-                if feats.pooled is not None:
-                    files["pooled"] = write_pooled(root, item["shard"], feats.pooled)
-                files["metadata"] = write_metadata(root, item["shard"], rows, [it[3] for it in good])
-                counts["shards"] += 1
-                _test_kill(counts["shards"], "shard")
-            append_journal(journal, {
-                "shard": item["shard"], **files, "items": rows,
-                "errors": [{**_named(source, pos, key), "reason": reason}
-                           for pos, key, reason in sorted(errors)]})
-            _test_kill(counts["shards"], "journal")
-            counts["images"] += len(good)
-            counts["tokens"] += sum(lens)
-            counts["errors"] += len(errors)
-            bar.update(len(good) + len(errors))
+            c = finish_shard(root, source, item, runner, settings, journal, on_error,
+                             hook=lambda stage, wrote: _test_kill(counts["shards"] + wrote, stage))
+            for k in ("images", "tokens", "errors", "shards"):
+                counts[k] += c[k]
+            bar.update(c["images"] + c["errors"])
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{counts['images'] / dt:.1f} img/s, {counts['tokens'] / dt:,.0f} tok/s, "
                                 f"{counts['errors']} errors", refresh=False)

@@ -27,6 +27,7 @@ from mixres.embed.store import (
     _fsync_dir,
     item_key,
     read_journals,
+    unique_records,
     write_json,
     write_jsonl,
 )
@@ -237,7 +238,7 @@ def prepare_out_dir(root: Path, settings: Settings, paths: list[str], source: di
 
 
 def done_shards(root: Path) -> set[int]:
-    return {int(r["shard"]) for records, _ in read_journals(root).values() for r in records}
+    return {int(r["shard"]) for r in unique_records(root)}
 
 
 def finish_meta(root: Path, *, complete: bool, rows: int, errors: int) -> None:

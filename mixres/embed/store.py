@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["FORMAT", "shard_name", "pooled_name", "metadata_name", "write_shard", "write_pooled",
-           "write_metadata", "append_journal", "read_journals", "write_jsonl", "write_json", "merge_index"]
+           "write_metadata", "append_journal", "read_journals", "unique_records", "write_jsonl", "write_json",
+           "merge_index"]
 
 FORMAT = "mixres-features-1"
 JOURNAL_GLOB = "progress-r*.jsonl"
@@ -178,6 +179,22 @@ def read_journals(root: Path) -> dict[Path, tuple[list[dict], bool]]:
     return {p: _read_journal(p) for p in sorted(root.glob(JOURNAL_GLOB))}
 
 
+def unique_records(root: Path) -> list[dict]:
+    """Every journal record, one per shard (the first in journal-name order).
+
+    A shard can be journaled twice: a Ray task retried after its first attempt wrote the
+    shard, or two runs' workers racing a kill. Shards are a function of the inputs alone and
+    written atomically, so both records point at the same complete bytes: keep one.
+    """
+    out, seen = [], set()
+    for records, _ in read_journals(root).values():
+        for rec in records:
+            if rec["shard"] not in seen:
+                seen.add(rec["shard"])
+                out.append(rec)
+    return out
+
+
 def item_key(it: dict) -> str:
     return it["key"] if "key" in it else it["path"]  # journals before keys had paths only
 
@@ -195,14 +212,13 @@ def merge_index(root: Path) -> tuple[int, int]:
     Returns (rows, errors). Call only when no rank is writing (after a barrier).
     """
     rows, errors = [], []
-    for records, _ in read_journals(root).values():
-        for rec in records:
-            for it in rec["items"]:
-                rows.append((it["pos"], {**_named(it), "shard": rec["file"], "part": rec["shard"],
-                                         "row": it["row"], "grid": it["grid"], "tokens": it["tokens"],
-                                         "sha256": it["sha256"]}))
-            for er in rec["errors"]:
-                errors.append((er["pos"], {**_named(er), "reason": er["reason"]}))
+    for rec in unique_records(root):
+        for it in rec["items"]:
+            rows.append((it["pos"], {**_named(it), "shard": rec["file"], "part": rec["shard"],
+                                     "row": it["row"], "grid": it["grid"], "tokens": it["tokens"],
+                                     "sha256": it["sha256"]}))
+        for er in rec["errors"]:
+            errors.append((er["pos"], {**_named(er), "reason": er["reason"]}))
     rows.sort(key=lambda r: r[0])
     errors.sort(key=lambda r: r[0])
     write_jsonl(root / "index.jsonl", [r for _, r in rows])

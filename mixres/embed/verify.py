@@ -12,7 +12,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from mixres.embed.store import FORMAT, item_key, metadata_name, pooled_name, read_journals
+from mixres.embed.store import FORMAT, item_key, metadata_name, pooled_name, unique_records
 
 __all__ = ["verify", "add_arguments", "run"]
 
@@ -145,12 +145,12 @@ def verify(root) -> list[str]:
         for f in sorted(root.glob(pattern)):
             if f.relative_to(root).as_posix() not in known:
                 problems.append(f"{f.relative_to(root)}: on disk but no index row points at it")
-    journal_rows = sum(len(rec["items"]) for recs, _ in read_journals(root).values() for rec in recs)
+    records = unique_records(root)  # a shard journaled twice (a retried Ray task) is one shard
+    journal_rows = sum(len(rec["items"]) for rec in records)
     if journal_rows != len(rows):
         problems.append(f"index.jsonl has {len(rows)} rows, the journals {journal_rows} "
                         "(doubled or lost rows)")
-    journal_keys = sorted(item_key(it) for recs, _ in read_journals(root).values() for rec in recs
-                          for it in rec["items"])
+    journal_keys = sorted(item_key(it) for rec in records for it in rec["items"])
     if journal_rows == len(rows) and journal_keys != sorted(seen):
         problems.append("index.jsonl: its keys differ from the journals'")
     if (root / "errors.jsonl").is_file():
