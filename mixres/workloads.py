@@ -1,4 +1,5 @@
-"""The workloads of DESIGN.md, generated deterministically from a seed.
+"""The benchmark workloads (mixed-N, oracle, words, photos; benchmarks/README.md), generated
+deterministically from a seed.
 
     mixed-N      N images, aspect ratio log-uniform in [0.5, 2], token count uniform in
                  [64, 1024] at patch 16 (h = round(sqrt(t / ar)), w = round(t / h))

@@ -4,7 +4,7 @@ vit-pytorch packs images greedily into groups of at most `group_max_seq_len` tok
 pads the groups to one length and masks attention with an (L x L) boolean mask per
 group; mixres runs the same weights on the packed tokens with block-diagonal varlen
 attention (no padding, no mask), cut into bins of the same token budget. Both see the
-mixed-N workload (DESIGN.md) and report tokens per second; `ratio` is each method's
+mixed-N workload (benchmarks/README.md) and report tokens per second; `ratio` is each method's
 throughput over vit-pytorch's measured in the same run.
 
     python -m mixres.bench.navit_bench --model tiny-navit --n 32 --threads 1
