@@ -15,10 +15,11 @@ import torch
 
 from mixres.families import Embedded, FamilySpec, Recipe, register_family
 from mixres.families.spec import IMAGENET_DEFAULT
-from mixres.families.timm_blocks import check_blocks, latent_pool, packed_rope, pool_tokens, run_blocks
+from mixres.families.timm_blocks import latent_pool, packed_rope, pool_tokens, run_blocks
 from mixres.families.timm_vit import (
     finish_pool,
-    patch_side,
+    layers,
+    patch_embed_size,
     patch_tokens,
     prefix_rows,
     prefix_tokens,
@@ -86,23 +87,14 @@ def pool(tower, tokens, cu):
     return finish_pool(tower, pool_tokens(tokens, cu, tower.global_pool, prefix_tokens(tower)))
 
 
-def layers(tower):
-    check_blocks(tower.blocks)
-    return tower.blocks
-
-
-def _patch_size(tower) -> int:
-    return patch_side(tower.patch_embed.patch_size)
-
-
 RECIPE = Recipe(embed=embed, layers=layers, final_norm=lambda t: t.norm, pool=pool, run=run_blocks)
 
 SPEC = register_family(FamilySpec(
     "timm_eva", IMAGENET_DEFAULT, prefix_tokens=prefix_tokens,
     classes=("timm.models.eva.Eva",),
     tower=lambda model: model,
-    patch_size=_patch_size,
+    patch_size=patch_embed_size,
     hidden_size=lambda tower: int(tower.embed_dim),
     mean_std_of=timm_mean_std,
-    call=whole_call(_patch_size),
+    call=whole_call(patch_embed_size),
     recipe=RECIPE))

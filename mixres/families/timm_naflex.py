@@ -23,9 +23,9 @@ import torch
 from mixres.families import Embedded, FamilySpec, Recipe, register_family
 from mixres.families.common import conv_patches
 from mixres.families.spec import IMAGENET_DEFAULT
-from mixres.families.timm_blocks import check_blocks, drop_prefix, latent_pool, pool_tokens, run_blocks
+from mixres.families.timm_blocks import run_blocks
 from mixres.families.timm_eva import rope_kwargs
-from mixres.families.timm_vit import finish_pool, patch_side, prefix_rows, timm_mean_std, whole_call
+from mixres.families.timm_vit import head_pool, layers, patch_side, prefix_rows, timm_mean_std, whole_call
 from mixres.packing import interleave_prefix
 
 __all__ = ["SPEC", "RECIPE"]
@@ -76,17 +76,7 @@ def embed(tower, packed, cache) -> Embedded:
 
 def pool(tower, tokens, cu):
     """forward_head(pre_logits=True): NaFlexVit._pool, fc_norm, head_drop."""
-    p = int(tower.num_prefix_tokens)
-    if tower.attn_pool is not None:
-        if not tower.pool_include_prefix:
-            tokens, cu = drop_prefix(tokens, cu, p)
-        return finish_pool(tower, latent_pool(tower.attn_pool, tokens, cu))
-    return finish_pool(tower, pool_tokens(tokens, cu, tower.global_pool, p, tower.pool_include_prefix))
-
-
-def layers(tower):
-    check_blocks(tower.blocks)
-    return tower.blocks
+    return head_pool(tower, tokens, cu, int(tower.num_prefix_tokens))
 
 
 def _patch_size(tower) -> int:

@@ -27,7 +27,8 @@ from mixres.families.timm_blocks import check_blocks, drop_prefix, latent_pool, 
 from mixres.packing import interleave_prefix
 
 __all__ = ["SPEC", "RECIPE", "timm_mean_std", "patch_side", "patch_tokens", "prefix_tokens",
-           "resampled_patch_pos", "finish_pool", "timm_call", "whole_call"]
+           "resampled_patch_pos", "finish_pool", "head_pool", "layers", "patch_embed_size", "timm_call",
+           "whole_call"]
 
 
 # facts shared by the timm families
@@ -111,17 +112,23 @@ def finish_pool(tower, pooled):
     return tower.head_drop(tower.fc_norm(pooled))
 
 
-def pool(tower, tokens, cu):
-    """forward_head(pre_logits=True): VisionTransformer.pool, fc_norm, head_drop."""
-    p = prefix_tokens(tower)
+def head_pool(tower, tokens, cu, prefix: int):
+    """forward_head(pre_logits=True) of a model with `pool_include_prefix` (VisionTransformer,
+    NaFlexVit): attention or global pooling, then fc_norm and head_drop."""
     if tower.attn_pool is not None:
         if not tower.pool_include_prefix:
-            tokens, cu = drop_prefix(tokens, cu, p)
+            tokens, cu = drop_prefix(tokens, cu, prefix)
         return finish_pool(tower, latent_pool(tower.attn_pool, tokens, cu))
-    return finish_pool(tower, pool_tokens(tokens, cu, tower.global_pool, p, tower.pool_include_prefix))
+    return finish_pool(tower, pool_tokens(tokens, cu, tower.global_pool, prefix, tower.pool_include_prefix))
+
+
+def pool(tower, tokens, cu):
+    """forward_head(pre_logits=True): VisionTransformer.pool, fc_norm, head_drop."""
+    return head_pool(tower, tokens, cu, prefix_tokens(tower))
 
 
 def layers(tower):
+    """`tower.blocks`, checked to be blocks the shared runner knows (timm ViT, Eva, NaFlexVit)."""
     check_blocks(tower.blocks)
     return tower.blocks
 
@@ -148,7 +155,7 @@ def whole_call(patch_of) -> Call:
     return Call(call=timm_call, crop=patch_of, grid=grid, stride=patch_of, min_size=patch_of)
 
 
-def _patch_size(tower) -> int:
+def patch_embed_size(tower) -> int:
     return patch_side(tower.patch_embed.patch_size)
 
 
@@ -158,8 +165,8 @@ SPEC = register_family(FamilySpec(
     "timm_vit", IMAGENET_DEFAULT, prefix_tokens=prefix_tokens,
     classes=("timm.models.vision_transformer.VisionTransformer",),
     tower=lambda model: model,
-    patch_size=_patch_size,
+    patch_size=patch_embed_size,
     hidden_size=lambda tower: int(tower.embed_dim),
     mean_std_of=timm_mean_std,
-    call=whole_call(_patch_size),
+    call=whole_call(patch_embed_size),
     recipe=RECIPE))
