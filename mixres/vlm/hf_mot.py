@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from mixres.attention import varlen_attention
+from mixres.vlm.lm import route_by_modality
 
 __all__ = ["mot_layer"]
 
@@ -25,18 +26,6 @@ def _rotate_half(x):
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
 
-
-def _route(experts, routes, x, fn):
-    """fn(expert, tokens of its modality) for each modality, scattered back in place."""
-    out = None
-    for expert, idx in zip(experts, routes):
-        if idx.numel() == 0:
-            continue
-        y = fn(expert, x[idx])
-        if out is None:
-            out = y.new_zeros(x.shape[0], *y.shape[1:])
-        out = out.index_copy(0, idx, y)
-    return out
 
 
 def mot_layer(experts, x: torch.Tensor, ctx, position_embeddings, cache, slot: int, kw: dict):
@@ -51,7 +40,7 @@ def mot_layer(experts, x: torch.Tensor, ctx, position_embeddings, cache, slot: i
         a = e.self_attn
         return torch.cat([a.q_proj(n), a.k_proj(n), a.v_proj(n)], -1)
 
-    q, k, v = _route(experts, ctx.routes, x, qkv).split([nq * d, nkv * d, nkv * d], -1)
+    q, k, v = route_by_modality(experts, ctx.routes, x, qkv).split([nq * d, nkv * d, nkv * d], -1)
     q, k, v = q.unflatten(-1, (nq, d)), k.unflatten(-1, (nkv, d)), v.unflatten(-1, (nkv, d))
     cos, sin = (t[0][:, None].to(q.dtype) for t in position_embeddings)
     q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -59,5 +48,5 @@ def mot_layer(experts, x: torch.Tensor, ctx, position_embeddings, cache, slot: i
         k, v = cache.update(slot, k, v)
     o = varlen_attention(q, k, v, kw["cu_seq_lens_q"], kw["cu_seq_lens_k"], kw["max_length_q"],
                          kw["max_length_k"], causal=True, scale=attn.scaling)
-    x = x + _route(experts, ctx.routes, o.flatten(1), lambda e, t: e.self_attn.o_proj(t))
-    return x + _route(experts, ctx.routes, x, lambda e, t: e.mlp(e.post_attention_layernorm(t)))
+    x = x + route_by_modality(experts, ctx.routes, o.flatten(1), lambda e, t: e.self_attn.o_proj(t))
+    return x + route_by_modality(experts, ctx.routes, x, lambda e, t: e.mlp(e.post_attention_layernorm(t)))

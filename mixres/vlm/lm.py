@@ -224,6 +224,20 @@ class _Expert(nn.Module):
         self.mlp = SwiGLU(cfg.hidden, cfg.mlp)
 
 
+def route_by_modality(experts, routes, x, fn):
+    """fn(expert, tokens of its modality) for each modality (`routes`: the token indices of
+    each), scattered back in place: gather/scatter, never position slices."""
+    out = None
+    for expert, idx in zip(experts, routes):
+        if idx.numel() == 0:
+            continue
+        y = fn(expert, x[idx])
+        if out is None:
+            out = y.new_zeros(x.shape[0], *y.shape[1:])
+        out = out.index_copy(0, idx, y)
+    return out
+
+
 @register_block("mot")
 class MoTBlock(nn.Module):
     """Mixture-of-transformers (Liang et al. 2024): per-modality weights, shared attention.
@@ -241,16 +255,7 @@ class MoTBlock(nn.Module):
         self.cfg = cfg
 
     def _route(self, x, ctx, fn):
-        """Apply fn(expert, x_m) to each modality's tokens; scatter the results back."""
-        out = None
-        for expert, idx in zip(self.experts, ctx.routes):
-            if idx.numel() == 0:
-                continue
-            y = fn(expert, x[idx])
-            if out is None:
-                out = y.new_zeros(x.shape[0], *y.shape[1:])
-            out = out.index_copy(0, idx, y)
-        return out
+        return route_by_modality(self.experts, ctx.routes, x, fn)
 
     def forward(self, x, ctx: SeqContext):
         h, kv, d = self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim
