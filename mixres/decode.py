@@ -45,6 +45,7 @@ from mixres.images import (
     _check_background,
     _open,
     _pil_bomb_check_off,
+    check_header_size,
     load_image,
     preprocess,
     target_size,
@@ -146,11 +147,7 @@ def _plan(src: ImageSource, patch_size: int, min_image_tokens: int, max_image_to
                 img, upright = None, False
             if img is not None and img.format == "JPEG" and img.mode in ("RGB", "L") and upright:
                 w, h = img.size
-                if max_pixels is not None and w * h > max_pixels:
-                    raise ImageLoadError(name, f"too large: {w}x{h} = {w * h} pixels exceeds "
-                                               f"max_pixels={max_pixels} (decompression bomb guard)")
-                if w * h == 0:
-                    raise ImageLoadError(name, f"empty image ({w}x{h} pixels)")
+                check_header_size(name, w, h, max_pixels)
                 H, W = target_size(h, w, patch_size, min_image_tokens=min_image_tokens,
                                    max_image_tokens=max_image_tokens)
                 drafted = min(w // (_DRAFT_MARGIN * W), h // (_DRAFT_MARGIN * H)) >= 2

@@ -252,14 +252,18 @@ def load_image(
                 img.close()
 
 
-def _decode(img: Image.Image, name: str, background: tuple[int, int, int],
-            max_pixels: int | None) -> Image.Image:
-    w, h = img.size
+def check_header_size(name: str, w: int, h: int, max_pixels: int | None) -> None:
+    """The bomb guard and the empty-image check, from the header's size (before decoding)."""
     if max_pixels is not None and w * h > max_pixels:
         raise ImageLoadError(name, f"too large: {w}x{h} = {w * h} pixels exceeds "
                                    f"max_pixels={max_pixels} (decompression bomb guard)")
     if w * h == 0:
         raise ImageLoadError(name, f"empty image ({w}x{h} pixels)")
+
+
+def _decode(img: Image.Image, name: str, background: tuple[int, int, int],
+            max_pixels: int | None) -> Image.Image:
+    check_header_size(name, *img.size, max_pixels)
     try:
         # Decode now, so that a truncated file fails here and not inside a batch.
         img.load()
