@@ -45,7 +45,7 @@ from mixres.embed.runner import (
     finish_shard,
     make_encoder,
     make_prep,
-    resolve_pool,
+    run_settings,
     with_decoder,
 )
 from mixres.embed.sources import open_source
@@ -162,12 +162,10 @@ def embed_ray(inputs, out, model, *, backend, select_layer, pool, min_image_toke
         enc_kwargs = dict(backend=backend, select_layer=select_layer, min_image_tokens=min_image_tokens,
                           max_image_tokens=max_image_tokens, max_batch_tokens="auto", dtype=dtype)
         enc = make_encoder(model, device="cpu", **enc_kwargs)  # the settings; the actors load their own
-        pool = resolve_pool(pool, enc)
-        settings = Settings.of(enc, model, model_name, pool=pool, min_image_tokens=min_image_tokens,
-                               max_image_tokens=max_image_tokens, max_pixels=max_pixels,
-                               max_batch_tokens=max_batch_tokens, store_dtype=store_dtype,
-                               shard_size=shard_size, write_tokens=write_tokens)
-        with_decoder(settings, decode)
+        settings = run_settings(enc, model, model_name, pool=pool, decode=decode,
+                                min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
+                                max_pixels=max_pixels, max_batch_tokens=max_batch_tokens,
+                                store_dtype=store_dtype, shard_size=shard_size, write_tokens=write_tokens)
         del enc
         prepare_out_dir(root, settings, source.keys, source.describe())
         done = done_shards(root)

@@ -252,12 +252,11 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
         enc = make_encoder(model, backend=backend, select_layer=select_layer,
                            min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
                            max_batch_tokens="auto", device=dev, dtype=dtype)
-        pool = resolve_pool(pool, enc)
-        settings = Settings.of(enc, model, model_name, pool=pool, min_image_tokens=min_image_tokens,
-                               max_image_tokens=max_image_tokens, max_pixels=max_pixels,
-                               max_batch_tokens=max_batch_tokens, store_dtype=store_dtype,
-                               shard_size=shard_size, write_tokens=write_tokens)
-        with_decoder(settings, decode)
+        settings = run_settings(enc, model, model_name, pool=pool, decode=decode,
+                                min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
+                                max_pixels=max_pixels, max_batch_tokens=max_batch_tokens,
+                                store_dtype=store_dtype, shard_size=shard_size, write_tokens=write_tokens)
+        pool = settings.pool
         # rank 0 checks the settings and repairs what a crash left; the others wait for it
         err = None
         if dist_.rank == 0:
@@ -310,6 +309,12 @@ def _named(source: Source, pos: int, key: str) -> dict:
 
 def _where(source: Source, pos: int, key: str) -> str:
     return key if isinstance(source, FileSource) else f"{source.unit_of(pos)}: {key}"
+
+
+def run_settings(enc, model, model_name, *, pool, decode: str, **fields) -> Settings:
+    """The settings of a run (both engines): the pool resolved against the encoder's layer,
+    the decoder recorded."""
+    return with_decoder(Settings.of(enc, model, model_name, pool=resolve_pool(pool, enc), **fields), decode)
 
 
 def with_decoder(settings: Settings, decode: str) -> Settings:
