@@ -106,7 +106,7 @@ def test_kill_9_of_the_driver_then_resume_is_exact(ray_address, photos, local, t
     r = run_cli(inp, out, ray_address, env={"MIXRES_TEST_KILL_DRIVER_AFTER": "1"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     journaled = sum(len(p.read_text().splitlines()) for p in out.glob("progress-r*.jsonl"))
-    assert 1 <= journaled < 4 and not (out / "index.jsonl").exists()
+    assert journaled == 1 and not (out / "index.jsonl").exists()
     r = run_cli(inp, out, ray_address)
     assert r.returncode == 0, r.stderr
     assert "shards were already done" in r.stdout

@@ -67,12 +67,13 @@ def import_ray():
     return ray
 
 
-def _test_kill_driver(consumed: int) -> None:
-    # MIXRES_TEST_KILL_DRIVER_AFTER=N kills the driver once it has consumed N summary rows
-    # (N shards journaled by the actors): a deterministic crash point for tests.
+def _test_kill_point() -> tuple[int, int] | None:
+    # MIXRES_TEST_KILL_DRIVER_AFTER=N: the encoder actor that journals its Nth shard kills the
+    # driver with SIGKILL, then blocks (it dies with the driver's Ray job), so exactly N shards
+    # are on disk: a deterministic crash point for tests. Killing from the driver when it has
+    # *consumed* N rows is not: the actors run ahead of the driver by a varying number of shards.
     n = os.environ.get("MIXRES_TEST_KILL_DRIVER_AFTER")
-    if n and int(n) == consumed:
-        os.kill(os.getpid(), signal.SIGKILL)
+    return (int(n), os.getpid()) if n else None
 
 
 # the workers
@@ -89,7 +90,7 @@ class _EncoderActor:
     """Holds the model (loaded once) and writes whole shards into its own journal."""
 
     def __init__(self, root: str, model, source, settings: Settings, enc_kwargs: dict, device: str,
-                 on_error: str, lock_text: str):
+                 on_error: str, lock_text: str, kill_point: tuple[int, int] | None = None):
         self.root, self.source, self.settings = Path(root), source, settings
         if not (self.root / "meta.json").is_file():
             raise ValueError(f"--out {root} is not visible on this Ray node; on a cluster give a folder "
@@ -112,6 +113,7 @@ class _EncoderActor:
         self.runner = _Runner(enc, settings.pool, settings.max_batch_tokens, settings.torch_store_dtype,
                               on_error, log=lambda msg: print(f"mixres embed: {msg}", file=sys.stderr))
         self.journal = self.root / f"progress-rray-{uuid.uuid4().hex[:12]}.jsonl"
+        self.kill_point, self.written = kill_point, 0
 
     def __call__(self, row: dict) -> dict:
         if (self.root / LOCK_NAME).read_text() != self.lock_text:  # our driver died; another run owns it
@@ -126,6 +128,11 @@ class _EncoderActor:
         except ValueError as e:  # --on-error fail: the driver raises it
             return {"shard": item["shard"], "images": 0, "tokens": 0, "errors": 0, "shards": 0,
                     "failed": str(e)}
+        self.written += 1
+        if self.kill_point and self.written == self.kill_point[0]:
+            os.kill(self.kill_point[1], signal.SIGKILL)
+            while True:
+                time.sleep(1)
         return {"shard": item["shard"], **c, "failed": ""}
 
 
@@ -226,13 +233,14 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
         ds = ds.map(_EncoderActor, fn_constructor_kwargs={
             "root": str(root.resolve()), "model": model_arg, "source": source, "settings": settings,
             "enc_kwargs": enc_kwargs, "device": "cuda" if use_gpu else "cpu", "on_error": on_error,
-            "lock_text": lock_text}, compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1,
+            "lock_text": lock_text, "kill_point": _test_kill_point()},
+            compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1,
             num_gpus=1 if use_gpu else 0, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
     n = len(source.keys)
     total = sum(min((s + 1) * settings.shard_size, n) - s * settings.shard_size for s in pending)
     bar = tqdm(total=total, unit="img", desc="embed (ray)", disable=not progress, dynamic_ncols=True,
                file=sys.stderr)
-    t0, consumed = time.perf_counter(), 0
+    t0 = time.perf_counter()
     rows = _rows(ray, ds)
     try:
         for row in rows:
@@ -240,8 +248,6 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
                 raise ValueError(row["failed"])
             for k in counts:
                 counts[k] += int(row[k])
-            consumed += 1
-            _test_kill_driver(consumed)
             bar.update(int(row["images"]) + int(row["errors"]))
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{counts['images'] / dt:.1f} img/s, {counts['errors']} errors",
