@@ -102,6 +102,9 @@ def test_fallbacks_keep_load_image_semantics(photos):
     gray16 = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)  # I;16
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90
+    upright = Image.Exif()
+    upright[0x0112] = 1
+    upright[0x010F] = "a camera"  # Make
     cases = {
         "png": (encoded(rgb, "PNG"), "pil"),
         "png alpha": (encoded(rgba, "PNG"), "pil"),
@@ -111,6 +114,9 @@ def test_fallbacks_keep_load_image_semantics(photos):
         "grayscale jpeg": (jpeg(rgb.convert("L")), "jpeg"),
         "cmyk jpeg": (jpeg(rgb.convert("CMYK")), "pil"),
         "exif-rotated jpeg": (jpeg(rgb, exif=exif), "pil"),
+        "upright exif jpeg": (jpeg(rgb, exif=upright), "jpeg"),  # EXIF read, nothing to turn
+        "progressive jpeg": (jpeg(rgb, progressive=True), "jpeg"),
+        "4:4:4 jpeg with icc": (jpeg(rgb, subsampling=0, icc_profile=b"\0" * 200), "jpeg"),
     }
     for name, (data, route) in cases.items():
         assert D._plan(data, 16, 1, 1024, (255,) * 3, None).route == route, name
@@ -119,6 +125,36 @@ def test_fallbacks_keep_load_image_semantics(photos):
             assert_close_to_pil(data, dec, background=(0, 128, 255))
     rotated = FAST.pixels(cases["exif-rotated jpeg"][0], 16, **KW)
     assert rotated.shape[1] > rotated.shape[2]  # upright: the landscape photo stands
+
+
+def test_only_an_app1_segment_makes_the_fast_route_read_exif(photos, monkeypatch):
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    plain, rotated = photos[0], jpeg(load_image(photos[0]), exif=exif)
+    assert not D._may_rotate(plain) and D._may_rotate(rotated)
+    assert D._may_rotate(plain[:2] + b"\x00garbage")  # a walk that goes astray asks PIL
+    monkeypatch.setattr(D.Image, "open", lambda *a, **k: pytest.fail("PIL opened a plain JPEG"))
+    assert D._plan(plain, 16, 1, 256, (255,) * 3, None).route == "jpeg"
+
+
+def test_fast_without_simplejpeg_says_how_to_install(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_simplejpeg(name, *args, **kw):
+        if name == "simplejpeg":
+            raise ImportError("No module named 'simplejpeg'")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_simplejpeg)
+    monkeypatch.delitem(sys.modules, "simplejpeg", raising=False)
+    D._simplejpeg.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"simplejpeg .*pip install 'mixres\[decode\]'"):
+            D.FastDecoder()
+    finally:
+        D._simplejpeg.cache_clear()
 
 
 def test_target_grid_is_the_same_for_every_decoder():
@@ -226,17 +262,18 @@ def test_bench_embed_quick_writes_results(tmp_path):
 
     out = tmp_path / "bench"
     rc = main(["bench", "embed", "--quick", "--workers", "0,1", "--pipeline-decoders", "fast",
-               "--out", str(out)])
+               "--engines", "local,ray", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     dec = res["decode_images_per_s_per_core"]
     assert set(dec) >= {"pil", "fast"} and all(v > 0 for v in dec.values())
     assert res["pixel_distance"]["mixed JPEGs"]["mean_abs_255"] <= 1.0
-    assert [(r["decode"], r["workers"]) for r in res["pipeline"]] == [("fast", 0), ("fast", 1)]
+    assert [(r["engine"], r["decode"], r["workers"]) for r in res["pipeline"]] == [
+        ("local", "fast", 0), ("local", "fast", 1), ("ray", "fast", None)]
     assert all(0 < r["fraction_of_encoder"] for r in res["pipeline"]) and res["encoder_images_per_s"] > 0
-    assert res["ray"]["status"].startswith("not run")
+    assert res["pipeline"][-1]["images"] == res["n"] and res["pipeline"][-1]["ray_actors"] == 1
     assert {"command", "env", "load_before"} <= set(res)
     md = (out / "results.md").read_text()
-    assert "| fast |" in md and "| ray |" in md
+    assert "| fast |" in md and "| ray | fast |" in md
     assert (out / "embed.png").stat().st_size > 10_000
     assert not list(out.rglob("*.jpg"))  # the generated images are not left in the results

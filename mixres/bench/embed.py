@@ -12,7 +12,8 @@ from --seed. What is measured, all in one run on the same files:
                JPEGs (the draft-mode route)
     encoder    the encoder's own images/s on pre-decoded tensors, shard by shard as embed runs
     pipeline   `mixres embed` images/s (images / the shard loop's seconds) per decoder and
-               --num-workers, and its fraction of the encoder's own rate
+               --num-workers, and with `--engine ray` on a local Ray (decode tasks on every core,
+               one encoder actor), and its fraction of the encoder's own rate
 
 Writes results.json (`decode_images_per_s_per_core` keyed by decoder), results.md and
 embed.png into --out, with the machine, versions, the load average and the command. The
@@ -35,9 +36,6 @@ from pathlib import Path
 import torch
 
 from mixres.bench.report import command_line, env_info, write_json
-
-# [ray slot] the Ray Data engine's row; a later change runs it here and fills the numbers
-RAY_ROW = {"status": "not run (engine not available)"}
 
 
 def available_decoders() -> list[str]:
@@ -140,20 +138,41 @@ def time_encoder(enc, tensors, shard_size, pool) -> float:
     return len(tensors) / (time.perf_counter() - t0)
 
 
-def time_pipeline(enc, model_name, folder, decode, workers, args) -> dict:
+def time_pipeline(enc, model_name, folder, decode, workers, args, engine="local") -> dict:
+    """One `mixres embed` run into a temporary folder. The Ray engine runs on the local Ray
+    the caller started (its start-up is not timed; the engine's clock starts at its first
+    shard, as the local engine's does)."""
     from mixres.embed import embed
 
     out = Path(tempfile.mkdtemp(prefix="mixres-bench-embed-"))
+    kw = {"engine": "ray"} if engine == "ray" else {"num_workers": workers}
     try:
         s = embed(str(folder), str(out / "feats"), enc, model_name=model_name, pool=args.pool,
                   min_image_tokens=args.min_image_tokens, max_image_tokens=args.max_image_tokens,
                   max_batch_tokens=args.max_batch_tokens, shard_size=args.shard_size,
-                  num_workers=workers, decode=decode, progress=False)
+                  decode=decode, progress=False, **kw)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     if s["errors"]:
-        raise RuntimeError(f"mixres embed --decode {decode}: {s['errors']} inputs failed")
-    return {"images_per_s": s["images_per_s"], "seconds": s["encode_seconds"], "images": s["images"]}
+        raise RuntimeError(f"mixres embed --engine {engine} --decode {decode}: {s['errors']} inputs failed")
+    row = {"engine": engine, "decode": decode, "workers": workers if engine == "local" else None,
+           "images_per_s": s["images_per_s"], "seconds": s["encode_seconds"], "images": s["images"]}
+    if engine == "ray":
+        row["ray_actors"] = s["ray_actors"]
+    return row
+
+
+def _start_local_ray():
+    """(ray, started by us, why not): a local Ray for the Ray rows, or the reason there is none."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        return None, False, "not run (ray not installed: pip install 'mixres[ray]')"
+    if ray.is_initialized():  # the caller's session: use it, leave it running
+        return ray, False, None
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
+    return ray, True, None
 
 
 # report
@@ -182,9 +201,13 @@ def write_markdown(res: dict, path: Path) -> None:
               f"Encoder alone on pre-decoded tensors: **{enc:.2f} images/s**.", "",
               "| engine | decode | workers | images/s | fraction of encoder |", "|---|---|---|---|---|"]
     for r in res["pipeline"]:
-        lines.append(f"| local | {r['decode']} | {r['workers']} | {r['images_per_s']:.2f} | "
+        if "status" in r:
+            lines.append(f"| {r['engine']} | {r['decode']} | - | {r['status']} | - |")
+            continue
+        workers = r["workers"] if r["engine"] == "local" else f"{res['env']['cpu_count']} CPUs, " \
+            f"{r['ray_actors']} encoder actor"
+        lines.append(f"| {r['engine']} | {r['decode']} | {workers} | {r['images_per_s']:.2f} | "
                      f"{r['fraction_of_encoder']:.2f} |")
-    lines.append(f"| ray | - | - | {res['ray']['status']} | - |")
     lines += ["", f"command: `{res['command']}`", ""]
     path.write_text("\n".join(lines))
 
@@ -199,8 +222,9 @@ def plot(res: dict, path: Path) -> None:
     a.bar(list(d), list(d.values()), color=["tab:gray" if n == "pil" else "tab:green" for n in d])
     a.set_ylabel("images / s per core")
     a.set_title("decode + resize + normalize")
-    rows = res["pipeline"]
-    b.bar([f"{r['decode']}\nw={r['workers']}" for r in rows], [r["images_per_s"] for r in rows],
+    rows = [r for r in res["pipeline"] if "status" not in r]
+    b.bar([f"{r['decode']}\nw={r['workers']}" if r["engine"] == "local" else f"{r['decode']}\nray"
+           for r in rows], [r["images_per_s"] for r in rows],
           color=["tab:gray" if r["decode"] == "pil" else "tab:green" for r in rows])
     b.axhline(res["encoder_images_per_s"], color="tab:red", ls="--", label="encoder alone")
     b.set_ylabel("images / s")
@@ -222,6 +246,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoders", default=None, help="comma-separated (default: every available one)")
     p.add_argument("--pipeline-decoders", default="pil,fast", help="decoders run through mixres embed")
     p.add_argument("--workers", default="0,1,2", help="--num-workers values for mixres embed")
+    p.add_argument("--engines", default="local,ray",
+                   help="local (each --workers value) and/or ray (a local Ray on every core)")
     p.add_argument("--rounds", type=int, default=3, help="decode rounds (best is kept)")
     p.add_argument("--min-image-tokens", type=int, default=1)
     p.add_argument("--max-image-tokens", type=int, default=1024)
@@ -280,13 +306,28 @@ def _run(args, names, workers, out: Path, tmp: Path) -> int:
     enc_rate = time_encoder(enc, tensors, args.shard_size, args.pool)
     print(f"encoder alone {enc_rate:.2f} images/s", flush=True)
     pipeline = []
-    for dec in [x for x in args.pipeline_decoders.split(",") if x]:
-        for w in workers:
-            r = time_pipeline(enc, args.model, folder, dec, w, args)
-            r.update(decode=dec, workers=w, fraction_of_encoder=r["images_per_s"] / enc_rate)
-            pipeline.append(r)
-            print(f"embed --decode {dec} --num-workers {w}: {r['images_per_s']:.2f} images/s "
-                  f"({r['fraction_of_encoder']:.2f} of the encoder)", flush=True)
+    engines = [x for x in args.engines.split(",") if x]
+    unknown = set(engines) - {"local", "ray"}
+    if unknown:
+        raise SystemExit(f"--engines: unknown {sorted(unknown)}; choose from local, ray")
+    ray, started, why_not = _start_local_ray() if "ray" in engines else (None, False, None)
+    try:
+        for dec in [x for x in args.pipeline_decoders.split(",") if x]:
+            runs = [("local", w) for w in workers if "local" in engines]
+            runs += [("ray", None)] if "ray" in engines else []
+            for engine, w in runs:
+                if engine == "ray" and ray is None:
+                    pipeline.append({"engine": "ray", "decode": dec, "workers": None, "status": why_not})
+                    continue
+                r = time_pipeline(enc, args.model, folder, dec, w, args, engine)
+                r["fraction_of_encoder"] = r["images_per_s"] / enc_rate
+                pipeline.append(r)
+                how = "--engine ray" if engine == "ray" else f"--num-workers {w}"
+                print(f"embed --decode {dec} {how}: {r['images_per_s']:.2f} images/s "
+                      f"({r['fraction_of_encoder']:.2f} of the encoder)", flush=True)
+    finally:
+        if started:
+            ray.shutdown()
 
     device = torch.device(args.device)
     res = {"model": args.model, "dtype": args.dtype, "device": str(device), "n": args.n, "tokens": tokens,
@@ -296,7 +337,7 @@ def _run(args, names, workers, out: Path, tmp: Path) -> int:
            f"CPU ({torch.get_num_threads()} threads)",
            "decode_images_per_s_per_core": decode,
            "fast_vs_pil": decode["fast"] / decode["pil"] if {"fast", "pil"} <= set(decode) else None,
-           "pixel_distance": pix, "encoder_images_per_s": enc_rate, "pipeline": pipeline, "ray": RAY_ROW,
+           "pixel_distance": pix, "encoder_images_per_s": enc_rate, "pipeline": pipeline,
            "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
            "env": env_info(str(device)), "command": command_line()}
     out.mkdir(parents=True, exist_ok=True)
