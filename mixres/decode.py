@@ -270,11 +270,19 @@ def _to_float(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device).copy_(x)
     if mean is None:
         return out.div_(255.0)
-    mean_t = torch.as_tensor(mean, dtype=torch.float64)
-    std_t = torch.as_tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std_t)).to(torch.float32, copy=False).to(x.device)[:, None, None]
-    shift = (-mean_t / std_t).to(torch.float32).to(x.device)[:, None, None]
+    scale, shift = _affine(tuple(map(float, mean)), tuple(map(float, std)), x.device)
     return out.mul_(scale).add_(shift)
+
+
+@cache
+def _affine(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) scale 1 / (255 std) and shift -mean / std, computed in float64 once per
+    (mean, std, device): building them per image cost a tenth of the fast route's time."""
+    mean_t = torch.tensor(mean, dtype=torch.float64)
+    std_t = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std_t)).to(torch.float32).to(device)[:, None, None]
+    shift = (-mean_t / std_t).to(torch.float32).to(device)[:, None, None]
+    return scale, shift
 
 
 def _failed(plan_name: str, e: Exception) -> ImageLoadError:

@@ -156,3 +156,12 @@ def test_on_error_fail_stops_the_ray_run_with_one_line(ray_address, photos, tmp_
     out = tmp_path / "out"  # nothing half-written: only the status says the run did not complete
     assert [p for p in verify(out) if not p.startswith("meta.json: ")] == [] and not list(out.rglob(".*tmp*"))
     assert not read_features(out).meta["status"]["complete"]
+
+
+def test_bad_ray_arguments_fail_in_one_line_before_any_work(photos, tmp_path):
+    for kw, name in [({"ray_actors": 0}, "--ray-actors"),
+                     ({"ray_cpus_per_decode": 0}, "--ray-cpus-per-decode"),
+                     ({"ray_cpus_per_actor": 0}, "--ray-cpus-per-actor")]:
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            embed([str(p) for p in photos], tmp_path / "out", "tiny-vit", engine="ray", **KW, **kw)
+    assert not (tmp_path / "out").exists()

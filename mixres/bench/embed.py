@@ -145,7 +145,8 @@ def time_pipeline(enc, model_name, folder, decode, workers, args, engine="local"
     from mixres.embed import embed
 
     out = Path(tempfile.mkdtemp(prefix="mixres-bench-embed-"))
-    kw = {"engine": "ray"} if engine == "ray" else {"num_workers": workers}
+    kw = ({"engine": "ray", "ray_cpus_per_actor": args.ray_cpus_per_actor} if engine == "ray"
+          else {"num_workers": workers})
     try:
         s = embed(str(folder), str(out / "feats"), enc, model_name=model_name, pool=args.pool,
                   min_image_tokens=args.min_image_tokens, max_image_tokens=args.max_image_tokens,
@@ -158,7 +159,7 @@ def time_pipeline(enc, model_name, folder, decode, workers, args, engine="local"
     row = {"engine": engine, "decode": decode, "workers": workers if engine == "local" else None,
            "images_per_s": s["images_per_s"], "seconds": s["encode_seconds"], "images": s["images"]}
     if engine == "ray":
-        row["ray_actors"] = s["ray_actors"]
+        row.update(ray_actors=s["ray_actors"], ray_cpus_per_actor=args.ray_cpus_per_actor)
     return row
 
 
@@ -204,8 +205,10 @@ def write_markdown(res: dict, path: Path) -> None:
         if "status" in r:
             lines.append(f"| {r['engine']} | {r['decode']} | - | {r['status']} | - |")
             continue
-        workers = r["workers"] if r["engine"] == "local" else f"{res['env']['cpu_count']} CPUs, " \
-            f"{r['ray_actors']} encoder actor"
+        workers = r["workers"] if r["engine"] == "local" else (
+            f"decode tasks on {res['env']['cpu_count']} CPUs, {r['ray_actors']} encoder actor of "
+            f"{r['ray_cpus_per_actor']} CPU (encoder alone at its threads: "
+            f"{r['encoder_images_per_s']:.2f} images/s)")
         lines.append(f"| {r['engine']} | {r['decode']} | {workers} | {r['images_per_s']:.2f} | "
                      f"{r['fraction_of_encoder']:.2f} |")
     lines += ["", f"command: `{res['command']}`", ""]
@@ -248,6 +251,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", default="0,1,2", help="--num-workers values for mixres embed")
     p.add_argument("--engines", default="local,ray",
                    help="local (each --workers value) and/or ray (a local Ray on every core)")
+    p.add_argument("--ray-cpus-per-actor", type=int, default=1,
+                   help="the Ray rows' encoder actor CPUs (its torch threads); the rest decode")
     p.add_argument("--rounds", type=int, default=3, help="decode rounds (best is kept)")
     p.add_argument("--min-image-tokens", type=int, default=1)
     p.add_argument("--max-image-tokens", type=int, default=1024)
@@ -311,6 +316,18 @@ def _run(args, names, workers, out: Path, tmp: Path) -> int:
     if unknown:
         raise SystemExit(f"--engines: unknown {sorted(unknown)}; choose from local, ray")
     ray, started, why_not = _start_local_ray() if "ray" in engines else (None, False, None)
+    # the Ray rows are held against the encoder at the actor's own threads (on CPU the rest of
+    # the cores decode); the local rows against the encoder at this process's threads
+    ray_enc_rate = enc_rate
+    if ray is not None and enc.device.type == "cpu" and args.ray_cpus_per_actor != torch.get_num_threads():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.ray_cpus_per_actor)
+        try:
+            ray_enc_rate = time_encoder(enc, tensors, args.shard_size, args.pool)
+        finally:
+            torch.set_num_threads(threads)
+        print(f"encoder alone, {args.ray_cpus_per_actor} thread(s) (the Ray actor's): "
+              f"{ray_enc_rate:.2f} images/s", flush=True)
     try:
         for dec in [x for x in args.pipeline_decoders.split(",") if x]:
             runs = [("local", w) for w in workers if "local" in engines]
@@ -320,7 +337,8 @@ def _run(args, names, workers, out: Path, tmp: Path) -> int:
                     pipeline.append({"engine": "ray", "decode": dec, "workers": None, "status": why_not})
                     continue
                 r = time_pipeline(enc, args.model, folder, dec, w, args, engine)
-                r["fraction_of_encoder"] = r["images_per_s"] / enc_rate
+                r["encoder_images_per_s"] = ray_enc_rate if engine == "ray" else enc_rate
+                r["fraction_of_encoder"] = r["images_per_s"] / r["encoder_images_per_s"]
                 pipeline.append(r)
                 how = "--engine ray" if engine == "ray" else f"--num-workers {w}"
                 print(f"embed --decode {dec} {how}: {r['images_per_s']:.2f} images/s "

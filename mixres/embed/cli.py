@@ -81,6 +81,9 @@ def add_arguments(p) -> None:
                    help="--engine ray: encoder actors, each holding the model (default: one per GPU, else 1)")
     p.add_argument("--ray-cpus-per-decode", type=float, default=1.0,
                    help="--engine ray: CPUs reserved by each decode task (default 1)")
+    p.add_argument("--ray-cpus-per-actor", type=int, default=1,
+                   help="--engine ray: CPUs reserved by each encoder actor, its torch threads when it "
+                        "runs on CPU (default 1)")
 
 
 def _demo_inputs(out: str) -> str:
@@ -138,7 +141,7 @@ def run(args) -> int:
               progress=not args.no_progress, image_column=args.image_column, id_column=args.id_column,
               write_tokens=not args.no_tokens, decode=args.decode, engine=args.engine,
               ray_address=args.ray_address, ray_actors=args.ray_actors,
-              ray_cpus_per_decode=args.ray_cpus_per_decode)
+              ray_cpus_per_decode=args.ray_cpus_per_decode, ray_cpus_per_actor=args.ray_cpus_per_actor)
     if "index_rows" in s:  # rank 0
         resumed = f" ({s['done_before']} shards were already done)" if s["done_before"] else ""
         if s["shards"] == 0 and s["errors"] == 0 and s["done_before"]:

@@ -90,7 +90,9 @@ class _EncoderActor:
     """Holds the model (loaded once) and writes whole shards into its own journal."""
 
     def __init__(self, root: str, model, source, settings: Settings, enc_kwargs: dict, device: str,
-                 on_error: str, lock_text: str, kill_point: tuple[int, int] | None = None):
+                 on_error: str, lock_text: str, threads: int, kill_point: tuple[int, int] | None = None):
+        if device == "cpu":  # Ray sets OMP_NUM_THREADS to the actor's CPUs; torch may have read another
+            torch.set_num_threads(threads)
         self.root, self.source, self.settings = Path(root), source, settings
         if not (self.root / "meta.json").is_file():
             raise ValueError(f"--out {root} is not visible on this Ray node; on a cluster give a folder "
@@ -114,6 +116,7 @@ class _EncoderActor:
                               on_error, log=lambda msg: print(f"mixres embed: {msg}", file=sys.stderr))
         self.journal = self.root / f"progress-rray-{uuid.uuid4().hex[:12]}.jsonl"
         self.kill_point, self.written = kill_point, 0
+        self.ready_at = time.time()  # the model is loaded: the clock of the summary starts here
 
     def __call__(self, row: dict) -> dict:
         if (self.root / LOCK_NAME).read_text() != self.lock_text:  # our driver died; another run owns it
@@ -127,13 +130,13 @@ class _EncoderActor:
                              self.on_error)
         except ValueError as e:  # --on-error fail: the driver raises it
             return {"shard": item["shard"], "images": 0, "tokens": 0, "errors": 0, "shards": 0,
-                    "failed": str(e)}
+                    "failed": str(e), "ready_at": self.ready_at}
         self.written += 1
         if self.kill_point and self.written == self.kill_point[0]:
             os.kill(self.kill_point[1], signal.SIGKILL)
             while True:
                 time.sleep(1)
-        return {"shard": item["shard"], **c, "failed": ""}
+        return {"shard": item["shard"], **c, "failed": "", "ready_at": self.ready_at}
 
 
 # the driver
@@ -153,13 +156,15 @@ def _start_ray(ray, address: str | None):
 def embed_ray(inputs, out, model, *, backend, select_layer, pool, min_image_tokens, max_image_tokens,
               max_pixels, max_batch_tokens, device, dtype, store_dtype, shard_size, on_error, limit,
               progress, model_name, image_column, id_column, write_tokens, ray_address=None,
-              ray_actors=None, ray_cpus_per_decode=1.0, decode="pil") -> dict:
+              ray_actors=None, ray_cpus_per_decode=1.0, ray_cpus_per_actor=1, decode="pil") -> dict:
     """`mixres.embed.embed(..., engine="ray")` (arguments already checked there)."""
     ray = import_ray()
     if ray_actors is not None and ray_actors < 1:
         raise ValueError(f"--ray-actors must be >= 1, got {ray_actors}")
     if ray_cpus_per_decode <= 0:
         raise ValueError(f"--ray-cpus-per-decode must be > 0, got {ray_cpus_per_decode}")
+    if ray_cpus_per_actor < 1:
+        raise ValueError(f"--ray-cpus-per-actor must be >= 1, got {ray_cpus_per_actor}")
     t_start = time.perf_counter()
     root = Path(out)
     lock = FolderLock(root).acquire()
@@ -179,21 +184,23 @@ def embed_ray(inputs, out, model, *, backend, select_layer, pool, min_image_toke
         n_shards = -(-len(source.keys) // shard_size)
         pending = [s for s in range(n_shards) if s not in done]
         counts = {"images": 0, "tokens": 0, "errors": 0, "shards": 0}
-        t0 = time.perf_counter()
+        t0 = time.time()
         n_actors = 0
         if pending:
             started = _start_ray(ray, ray_address)
-            t0 = time.perf_counter()  # like the local engine: from the first shard on, not Ray's start
+            t0 = time.time()
             try:
-                n_actors = _run(ray, root, source, model, settings, enc_kwargs, pending, counts,
-                                device=device, on_error=on_error, actors=ray_actors,
-                                cpus_per_decode=ray_cpus_per_decode, progress=progress,
-                                lock_text=(root / LOCK_NAME).read_text())
+                n_actors, ready = _run(ray, root, source, model, settings, enc_kwargs, pending, counts,
+                                       device=device, on_error=on_error, actors=ray_actors,
+                                       cpus_per_decode=ray_cpus_per_decode, cpus_per_actor=ray_cpus_per_actor,
+                                       progress=progress, lock_text=(root / LOCK_NAME).read_text())
+                # like the local engine: from the first loaded model on, not Ray's or the actors' start
+                t0 = max(t0, ready)
             except BaseException:
                 rows, errs = merge_index(root)  # keep index.jsonl in step with what is durable
                 finish_meta(root, complete=False, rows=rows, errors=errs)
                 raise
-        t_enc = max(time.perf_counter() - t0, 1e-9)
+        t_enc = max(time.time() - t0, 1e-9)
         rows, errs = merge_index(root)
         finish_meta(root, complete=True, rows=rows, errors=errs)
         return {"inputs": len(source.keys), "done_before": len(done), **counts, "encode_seconds": t_enc,
@@ -207,8 +214,9 @@ def embed_ray(inputs, out, model, *, backend, select_layer, pool, min_image_toke
 
 
 def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, device, on_error, actors,
-         cpus_per_decode, progress, lock_text) -> int:
-    """Stream the pending shards through decode tasks and encoder actors; returns the actor count."""
+         cpus_per_decode, cpus_per_actor, progress, lock_text) -> tuple[int, float]:
+    """Stream the pending shards through decode tasks and encoder actors; returns the actor
+    count and the (wall-clock) time the first actor had its model loaded."""
     from tqdm import tqdm
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -233,14 +241,14 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
         ds = ds.map(_EncoderActor, fn_constructor_kwargs={
             "root": str(root.resolve()), "model": model_arg, "source": source, "settings": settings,
             "enc_kwargs": enc_kwargs, "device": "cuda" if use_gpu else "cpu", "on_error": on_error,
-            "lock_text": lock_text, "kill_point": _test_kill_point()},
-            compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=1,
+            "lock_text": lock_text, "threads": cpus_per_actor, "kill_point": _test_kill_point()},
+            compute=ray.data.ActorPoolStrategy(size=n_actors), num_cpus=cpus_per_actor,
             num_gpus=1 if use_gpu else 0, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES)
     n = len(source.keys)
     total = sum(min((s + 1) * settings.shard_size, n) - s * settings.shard_size for s in pending)
     bar = tqdm(total=total, unit="img", desc="embed (ray)", disable=not progress, dynamic_ncols=True,
                file=sys.stderr)
-    t0 = time.perf_counter()
+    t0, ready = time.perf_counter(), float("inf")
     rows = _rows(ray, ds)
     try:
         for row in rows:
@@ -248,6 +256,7 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
                 raise ValueError(row["failed"])
             for k in counts:
                 counts[k] += int(row[k])
+            ready = min(ready, float(row["ready_at"]))
             bar.update(int(row["images"]) + int(row["errors"]))
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix_str(f"{counts['images'] / dt:.1f} img/s, {counts['errors']} errors",
@@ -255,7 +264,7 @@ def _run(ray, root, source, model, settings, enc_kwargs, pending, counts, *, dev
     finally:
         rows.close()  # stop the stream now (an early raise), while Ray is still up
         bar.close()
-    return n_actors
+    return n_actors, (ready if ready < float("inf") else time.time())
 
 
 def _rows(ray, ds):

@@ -187,7 +187,7 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
           model_name: str | None = None, image_column: str | None = None, id_column: str | None = None,
           write_tokens: bool = True, decode: str = "pil", engine: str = "local",
           ray_address: str | None = None, ray_actors: int | None = None, ray_cpus_per_decode: float = 1.0,
-          **renamed) -> dict:
+          ray_cpus_per_actor: int = 1, **renamed) -> dict:
     """Embed INPUT into the folder `out`; INPUT is anything `mixres.embed.sources.open_source`
     takes (folder, text list, JSONL, list of paths, .tar shards, parquet, a datasets folder).
 
@@ -196,8 +196,9 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
     `encode` (None follows the layer).
     decode  how images become tensors: "pil" (mixres.images), "fast", "cuda" (mixres.decode)
     engine="ray" runs on Ray Data (`mixres.embed.ray_engine`: ray_address None starts a local
-    Ray, "auto" / "ray://..." connect; ray_actors encoder actors, default one per GPU) and
-    writes the same folder. Returns a summary dict.
+    Ray, "auto" / "ray://..." connect; ray_actors encoder actors, default one per GPU, each
+    reserving ray_cpus_per_actor CPUs (its torch threads on a CPU node)) and writes the same
+    folder. Returns a summary dict.
     """
     from mixres.decode import get_decoder
     from mixres.images import DEFAULT_MAX_PIXELS
@@ -229,7 +230,8 @@ def embed(inputs, out, model, *, backend: str = "packed", select_layer: int = -1
                          store_dtype=store_dtype, shard_size=shard_size, on_error=on_error, limit=limit,
                          progress=progress, model_name=model_name, image_column=image_column,
                          id_column=id_column, write_tokens=write_tokens, ray_address=ray_address,
-                         ray_actors=ray_actors, ray_cpus_per_decode=ray_cpus_per_decode, decode=decode)
+                         ray_actors=ray_actors, ray_cpus_per_decode=ray_cpus_per_decode,
+                         ray_cpus_per_actor=ray_cpus_per_actor, decode=decode)
     if engine != "local":
         raise ValueError(f"engine={engine!r}: choose 'local' or 'ray'")
     t_start = time.perf_counter()
