@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (1 for numbers to report)")
     p.add_argument("--no-blank", action="store_true", help="skip the blank-image baselines")
+    p.add_argument("--only-blank", action="store_true", help="run only the blank-image baselines")
     p.add_argument("--collect", action="store_true",
                    help="train nothing: rebuild results.json/.md from the run folders under OUT "
                         "(after rerunning some runs alone)")
@@ -122,7 +123,10 @@ def main(argv=None) -> int:
 
     # issue 18's bar on a pretrained-LM code path: 0.95 for every strategy
     bars = {s: 0.95 for s in STRATEGIES} if args.lm else BAR
-    runs = [(s, b) for s in args.strategies for b in ((False,) if args.no_blank else (False, True))]
+    if args.no_blank and args.only_blank:
+        raise SystemExit("--no-blank and --only-blank exclude each other")
+    images = (False,) if args.no_blank else (True,) if args.only_blank else (False, True)
+    runs = [(s, b) for s in args.strategies for b in images]
     pending, active, t0 = list(runs), [], time.time()
     load_before = os.getloadavg()
     cpu0, own0 = _busy_seconds(), _children_seconds()
