@@ -307,6 +307,12 @@ def embed_section(ctx: Context) -> dict:
             if decode == "cuda" and ctx.device.type != "cuda":
                 res["decoders"][decode] = {"status": "skipped", "reason": "skipped: needs CUDA"}
                 continue
+            try:
+                from mixres.decode import get_decoder
+                get_decoder(decode)
+            except ValueError as e:  # simplejpeg / torchvision missing: this row only
+                res["decoders"][decode] = {"status": "skipped", "reason": f"skipped: {e}"}
+                continue
             row = embed_check(model, folder, Path(tmp) / f"out-{decode}", ctx.device, ctx.dtype, budget,
                               workers, decode=decode)
             res["decoders"][decode] = {k: row[k] for k in ("embed_images_per_s", "embed_vs_encoder")}
