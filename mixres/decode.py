@@ -16,7 +16,7 @@
 Why simplejpeg and not `torchvision.io.decode_jpeg` on the CPU (measured, one core, the
 mixed 200-1000 px set at 256 tokens): the same libjpeg-turbo, but torchvision returns planar
 CHW, which the channels-last resize must copy back to HWC, and it cannot decode at reduced
-scale; the whole fast route went from 2.6x to 3.2x pil's images/s.
+scale; the whole fast route went from 2.1x to 2.7x pil's images/s (`mixres bench embed`).
 
 Every decoder resizes to the same `target_size` of the same upright image, so the patch
 grid of an image never depends on the decoder: features differ only by pixel differences.

@@ -151,8 +151,8 @@ def time_encoder(enc, tensors, shard_size, pool) -> float:
 
 def time_pipeline(enc, model_name, folder, decode, workers, args, engine="local") -> dict:
     """One `mixres embed` run into a temporary folder. The Ray engine runs on the local Ray
-    the caller started (its start-up is not timed; the engine's clock starts at its first
-    shard, as the local engine's does)."""
+    the caller started (its start-up is not timed; the engine's clock starts when its first
+    actor has loaded the model, as the local engine's starts after loading)."""
     from mixres.embed import embed
 
     out = Path(tempfile.mkdtemp(prefix="mixres-bench-embed-"))
@@ -175,16 +175,15 @@ def time_pipeline(enc, model_name, folder, decode, workers, args, engine="local"
 
 
 def _start_local_ray():
-    """(ray, started by us, why not): a local Ray for the Ray rows, or the reason there is none."""
+    """(ray, started by us, why not): the Ray engine's own local Ray for the Ray rows (a running
+    session is used and left running), or the reason there is none."""
+    from mixres.embed.ray_engine import import_ray, start_ray
+
     try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        return None, False, "not run (ray not installed: pip install 'mixres[ray]')"
-    if ray.is_initialized():  # the caller's session: use it, leave it running
-        return ray, False, None
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level="WARNING")
-    return ray, True, None
+        ray = import_ray()
+    except ValueError as e:  # Ray Data is not installed: the row says how to get it
+        return None, False, f"not run ({e})"
+    return ray, start_ray(ray, None), None
 
 
 # report

@@ -290,6 +290,8 @@ def write_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def embed_section(ctx: Context) -> dict:
+    from mixres.decode import get_decoder
+
     name, n = ("tiny-vit", 16) if ctx.smoke else ("vit-b16", 2000)
     workers = 0 if ctx.smoke else max(1, min(8, (os.cpu_count() or 2) - 2))
     with tempfile.TemporaryDirectory() as tmp:
@@ -308,7 +310,6 @@ def embed_section(ctx: Context) -> dict:
                 res["decoders"][decode] = {"status": "skipped", "reason": "skipped: needs CUDA"}
                 continue
             try:
-                from mixres.decode import get_decoder
                 get_decoder(decode)
             except ValueError as e:  # simplejpeg / torchvision missing: this row only
                 res["decoders"][decode] = {"status": "skipped", "reason": f"skipped: {e}"}

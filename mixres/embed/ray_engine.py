@@ -52,7 +52,7 @@ from mixres.embed.sources import open_source
 from mixres.embed.state import Settings, done_shards, finish_meta, prepare_out_dir
 from mixres.embed.store import merge_index
 
-__all__ = ["embed_ray", "import_ray"]
+__all__ = ["embed_ray", "import_ray", "start_ray"]
 
 INSTALL_HINT = "--engine ray needs Ray Data: pip install 'mixres[ray]' (or pip install 'ray[data]')"
 MAX_RETRIES = 3  # decode tasks and encoder actors: Ray retries a failed task / restarts a dead actor
@@ -141,7 +141,7 @@ class _EncoderActor:
 
 # the driver
 
-def _start_ray(ray, address: str | None):
+def start_ray(ray, address: str | None):
     """Connect to `address` (auto, ray://..., host:port) or start a local Ray; True if we started it."""
     if ray.is_initialized():
         return False  # the caller's own session (library use): leave it running
@@ -187,7 +187,7 @@ def embed_ray(inputs, out, model, *, backend, select_layer, pool, min_image_toke
         t0 = time.time()
         n_actors = 0
         if pending:
-            started = _start_ray(ray, ray_address)
+            started = start_ray(ray, ray_address)
             t0 = time.time()
             try:
                 n_actors, ready = _run(ray, root, source, model, settings, enc_kwargs, pending, counts,
