@@ -48,12 +48,15 @@ def available_decoders() -> list[str]:
 
 def time_decoders(names, blobs, spec, rounds) -> dict:
     """{name: images/s} with one torch thread: n / the sum over images of each image's fastest
-    of `rounds` decodes, the decoders interleaved image by image (in alternating order).
+    of `rounds` decodes. Each round runs every decoder over the whole set in turn, the order
+    reversed every other round.
 
     Per-image minima, not the best whole round: on a shared 2-core VM the machine's speed
     drifts by +-25 % within seconds, which moved a best-round ratio between 2.6x and 4.3x
-    on the same code; the per-image minimum is what each decode costs on an idle core
-    (measured: 2.73-2.84x over four repeats). A batched (GPU) decoder is timed per batch.
+    on the same code; the per-image minimum is what each decode costs on an idle core.
+    A decoder runs a whole pass at a time because a worker runs one decoder: alternating
+    decoders image by image let PIL's buffers evict the fast route's from the caches
+    (measured: fast 15 % slower, pil unchanged). A batched (GPU) decoder is timed per batch.
     """
     from mixres.decode import get_decoder
 
@@ -67,9 +70,8 @@ def time_decoders(names, blobs, spec, rounds) -> dict:
         units = [blobs[i:i + step] for i in range(0, len(blobs), step)]
         best = {n: [float("inf")] * len(units) for n in names}
         for r in range(rounds):
-            for i, unit in enumerate(units):
-                order = list(decs.items()) if (r + i) % 2 == 0 else list(decs.items())[::-1]
-                for n, d in order:
+            for n, d in (list(decs.items()) if r % 2 == 0 else list(decs.items())[::-1]):
+                for i, unit in enumerate(units):
                     t0 = time.perf_counter()
                     _decode_all(d, unit, spec)
                     best[n][i] = min(best[n][i], time.perf_counter() - t0)
