@@ -6,17 +6,22 @@
           through simplejpeg, straight into the HWC layout the resize wants; when the image is
           at least 6x its target on both sides, in libjpeg's DCT domain at 1/2, 1/4 or 1/8
           scale (what PIL's JPEG draft mode does), down to no less than 3x the target, so the
-          final filter still sees every detail it keeps; everything else (PNG, WebP, CMYK,
-          EXIF-rotated, ...) by `load_image` itself. Then one antialiased bicubic resize of the
-          uint8 image in torch (the same kernel as PIL's: a = -0.5, support scaled by the
-          reduction, rounded to 8 bits) and a fused normalize.
+          final filter still sees every detail it keeps; where the resize takes 2 or more
+          decoded pixels per output pixel, chroma is replicated rather than interpolated
+          (libjpeg's fast upsampling: the antialiasing filter is wider than the difference);
+          everything else (PNG, WebP, CMYK, EXIF-rotated, ...) by `load_image` itself. Then
+          one antialiased bicubic resize of the uint8 image in torch (the same kernel as PIL's:
+          a = -0.5, support scaled by the reduction, rounded to 8 bits) and a fused normalize.
     cuda  the fast route's plan, with the JPEGs of a batch decoded together by nvJPEG
           (`torchvision.io.decode_jpeg(list, device="cuda")`) and every resize on the GPU.
 
 Why simplejpeg and not `torchvision.io.decode_jpeg` on the CPU (measured, one core, the
 mixed 200-1000 px set at 256 tokens): the same libjpeg-turbo, but torchvision returns planar
 CHW, which the channels-last resize must copy back to HWC, and it cannot decode at reduced
-scale; the whole fast route went from 2.1x to 2.7x pil's images/s (`mixres bench embed`).
+scale. Where fast's time goes there (per image): libjpeg-turbo 0.85 ms, of which entropy
+decoding alone is ~0.5 (what 1/8 DCT scale still costs), the resize 0.41, the rest 0.05;
+pil's whole path is ~4 ms. fastdct was rejected: its error is biased, a mean 0.5/255 that
+no resize averages away.
 
 Every decoder resizes to the same `target_size` of the same upright image, so the patch
 grid of an image never depends on the decoder: features differ only by pixel differences.
@@ -25,10 +30,10 @@ header before any pixel is decoded, and a bad file raises `ImageLoadError` namin
 file the fast route cannot read goes through `load_image`, which says why).
 
 Measured distance of `fast` from `pil` in [0, 1] pixel space (`mixres bench embed`, in
-benchmarks/results/embed-cpu): mean |d| 0.001/255 on scikit-image's photographs as JPEG,
-0.026/255 on the mixed 200-1000 px JPEGs, 0.11/255 on 2400-4000 px JPEGs (the draft route);
-the largest single-pixel differences 2, 10 and 25 /255. The tests hold each image's mean
-|d| within 1/255.
+benchmarks/results/embed-cpu, 256 tokens): mean |d| 0.079/255 on scikit-image's photographs
+as JPEG, 0.086/255 on the mixed 200-1000 px JPEGs, 0.12/255 on 2400-4000 px JPEGs (the draft
+route); the worst image's mean 0.32/255, the largest single-pixel differences 17, 20 and 36
+/255. The tests hold each image's mean |d| within 1/255.
 """
 
 from __future__ import annotations
