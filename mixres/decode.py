@@ -31,9 +31,9 @@ file the fast route cannot read goes through `load_image`, which says why).
 
 Measured distance of `fast` from `pil` in [0, 1] pixel space (`mixres bench embed`, in
 benchmarks/results/embed-cpu, 256 tokens): mean |d| 0.079/255 on scikit-image's photographs
-as JPEG, 0.086/255 on the mixed 200-1000 px JPEGs, 0.12/255 on 2400-4000 px JPEGs (the draft
-route); the worst image's mean 0.32/255, the largest single-pixel differences 17, 20 and 36
-/255. The tests hold each image's mean |d| within 1/255.
+as JPEG, 0.086/255 on the mixed 200-1000 px JPEGs, 0.066/255 on 2400-4000 px JPEGs (half of them
+through the draft route); the worst image's mean 0.32/255, the largest single-pixel
+differences 17, 20 and 13 /255. The tests hold each image's mean |d| within 1/255.
 """
 
 from __future__ import annotations

@@ -332,7 +332,7 @@ def _run(args, names, workers, out: Path, tmp: Path) -> int:
     ray, started, why_not = _start_local_ray() if "ray" in engines else (None, False, None)
     # each row is held against the encoder alone timed just before and just after it (their
     # mean): this VM's speed drifts by +-25 % over a minute, which against one early encoder
-    # timing moved the same configuration between 0.66 and 0.98. The Ray rows use the actor's
+    # timing moved the same configuration between 0.66 and 0.82. The Ray rows use the actor's
     # own threads (on CPU the rest of the cores decode), the local rows this process's.
     threads = torch.get_num_threads()
 
