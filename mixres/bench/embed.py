@@ -6,14 +6,16 @@ from --seed. What is measured, all in one run on the same files:
 
     decode     images/s of each decoder (mixres.decode) in this one process with one torch
                thread: images/s per core. Bytes are read beforehand (no disk in the timing).
-               The decoders alternate image by image; each image's fastest of --rounds counts.
+               Each round runs each decoder over the whole set in turn; each image's fastest
+               of --rounds counts.
     pixels     how far `fast` is from `pil` in [0, 1] pixel space (mean and max |d|) on the
                set, on scikit-image's bundled photographs saved as JPEG, and on a few large
-               JPEGs (the draft-mode route)
+               JPEGs (where the draft-mode route starts)
     encoder    the encoder's own images/s on pre-decoded tensors, shard by shard as embed runs
     pipeline   `mixres embed` images/s (images / the shard loop's seconds) per decoder and
                --num-workers, and with `--engine ray` on a local Ray (decode tasks on every core,
-               one encoder actor), and its fraction of the encoder's own rate
+               one encoder actor), and its fraction of the encoder's own rate timed just
+               before and after it
 
 Writes results.json (`decode_images_per_s_per_core` keyed by decoder), results.md and
 embed.png into --out, with the machine, versions, the load average and the command. The
