@@ -335,11 +335,15 @@ def _run(args, names, workers, out: Path, tmp: Path) -> int:
     # each row is held against the encoder alone timed just before and just after it (their
     # mean): this VM's speed drifts by +-25 % over a minute, which against one early encoder
     # timing moved the same configuration between 0.66 and 0.82. The Ray rows use the actor's
-    # own threads (on CPU the rest of the cores decode), the local rows this process's.
+    # own threads (on CPU the rest of the cores decode), the local rows this process's. A
+    # timing right after one row is the timing right before the next at the same threads.
     threads = torch.get_num_threads()
+    prev = (threads, enc_rate)  # the latest encoder timing and its threads: nothing ran since
 
-    def encoder_rate(engine: str) -> float:
-        n = args.ray_cpus_per_actor if engine == "ray" and enc.device.type == "cpu" else threads
+    def threads_of(engine: str) -> int:
+        return args.ray_cpus_per_actor if engine == "ray" and enc.device.type == "cpu" else threads
+
+    def encoder_rate(n: int) -> float:
         torch.set_num_threads(n)
         try:
             return time_encoder(enc, tensors, args.shard_size, args.pool)
@@ -354,9 +358,11 @@ def _run(args, names, workers, out: Path, tmp: Path) -> int:
                 if engine == "ray" and ray is None:
                     pipeline.append({"engine": "ray", "decode": dec, "workers": None, "status": why_not})
                     continue
-                before = encoder_rate(engine)
+                n = threads_of(engine)
+                before = prev[1] if prev[0] == n else encoder_rate(n)
                 r = time_pipeline(enc, args.model, folder, dec, w, args, engine)
-                r["encoder_images_per_s"] = (before + encoder_rate(engine)) / 2
+                prev = (n, encoder_rate(n))
+                r["encoder_images_per_s"] = (before + prev[1]) / 2
                 r["fraction_of_encoder"] = r["images_per_s"] / r["encoder_images_per_s"]
                 pipeline.append(r)
                 how = "--engine ray" if engine == "ray" else f"--num-workers {w}"
