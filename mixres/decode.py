@@ -70,7 +70,7 @@ DECODERS = Registry("decoder")
 _ORIENTATION = 0x0112  # EXIF tag
 _DRAFT_MARGIN = 6  # a drafted JPEG keeps at least this many decoded pixels per output pixel: at 3
 # the 1/8 scale (8x8 block means) left scikit-image's retina 0.93/255 from pil at 4 tokens; at 6
-# the worst photo is 0.33/255, for 15-25 % of the draft route's speed (still 6-8x pil's)
+# the worst photo is 0.33/255, and the draft route takes 15-25 % longer (still 6-8x pil's speed)
 _FAST_UPSAMPLE_FROM = 2  # decoded / target size on both sides from which chroma is replicated, not
 # interpolated (from 1.5 the worst image's mean was 0.38/255, from 2 it is 0.20)
 _PLAIN = ("YCbCr", "Gray", "RGB")  # JPEG colour spaces libjpeg-turbo turns into RGB as PIL does

@@ -51,16 +51,14 @@ def encoded(img: Image.Image, fmt: str, **save) -> bytes:
     return b.getvalue()
 
 
-def assert_close_to_pil(data, decoder=FAST, **kw):
+def assert_close_to_pil(data, decoder=FAST, rare=1e-3, **kw):
     kw = {**KW, **kw}
     a = PIL.pixels(data, 16, **kw)
     b = decoder.pixels(data, 16, **kw)
     assert b.shape == a.shape and b.dtype == torch.float32 and b.is_contiguous()
     d = (a - b).abs()
     assert float(d.mean()) <= MEAN_TOL, f"mean |d| = {255 * float(d.mean()):.3f}/255"
-    # larger differences are rare pixels, not a shift (the most measured: 0.19 % of retina's
-    # values at a 64 x 64 target, along its rim, through the 1/2-scale draft)
-    assert float((d > 8 / 255).float().mean()) < 5e-3
+    assert float((d > 8 / 255).float().mean()) < rare  # larger differences are rare pixels, not a shift
     return d
 
 
@@ -83,10 +81,12 @@ def test_fast_is_within_tolerance_on_photos(photos):
         assert_close_to_pil(data)
         assert_close_to_pil(data, max_image_tokens=64)  # a strong downscale
         assert_close_to_pil(data, min_image_tokens=2048, max_image_tokens=None)  # an upscale
-        # tiny targets: the draft route for the larger photos (retina's sharp rim through 1/4
-        # DCT scale was the worst case measured, 0.93/255 before the margin went from 3 to 6)
-        assert_close_to_pil(data, max_image_tokens=4)
-        assert_close_to_pil(data, max_image_tokens=16)
+        # tiny targets: the draft route for the larger photos (retina's sharp rim through 1/8
+        # DCT scale was the worst case measured, 0.93/255 before the margin went from 3 to 6).
+        # With so few output pixels an edge is a larger share of them: at 64 x 64, 0.19 % of
+        # retina's values, along its rim, differ by more than 8/255 (the most measured)
+        assert_close_to_pil(data, rare=5e-3, max_image_tokens=4)
+        assert_close_to_pil(data, rare=5e-3, max_image_tokens=16)
     assert D._plan(photos[-1], 16, 1, 4, (255,) * 3, None).route == "draft"
 
 
