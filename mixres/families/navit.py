@@ -221,12 +221,13 @@ def call_whole(tower: nn.Module, pixels: torch.Tensor, output_hidden_states: boo
 
 def _mean_std(tower):
     # NaViT defines no pixel normalization: mean = std = 0.5 per channel (pixels to [-1, 1])
-    return (0.5,) * 3, (0.5,) * 3
+    c = unwrap_navit(tower).channels if tower is not None else 3
+    return (0.5,) * c, (0.5,) * c
 
 
 SPEC = register_family(FamilySpec(
     "navit", _mean_std(None), classes=("vit_pytorch.na_vit.NaViT", "vit_pytorch.na_vit_nested_tensor.NaViT"),
     tower=lambda model: model, patch_size=lambda tower: unwrap_navit(tower).patch_size,
     hidden_size=lambda tower: int(unwrap_navit(tower).pos_embed_height.shape[-1]),
-    num_layers=lambda tower: len(unwrap_navit(tower).transformer.layers),
+    num_layers=lambda tower: len(unwrap_navit(tower).transformer.layers), mean_std_of=_mean_std,
     call=patch_call(call=call_whole, whole_patches=True), backend="navit"))
