@@ -8,7 +8,7 @@
 Heavier parts (extraction, VLM) are imported on first use.
 """
 
-from mixres.encoders import list_backends, load_encoder
+from mixres.encoders import encode, list_backends, load_encoder
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
 
 __version__ = "0.1.0"
@@ -18,7 +18,7 @@ _LAZY = {
     "ImageLoadError": "mixres.images",
     "load_image": "mixres.images",
     "preprocess": "mixres.images",
-    "encode": "mixres.embed.runner",
+    "Preprocessor": "mixres.preprocess",
     "read_features": "mixres.embed.reader",
     "check_invariance": "mixres.invariance",
     "InvarianceReport": "mixres.invariance",
@@ -33,7 +33,7 @@ _LAZY = {
     "NaViTModel": "mixres.models.navit",
 }
 
-__all__ = ["PackedFeatures", "PackedImages", "pack_into_bins", "load_encoder", "list_backends",
+__all__ = ["PackedFeatures", "PackedImages", "pack_into_bins", "load_encoder", "encode", "list_backends",
            *_LAZY]
 
 

@@ -1,6 +1,6 @@
 """Images to features at scale: inputs, the runner, the on-disk store and its reader.
 
-    mixres.encode(inputs, model=...)        in memory  (embed/runner.py)
+    mixres.encode(inputs, model=...)        in memory  (mixres/encoders: the library call)
     mixres.embed.embed(INPUT, OUT, model)   to shards on disk, resumable (`mixres embed`)
     mixres.read_features(OUT)               read a folder back (embed/reader.py)
 
@@ -12,7 +12,20 @@ metadata/ and the crash-safe journal; lock.py keeps one writer per folder; verif
 per-shard step (runner.finish_shard) in Ray Data encoder actors fed by decode tasks.
 """
 
-from mixres.embed.reader import FeatureRecord, Features, read_features
-from mixres.embed.runner import embed, encode
+# name -> module that defines it, imported on first attribute access: `mixres.encode` reads
+# sources (mixres.embed.sources), which must not pull the batch job (runner) in with them
+_LAZY = {"embed": "mixres.embed.runner", "encode": "mixres.encoders",
+         "read_features": "mixres.embed.reader", "Features": "mixres.embed.reader",
+         "FeatureRecord": "mixres.embed.reader"}
 
 __all__ = ["embed", "encode", "read_features", "Features", "FeatureRecord"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mixres.embed' has no attribute {name!r}")

@@ -1,9 +1,9 @@
-"""Images to features: `mixres.encode` in memory, `mixres embed` to shards on disk.
+"""Images to features on disk: `mixres embed`, the batch job built on the library call.
 
-`encode(inputs, model=...)` runs an encoder on paths, PIL images or tensors and pools
-as asked. `embed(INPUT, out, model=...)` (the `mixres embed` command) does the same for
-a whole folder or list: DataLoader workers decode and preprocess whole shards of
-inputs while the device encodes, in token-budget batches from `pack_into_bins`.
+`embed(INPUT, out, model=...)` (the `mixres embed` command) does what `mixres.encode`
+(`mixres.encoders`) does in memory for a whole folder or list: DataLoader workers decode
+and preprocess whole shards of inputs while the device encodes, in token-budget batches
+from `pack_into_bins`.
 
 Shard s always holds inputs [s*S, (s+1)*S) (S = --shard-size), and its batches are
 cut from that shard alone, so the work and its results do not depend on when a run was
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mixres.distributed import DistInfo, init_distributed
 from mixres.embed.inputs import Prep, SliceDataset, join_slices, plan_slices
@@ -33,6 +32,7 @@ from mixres.embed.lock import FolderLock
 from mixres.embed.sources import FileSource, Source, open_source
 from mixres.embed.state import Settings, done_shards, finish_meta, prepare_out_dir
 from mixres.embed.store import append_journal, merge_index, write_metadata, write_pooled, write_shard
+from mixres.encoders import encode, make_encoder, resolve_pool
 from mixres.packing import (
     PackedFeatures,
     PackedImages,
@@ -43,80 +43,12 @@ from mixres.packing import (
 )
 from mixres.renamed import IMAGE_TOKENS, resolve_renamed
 
-__all__ = ["encode", "embed"]
+__all__ = ["embed", "encode", "make_encoder", "resolve_pool"]  # encode: mixres.encoders, re-exported
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_SHARD_SIZE = 64  # inputs per shard: the unit of crash-safety and of decode/encode overlap
 SLICE_SIZE = 4  # images per DataLoader item: small, so that all workers share one shard
-
-
-# the encoder
-
-def make_encoder(model, *, backend: str = "packed", **kwargs):
-    """An Encoder from an Encoder (used as it is), an nn.Module, a path, a hub id or a preset."""
-    from mixres.encoders import Encoder, get_backend, load_encoder
-
-    if isinstance(model, Encoder):
-        return model
-    if isinstance(model, nn.Module):
-        return get_backend(backend)(model, **kwargs)
-    return load_encoder(model, backend=backend, **kwargs)
-
-
-def encode(inputs, model, *, backend: str = "packed", select_layer: int = -1, pool: str | None = None,
-           min_image_tokens: int = 1, max_image_tokens: int | None = 1024,
-           max_batch_tokens: int | str | None = "auto", device=None, dtype=None, **renamed) -> PackedFeatures:
-    """Encode paths, PIL images or (C, H, W) tensors; PackedFeatures with `pooled` as asked.
-
-    inputs  a list of images, one image, or a source `mixres embed` reads (.tar shards,
-            parquet, a datasets folder, a folder or list of files): all its items, in order
-    model  an HF model, an Encoder (then the encoder's own settings apply), a local
-           directory, a hub id or a preset name
-    pool   "model" (the model's pooler), "cls", "mean" (over patch tokens only), "none";
-           None (the default) follows the layer: "model" for select_layer=-1, else "cls"
-           where the model has a CLS token, else "mean" (`mixres.packing.default_pool`)
-    """
-    min_image_tokens, max_image_tokens = resolve_renamed(
-        renamed, IMAGE_TOKENS, "mixres.encode", min_image_tokens=min_image_tokens,
-        max_image_tokens=max_image_tokens)
-    check_pool(pool, select_layer)
-    enc = make_encoder(model, backend=backend, select_layer=select_layer, min_image_tokens=min_image_tokens,
-                       max_image_tokens=max_image_tokens, max_batch_tokens=max_batch_tokens, device=device,
-                       dtype=dtype)
-    pool = resolve_pool(pool, enc)
-    if isinstance(inputs, (str, os.PathLike, Source)) and not _is_image_file(inputs):
-        inputs = _read_all(open_source(inputs))
-    elif isinstance(inputs, (str, os.PathLike, torch.Tensor)) or hasattr(inputs, "mode"):
-        inputs = [inputs]
-    return pool_features(enc.encode(list(inputs)), pool)
-
-
-def resolve_pool(pool: str | None, enc) -> str:
-    """`pool` checked against the encoder's select_layer (an Encoder passed in keeps its own);
-    None becomes the default that follows the layer."""
-    try:
-        num_prefix = enc.num_prefix
-    except ValueError:  # a family mixres has no file for: no prefix tokens known
-        num_prefix = 0
-    return check_pool(pool, enc.select_layer, num_prefix)
-
-
-def _is_image_file(x) -> bool:
-    from mixres.embed.sources import IMAGE_EXTENSIONS
-
-    return not isinstance(x, Source) and Path(x).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _read_all(src: Source) -> list[bytes]:
-    """Every item's encoded bytes (in memory: `encode` is for what fits; `embed` streams)."""
-    out = []
-    for pos, key in enumerate(src.keys):
-        try:
-            out.append(src.read(pos)[0])
-        except ValueError as e:
-            raise ValueError(f"{src.unit_of(pos)}: {key}: {e}") from None
-    return out
 
 
 # the pipeline

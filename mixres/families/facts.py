@@ -121,6 +121,10 @@ class ModelFacts:
     def __repr__(self) -> str:
         return f"ModelFacts({_name(self.model)})"
 
+    def __reduce__(self):
+        # weak references do not pickle: the facts travel as their model and are recomputed
+        return model_facts, (self.model,)
+
 
 @per_model
 def model_facts(model: nn.Module) -> ModelFacts:
