@@ -207,7 +207,7 @@ def _is_batch(images) -> bool:
 def _named(e: Exception, index: int | None) -> ImageLoadError:
     """`e` as one line naming the input's index (and its file, where it has one)."""
     if index is None:
-        return e if isinstance(e, ImageLoadError) else ImageLoadError("input", str(e))
+        return e if isinstance(e, ValueError) else ImageLoadError("input", str(e))
     if isinstance(e, ImageLoadError):
         return ImageLoadError(f"input {index} ({e.name})", e.reason)
     return ImageLoadError(f"input {index}", str(e))

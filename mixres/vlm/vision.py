@@ -90,12 +90,13 @@ class MixresEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        from mixres import vision_utils
-
-        return vision_utils.hidden_size(self.model)
+        return self.runner.facts.hidden_size
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
-        return self.runner.encode(packed)
+        # the trainable-encoder path asks for gradients explicitly: an encoder runs without
+        # them by default, and a VLM may train a layer of a tower that is in eval mode
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+        return self.runner.encode(packed, grad=grad)
 
 
 def _backend_builder(backend: str):

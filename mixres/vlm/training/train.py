@@ -224,6 +224,7 @@ def train(config, out=None, *, resume: bool = False, overwrite: bool = False,
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
     vlm = build_vlm(cfg.vlm).to(info.device)
+    vlm.collator.decode = cfg.data.decode  # the image decoder of the DataLoader workers
     stages = FreezeStages(tc.stages)
     stages.check(vlm)
     ever = stages.ever_trainable(vlm)
