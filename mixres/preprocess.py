@@ -231,6 +231,8 @@ def _pixels_to_pil(x) -> Image.Image:
         raise ValueError(f"{what}: expected (H, W), (H, W, C) or (C, H, W) with C in 1, 3 or 4")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{what}: empty image")
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
     return Image.fromarray(_to_u8(x, what), _MODES[x.shape[-1]] if x.ndim == 3 else "L")
 
 

@@ -13,11 +13,11 @@ naming the model and the fact, and is asked again next time (errors are not kept
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import weakref
 from collections.abc import Callable
-from functools import cached_property
 from pathlib import Path
 
 from torch import nn
@@ -32,7 +32,7 @@ from mixres.families import (
     vision_config,
     vision_tower,
 )
-from mixres.families.spec import NO_NORMALIZATION, FamilySpec, MeanStd, UnknownImageEncoderError, per_model
+from mixres.families.spec import NO_NORMALIZATION, FamilySpec, MeanStd, UnknownImageEncoderError
 
 __all__ = ["ModelFacts", "model_facts", "mean_std_of"]
 
@@ -41,31 +41,47 @@ def _name(model) -> str:
     return type(model).__name__
 
 
-class ModelFacts:
-    """The facts of one model (see the module docstring); build it with `model_facts(model)`."""
+# model -> {fact: value}: plain values only, never the model, so the entry goes with the model
+_VALUES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __init__(self, model: nn.Module):
-        # weak: the facts are kept with the model (a weak-key cache) and must not keep it alive
-        self._model = weakref.ref(model)
-        self._tower = weakref.ref(vision_tower(model))
+
+def _kept(fn):
+    """A fact computed on first use and kept per model (errors are not kept)."""
+    name = fn.__name__
 
     @property
-    def model(self) -> nn.Module:
-        return self._model()
+    @functools.wraps(fn)
+    def fact(self):
+        try:
+            values = _VALUES.setdefault(self.model, {})
+        except TypeError:  # not weak-referenceable: compute every time
+            return fn(self)
+        if name not in values:
+            values[name] = fn(self)
+        return values[name]
+
+    return fact
+
+
+class ModelFacts:
+    """The facts of one model (see the module docstring); `model_facts(model)` gives it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
 
     @property
     def tower(self) -> nn.Module:
-        return self._tower()
+        return vision_tower(self.model)
 
-    @cached_property
+    @property
     def spec(self) -> FamilySpec | None:
         return spec_of(self.model)
 
-    @cached_property
+    @property
     def family(self) -> str:
         return family(self.model)
 
-    @cached_property
+    @_kept
     def patch_size(self) -> int | None:
         """Side in pixels of the square patch that becomes one token; None for CNNs."""
         spec = self.spec
@@ -85,7 +101,7 @@ class ModelFacts:
                              "cuts images into square patches")
         return sides.pop()
 
-    @cached_property
+    @_kept
     def hidden_size(self) -> int:
         """Channel width of what the vision encoder outputs (last_hidden_state's feature dim)."""
         spec = self.spec
@@ -99,17 +115,17 @@ class ModelFacts:
             f"{_name(self.model)}: cannot tell its output width; its vision config "
             f"({type(config).__name__}) has none of {', '.join(a for a, _ in _WIDTH_RULES)}")
 
-    @cached_property
+    @_kept
     def num_prefix(self) -> int:
         """Tokens before the patches (CLS, distillation, registers)."""
         return num_prefix_tokens(self.model)
 
-    @cached_property
+    @_kept
     def num_layers(self) -> int:
         """The layers `select_layer` counts (hidden_states has num_layers + 1 entries)."""
         return num_layers(self.model)
 
-    @cached_property
+    @_kept
     def mean_std(self) -> MeanStd:
         """(mean, std) per channel: the model's saved preprocessor_config.json, else its family's."""
         return mean_std_of(self.model)
@@ -121,14 +137,9 @@ class ModelFacts:
     def __repr__(self) -> str:
         return f"ModelFacts({_name(self.model)})"
 
-    def __reduce__(self):
-        # weak references do not pickle: the facts travel as their model and are recomputed
-        return model_facts, (self.model,)
 
-
-@per_model
 def model_facts(model: nn.Module) -> ModelFacts:
-    """The one `ModelFacts` of `model` (kept with the model, weakly)."""
+    """The facts of `model`: each computed once per model and kept with it (weakly)."""
     return ModelFacts(model)
 
 
