@@ -1,6 +1,7 @@
 """Backend "navit": vit-pytorch's NaViT (or mixres' `NaViTModel`) run packed.
 
-The packed forward is the NaViT family's (`mixres.families.navit.packed_forward`):
+It is the packed backend on the NaViT family's `Recipe` (`mixres.families.navit`, with its
+own layer runner, as timm's), plus PIL/path inputs shrunk to fit the position tables:
 
     tokens  each image's patch tokens after the transformer's final norm (no prefix tokens)
     pooled  the attention-pooled latent after `to_latent`, before `mlp_head`, so
@@ -12,9 +13,8 @@ from __future__ import annotations
 from torch import nn
 
 from mixres.encoders import register_encoder_backend
-from mixres.encoders.base import Encoder
-from mixres.families.navit import packed_forward, unwrap_navit
-from mixres.packing import PackedFeatures, PackedImages
+from mixres.encoders.packed import PackedEncoder
+from mixres.families.navit import unwrap_navit
 
 __all__ = ["NaViTEncoder"]
 
@@ -22,7 +22,7 @@ __all__ = ["NaViTEncoder"]
 # the backend
 
 @register_encoder_backend("navit")
-class NaViTEncoder(Encoder):
+class NaViTEncoder(PackedEncoder):
     """Packed NaViT encoder: `load_encoder(navit_or_NaViTModel, backend="navit")`.
 
     Its facts come from the NaViT family spec (`mixres.families.navit`): the model's patch
@@ -32,17 +32,11 @@ class NaViTEncoder(Encoder):
     model's position tables (`max_grid`).
     """
 
-    cpu_chunk_tokens = 2048  # see Encoder: cache-sized GEMMs on the CPU
-
     def __init__(self, model: nn.Module, **kwargs):
-        super().__init__(model, **kwargs)
         self.navit = unwrap_navit(model)  # a TypeError naming the supported classes otherwise
+        super().__init__(model, **kwargs)
 
     @property
     def max_grid(self) -> tuple[int, int]:
         """The position tables' size in patches: PIL/path inputs are shrunk to fit it."""
         return self.navit.pos_embed_height.shape[0], self.navit.pos_embed_width.shape[0]
-
-    def forward(self, packed: PackedImages) -> PackedFeatures:
-        tokens, pooled = packed_forward(self.navit, packed, self.select_layer)
-        return PackedFeatures(tokens, packed.cu_seqlens, packed.grid_hw, 0, pooled)
