@@ -89,6 +89,27 @@ def _sniff(data: bytes) -> str:
     return "not an image (the file holds text)"
 
 
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
+
+
+def _heif(data: bytes, name: str) -> Image.Image | None:
+    """A HEIF-family file (HEIC, AVIF) PIL cannot open, decoded by TorchCodec (which needs
+    libheif for HEIC), as an RGB PIL image; None when the bytes are not HEIF."""
+    if data[4:8] != b"ftyp" or data[8:12] not in _HEIF_BRANDS:
+        return None
+    try:
+        from torchcodec.decoders import decode_image
+
+        chw = decode_image(data, mode="RGB")
+    except Exception as e:  # torchcodec or libheif missing, or a corrupt file
+        raise ImageLoadError(name, f"a {data[8:12].decode()} (HEIF) image that neither PIL nor "
+                                   f"TorchCodec can decode here ({type(e).__name__}: {str(e)[:120]}); "
+                                   "HEIC needs libheif (conda install -c conda-forge libheif)") from None
+    if chw.ndim == 4:  # an image sequence: its first frame, as for GIF and TIFF
+        chw = chw[0]
+    return Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy())
+
+
 _bomb_lock = threading.Lock()
 _bomb_depth = 0
 _bomb_saved: int | None = None
@@ -240,7 +261,9 @@ def load_image(
         try:
             img = opened if isinstance(opened, Image.Image) else Image.open(opened)
         except UnidentifiedImageError as e:
-            raise ImageLoadError(name, _sniff(opened.getvalue())) from e
+            img = _heif(opened.getvalue(), name)  # PIL reads AVIF; HEIC goes to TorchCodec
+            if img is None:
+                raise ImageLoadError(name, _sniff(opened.getvalue())) from e
         except Image.DecompressionBombError as e:
             raise ImageLoadError(name, f"too large ({e})") from e
         except Exception as e:

@@ -207,3 +207,25 @@ def test_a_vlm_step_with_decode_fast_stays_within_the_tolerance_and_trains_the_e
         grads = [p.grad for p in vlm.encoder.parameters()]
         assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)  # the encoder trains
     assert abs(losses[1] - losses[0]) <= 1e-2 * abs(losses[0])
+
+
+def test_avif_files_encode_and_heif_that_pil_cannot_open_goes_to_torchcodec(tmp_path, monkeypatch):
+    from mixres import images
+
+    b = io.BytesIO()
+    Image.fromarray(rgb()).save(b, "AVIF")
+    avif = b.getvalue()
+    (tmp_path / "a.avif").write_bytes(avif)
+    ref = mixres.encode([Image.open(io.BytesIO(avif))], "tiny-vit", **KW)
+    got = mixres.encode(tmp_path, "tiny-vit", **KW)  # a folder: .avif is an image extension
+    assert rel_err(got.tokens, ref.tokens) <= 1e-5
+    # where PIL cannot identify a HEIF-family file (HEIC without a plugin), TorchCodec decodes it
+    by_pil = np.asarray(images.load_image(avif))
+
+    def unidentified(f):
+        raise images.UnidentifiedImageError("no plugin")
+
+    monkeypatch.setattr(images.Image, "open", unidentified)
+    assert np.array_equal(np.asarray(images.load_image(avif)), by_pil)
+    with pytest.raises(ImageLoadError, match="not an image"):  # not HEIF: PIL's reason stands
+        images.load_image(b"\x00\x00\x00\x18ftypmp42" + bytes(64))

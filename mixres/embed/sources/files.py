@@ -16,7 +16,8 @@ from mixres.embed.sources.base import Source, Unit
 __all__ = ["IMAGE_EXTENSIONS", "FileSource", "collect_inputs", "resolve_entry"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
-                              ".ppm", ".pgm", ".pbm", ".pnm", ".jfif", ".ico", ".tga"})
+                              ".ppm", ".pgm", ".pbm", ".pnm", ".jfif", ".ico", ".tga", ".avif", ".heic",
+                              ".heif"})
 
 
 def _from_folder(root: Path) -> list[str]:
