@@ -15,14 +15,12 @@
     cuda  the fast route's plan, with the JPEGs of a batch decoded together by nvJPEG
           (TorchCodec's `decode_jpeg(list, device="cuda")`) and every resize on the GPU.
 
-Why simplejpeg and not TorchCodec's `decode_jpeg` on the CPU (measured with the
-`mixres bench embed` decode harness, one core, in benchmarks/README.md): on the mixed
-200-1000 px set at 256 tokens the two are within this machine's noise (TorchCodec 0.75x to
-1.07x of simplejpeg across runs), but TorchCodec cannot decode at reduced DCT scale, so on
-2400-4000 px JPEGs it runs at 0.63x; it also returns planar CHW, which the channels-last
-resize copies back to HWC (0.79x at 4096 tokens, where little is resized). (TorchCodec
-upsamples chroma as PIL does: 0.002/255 from pil against fast's 0.086, both far inside
-the tolerance.) Where fast's time goes there (per image): libjpeg-turbo 0.85 ms, of which entropy
+Why simplejpeg and not TorchCodec's `decode_jpeg` on the CPU (benchmarks/torchcodec_decode.py,
+the `mixres bench embed` decode harness, one core; benchmarks/README.md): on the mixed
+200-1000 px set at 256 tokens the two are within the machine's noise (TorchCodec 0.75x to
+1.07x of simplejpeg across runs), but TorchCodec cannot decode at reduced DCT scale (0.65x on
+2400-4000 px JPEGs) and returns planar CHW, which the channels-last resize copies back to
+HWC (0.59x at 4096 tokens, where little is resized). Where fast's time goes there (per image): libjpeg-turbo 0.85 ms, of which entropy
 decoding alone is ~0.5 (what 1/8 DCT scale still costs), the resize 0.41, the rest 0.05;
 pil's whole path is ~4 ms. fastdct was rejected: its error is biased, a mean 0.5/255 that
 no resize averages away.
