@@ -2,7 +2,8 @@
 
     enc = mixres.load_encoder(model, backend="packed")   # HF model | path | hub id | preset
     feats = enc.encode(images)                            # PackedFeatures
-    feats = mixres.encode(paths, model="tiny-vit")        # one call, pooled as asked
+    feats = mixres.encode(images, model="tiny-vit")       # one call, inference, pooled as asked
+    pre = mixres.Preprocessor(enc.facts, decode="fast")   # images -> normalized (C, H, W)
     report = mixres.check_invariance(model, images)       # verify a checkpoint
 
 Heavier parts (extraction, VLM) are imported on first use.

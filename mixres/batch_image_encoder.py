@@ -35,6 +35,7 @@ from mixres.encoders.grouped import (
 )
 from mixres.encoders.whole import grad_or_inference
 from mixres.families import vision_tower
+from mixres.families.facts import model_facts
 from mixres.packing import mean_pool
 
 __all__ = ["encode_nested", "encode_images", "encode_images_group", "encode_images_sequentially",
@@ -142,8 +143,8 @@ def _embedding(tokens: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tenso
 def _width(model: nn.Module) -> int:
     """D of the embeddings, for outputs where every image is empty."""
     try:
-        return vision_utils.image_encoder_size(model)
-    except vision_utils.UnknownImageEncoderError:
+        return model_facts(model).hidden_size
+    except families.UnknownImageEncoderError:
         return probe_tokens(model).shape[-1]
 
 

@@ -20,10 +20,10 @@ the `mixres bench embed` decode harness, one core; benchmarks/README.md): on the
 200-1000 px set at 256 tokens the two are within the machine's noise (TorchCodec 0.75x to
 1.07x of simplejpeg across runs), but TorchCodec cannot decode at reduced DCT scale (0.65x on
 2400-4000 px JPEGs) and returns planar CHW, which the channels-last resize copies back to
-HWC (0.59x at 4096 tokens, where little is resized). Where fast's time goes there (per image): libjpeg-turbo 0.85 ms, of which entropy
-decoding alone is ~0.5 (what 1/8 DCT scale still costs), the resize 0.41, the rest 0.05;
-pil's whole path is ~4 ms. fastdct was rejected: its error is biased, a mean 0.5/255 that
-no resize averages away.
+HWC (0.59x at 4096 tokens, where little is resized). Where fast's time goes (per image, the
+mixed set at 256 tokens): libjpeg-turbo 0.85 ms, of which entropy decoding alone is ~0.5
+(what 1/8 DCT scale still costs), the resize 0.41, the rest 0.05; pil's whole path is ~4 ms.
+fastdct was rejected: its error is biased, a mean 0.5/255 that no resize averages away.
 
 Every decoder resizes to the same `target_size` of the same upright image, so the patch
 grid of an image never depends on the decoder: features differ only by pixel differences.

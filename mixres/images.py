@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mixres.formats import decode_unidentified
+
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "ImageSource", "load_image", "normalize", "preprocess",
            "target_size", "to_tensor"]
 
@@ -77,37 +79,6 @@ def _check_background(background) -> tuple[int, int, int]:
         raise ValueError(f"background must be an RGB triple of ints in [0, 255], "
                          f"got {background!r}")
     return tuple(int(c) for c in bg)
-
-
-def _sniff(data: bytes) -> str:
-    """Why PIL could not identify `data`, in words a user can act on."""
-    head = data[:512]
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "not an image, or a corrupt one (PIL cannot identify the format)"
-    return "not an image (the file holds text)"
-
-
-_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
-
-
-def _heif(data: bytes, name: str) -> Image.Image | None:
-    """A HEIF-family file (HEIC, AVIF) PIL cannot open, decoded by TorchCodec (which needs
-    libheif for HEIC), as an RGB PIL image; None when the bytes are not HEIF."""
-    if data[4:8] != b"ftyp" or data[8:12] not in _HEIF_BRANDS:
-        return None
-    try:
-        from torchcodec.decoders import decode_image
-
-        chw = decode_image(data, mode="RGB")
-    except Exception as e:  # torchcodec or libheif missing, or a corrupt file
-        raise ImageLoadError(name, f"a {data[8:12].decode()} (HEIF) image that neither PIL nor "
-                                   f"TorchCodec can decode here ({type(e).__name__}: {str(e)[:120]}); "
-                                   "HEIC needs libheif (conda install -c conda-forge libheif)") from None
-    if chw.ndim == 4:  # an image sequence: its first frame, as for GIF and TIFF
-        chw = chw[0]
-    return Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy())
 
 
 _bomb_lock = threading.Lock()
@@ -260,10 +231,11 @@ def load_image(
     with _pil_bomb_check_off():
         try:
             img = opened if isinstance(opened, Image.Image) else Image.open(opened)
-        except UnidentifiedImageError as e:
-            img = _heif(opened.getvalue(), name)  # PIL reads AVIF; HEIC goes to TorchCodec
-            if img is None:
-                raise ImageLoadError(name, _sniff(opened.getvalue())) from e
+        except UnidentifiedImageError:
+            try:  # PIL reads AVIF; HEIC goes to TorchCodec
+                img = decode_unidentified(opened.getvalue())
+            except ValueError as e:
+                raise ImageLoadError(name, str(e)) from None
         except Image.DecompressionBombError as e:
             raise ImageLoadError(name, f"too large ({e})") from e
         except Exception as e:
