@@ -18,7 +18,6 @@ __version__ = "0.1.0"
 _LAZY = {
     "ImageLoadError": "mixres.images",
     "load_image": "mixres.images",
-    "preprocess": "mixres.images",
     "Preprocessor": "mixres.preprocess",
     "read_features": "mixres.embed.reader",
     "check_invariance": "mixres.invariance",
