@@ -203,7 +203,7 @@ def test_a_vlm_step_with_decode_fast_stays_within_the_tolerance_and_trains_the_e
         vlm.zero_grad()
         out = vlm(batch)
         out.loss.backward()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         grads = [p.grad for p in vlm.encoder.parameters()]
         assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)  # the encoder trains
     assert abs(losses[1] - losses[0]) <= 1e-2 * abs(losses[0])
