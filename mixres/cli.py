@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "verify": ("mixres.embed.verify", "check an embed output folder (index, shards, pooled, metadata)"),
     "bench": ("mixres.bench.cli", "benchmarks: throughput | invariance | words | vlm | ..."),
     "presets": ("mixres.presets", "list the model presets (random-init configs for demos and tests)"),
-    "train": ("mixres.vlm.training.train", "train a VLM on mixed-resolution images"),
+    "train": ("mixres.vlm.training.cli", "train a VLM on mixed-resolution images"),
     "generate": ("mixres.vlm.training.inference", "generate text with a trained VLM run"),
 }
 

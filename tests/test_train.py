@@ -199,7 +199,7 @@ def test_ddp_and_fsdp_on_two_processes_match_one(tmp_path):
 def test_synthetic_run_beats_blank_images(tmp_path):
     """A short run of the synthetic task (its ViT encoder trained from scratch) reads the colour
     and more off the image; the same run on blank images cannot do better than chance."""
-    from mixres.vlm.training.train import synthetic_config
+    from mixres.vlm.training.synthetic import synthetic_config
 
     results = {}
     for blank in (False, True):

@@ -142,7 +142,7 @@ def test_llava_records_with_one_or_several_images(tmp_path):
     lab = batch.labels
     trained = vlm.tokenizer.decode(lab[lab != -100].tolist())
     assert trained == "a boxsame\nyes"  # assistant turns (and <eos>s) only
-    from mixres.vlm.training.train import sample_length
+    from mixres.vlm.training.data import sample_length
 
     for i in range(2):  # planned lengths equal collated ones
         assert sample_length(vlm, ds[i], ds.image_sizes(i)) == vlm.collator.num_positions(ds[i])

@@ -136,21 +136,20 @@ def test_conversations_train_only_assistant_turns(tmp_path, template):
 def test_content_accuracy_with_a_bpe_tokenizer(tmp_path):
     """Perfect predictions score 1: word spans come from one tokenization's offsets (encoding
     prefixes separately gave an empty span to every word after a space)."""
-    from mixres.vlm.training.metrics import content_hits, token_spans
-    from mixres.vlm.training.synthetic import content_spans
+    from mixres.vlm.training.metrics import content_hits, token_spans, word_spans
 
     tok = _bpe_tokenizer(tmp_path / "tok")
     vlm = build_vlm({"encoder": ENC, "tokenizer": str(tok), "lm": {"hidden": 32, "layers": 1, "heads": 4,
                                                                      "kv_heads": 2}})
     response = "a green circle top left"
-    spans = token_spans(vlm.tokenizer, response, content_spans(response))
+    spans = token_spans(vlm.tokenizer, response, word_spans(response))
     assert all(b > a for a, b in spans) and spans[0] == (0, 1)
     batch = vlm.collate([{"images": [img(2, 2, 1)], "prompt": "picture:", "response": response}])
     # logits that predict every next token exactly
     V = vlm.lm.vocab_size
     nxt = torch.cat([batch.labels[1:], batch.labels[:1]])
     logits = torch.nn.functional.one_hot(nxt.clamp_min(0), V).float()[batch.text_positions]
-    meta = [{"response": response, "content_spans": content_spans(response)}]
+    meta = [{"response": response, "content_spans": word_spans(response)}]
     assert content_hits(batch, logits, meta, vlm.tokenizer) == (5, 5)
 
 

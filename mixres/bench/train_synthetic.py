@@ -40,7 +40,8 @@ BAR = {"joint_decoder": 0.95, "cross_attention": 0.90, "mot": 0.90}
 def _one(strategy: str, blank: bool, minutes: float, reserve: float, steps: int, threads: int,
          out: Path, lm: str | None = None) -> dict:
     """Run one training in-process (called in the child)."""
-    from mixres.vlm.training.train import synthetic_config, train
+    from mixres.vlm.training.synthetic import synthetic_config
+    from mixres.vlm.training.train import train
 
     cfg = synthetic_config(strategy, blank=blank, lm=lm, **({"steps": steps} if steps else {}))
     cfg["train"].update(time_limit=minutes * 60 - reserve, progress=False, threads=threads)
