@@ -78,6 +78,19 @@ def test_resume_continues_exactly(tmp_path):
     torch.load(latest_checkpoint(cut) / "train_state.pt", weights_only=True)
 
 
+def test_activation_checkpointing_of_the_named_blocks_changes_no_loss(tmp_path):
+    manifest = _write_manifest(tmp_path)
+    vit = {"name": "vit", "hidden": 32, "layers": 2, "heads": 4, "patch_size": 8}
+    cfg = _config(manifest, steps=3)
+    cfg["vlm"]["encoder"] = vit
+    assert len(build_vlm(cfg["vlm"]).blocks()) == 3  # the ViT tower, the LM's 2 blocks
+    train(cfg, tmp_path / "plain")
+    train(_config(manifest, steps=3, activation_checkpointing=True) | {"vlm": cfg["vlm"]}, tmp_path / "ckpt")
+    plain, ckpt = _losses(tmp_path / "plain"), _losses(tmp_path / "ckpt")
+    assert [s for s, _ in ckpt] == [s for s, _ in plain] == [1, 2, 3]
+    assert [x for _, x in ckpt] == pytest.approx([x for _, x in plain], rel=1e-6)
+
+
 # freeze stages
 
 def test_freeze_stages_adapter_then_lm(tmp_path):

@@ -50,6 +50,25 @@ def test_cross_attention_at_init_is_the_bare_lm(lm_dir, every, blocks):
         assert torch.equal(vlm.lm.model.state_dict()[k], v)
 
 
+def test_an_lm_passed_in_is_left_as_it_was_given():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    # 258 ids: the byte tokenizer needs 260, so the VLM grows its vocabulary, not the user's
+    mine = tf.LlamaForCausalLM(tf.LlamaConfig(**{**LLAMA, "vocab_size": 258}, attn_implementation="sdpa"))
+    mine.eval()
+    vlm = build_vlm({"encoder": ENC, "adapter": "mlp2", "lm": mine, "tokenizer": "bytes",
+                     "max_seq_tokens": 512, "max_image_tokens": 256}).eval()
+    assert mine.config._attn_implementation == "sdpa"
+    assert mine.get_input_embeddings().num_embeddings == mine.config.vocab_size == 258
+    assert vlm.lm.vocab_size == 260
+    # the VLM runs the very same layer weights, through its varlen attention
+    assert vlm.lm.model.model.layers[0].mlp.up_proj.weight is mine.model.layers[0].mlp.up_proj.weight
+    batch = vlm.collate([{"text": "Hi there"}], add_eos=False)
+    got = vlm(batch).logits[:, :258]
+    assert rel_err(got, mine(input_ids=batch.input_ids[None]).logits[0]) <= 1e-5
+
+
 def test_mot_at_init_is_joint_decoder(lm_dir):
     mot, joint = make(lm_dir, "mot"), make(lm_dir, "joint_decoder")
     joint.adapter.load_state_dict(mot.adapter.state_dict())

@@ -97,12 +97,11 @@ class EncoderTower(nn.Module):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        """The tower's layers as its family's packed recipe names them (none without one)."""
-        from mixres import families
-
-        tower = families.vision_tower(self.model)
-        spec = families.spec_of(tower)
-        return list(spec.recipe.layers(tower)) if spec is not None and spec.recipe is not None else []
+        """The tower is one block: its layers run inside the backend's packed context
+        (varlen attention implementation, segment offsets), which a layer recomputed alone
+        in backward (activation checkpointing) would not see; the whole tower recomputes
+        inside it."""
+        return [self]
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
         return self.runner.encode(packed)
