@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "embed": ("mixres.embed.cli", "encode a folder / list of images to feature shards on disk"),
     "verify": ("mixres.embed.verify", "check an embed output folder (index, shards, pooled, metadata)"),
     "bench": ("mixres.bench.cli", "benchmarks: throughput | invariance | words | vlm | ..."),
-    "presets": ("mixres.presets", "list the model presets (random-init configs for demos and tests)"),
+    "presets": ("mixres.presets_cli", "list the model presets (random-init configs for demos and tests)"),
     "train": ("mixres.vlm.training.cli", "train a VLM on mixed-resolution images"),
     "generate": ("mixres.vlm.training.inference", "generate text with a trained VLM run"),
 }

@@ -47,7 +47,7 @@ def load_encoder(model, backend: str = "packed", *, model_kwargs: dict | None = 
     kwargs go to the backend: select_layer, max_batch_tokens, dtype, device,
     min_image_tokens / max_image_tokens (preprocessing of PIL images and paths), ...
     """
-    from mixres.presets import load_model
+    from mixres.loading import load_model
 
     cls = get_backend(backend)
     return cls(load_model(model, model_kwargs=model_kwargs), **kwargs)

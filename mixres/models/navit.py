@@ -211,7 +211,8 @@ def tiny_navit() -> NaViTModel:
 
 def _register_presets():
     try:
-        from mixres.presets import MODEL_TYPES, register_preset
+        from mixres.loading import MODEL_TYPES
+        from mixres.presets import register_preset
     except ImportError:  # presets land separately; the builders above work without them
         return
     MODEL_TYPES.register("navit", NaViTConfig)
