@@ -2,7 +2,7 @@
 
 Every image brings as many tokens as its grid has (a quarter with merge2x2), samples
 hold any number of images, and the tokens flow encoder -> adapter -> LM as one packed
-sequence with offsets. Parts come from registries (encoders, adapters, strategies,
+sequence with offsets. Parts come from registries (vision towers, adapters, strategies,
 decoder blocks); `VLMConfig` documents the knobs.
 
     from mixres.vlm import build_vlm

@@ -1,4 +1,4 @@
-"""The built-in compact decoder: RMSNorm, RoPE, SwiGLU, GQA, optional tied embeddings.
+"""`CausalLM`, the built-in compact decoder-only LM: RMSNorm, RoPE, SwiGLU, GQA, optional tied embeddings.
 
 It runs on packed sequences: all samples' tokens in one (T, D) tensor, segments given
 by `cu_seqlens`, position ids restarting per sample, and causal varlen attention
