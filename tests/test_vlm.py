@@ -392,6 +392,18 @@ def test_encoder_specs_name_backends_and_models():
     assert rel_err(alone(packed, s), alone(loop, s)) <= 1e-5
 
 
+def test_a_tower_of_your_own_names_its_blocks():
+    from mixres.vlm import RandomTower
+
+    tower = RandomTower(hidden=32, patch_size=8)
+    del tower.blocks  # a tower written before `blocks` was part of the interface
+    with pytest.raises(TypeError, match="tower RandomTower lacks `blocks`"):
+        build_vlm({"encoder": tower, "lm": LM})
+    tower.blocks = ()
+    vlm = build_vlm({"encoder": tower, "lm": LM})
+    assert vlm.blocks() == list(vlm.lm.blocks) and len(vlm.blocks()) == LM["layers"]
+
+
 def test_mot_routes_each_token_to_its_modality_weights():
     vlm = make("mot")
     text_only, with_image = samples()[2], samples()[0]

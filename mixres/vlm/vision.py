@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mixres.packing import PackedFeatures, PackedImages
-from mixres.vlm.interfaces import Tower
+from mixres.vlm.interfaces import Tower, missing_members
 from mixres.vlm.registry import TOWERS, register_tower
 
 __all__ = ["RandomTower", "EncoderTower", "build_tower", "scratch_vit"]
@@ -168,6 +168,9 @@ def build_tower(spec) -> nn.Module:
     if isinstance(spec, nn.Module):
         if isinstance(spec, Tower):
             return spec  # already a tower
+        if missing_members(spec, Tower) == ["blocks"]:
+            raise TypeError(f"tower {type(spec).__name__} lacks `blocks`: its blocks, which checkpointing, "
+                            f"compile and FSDP2 wrap (mixres.vlm.interfaces.Tower; () for none)")
         return EncoderTower(spec)
     if isinstance(spec, str):
         spec = {"name": spec} if spec in TOWERS else {"name": "packed", "model": spec}
