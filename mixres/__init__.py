@@ -22,7 +22,7 @@ _LAZY = {
     "read_features": "mixres.embed.reader",
     "check_invariance": "mixres.invariance",
     "InvarianceReport": "mixres.invariance",
-    "load_model": "mixres.presets",
+    "load_model": "mixres.loading",
     "patch_vit": "mixres.masked_vit_patcher",
     "unpatch_vit": "mixres.masked_vit_patcher",
     "encode_images": "mixres.batch_image_encoder",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mixres.bench.gpu import Context
+from mixres.bench.gpu_common import Context
 
 ENCODER_METHODS = ("packed", "grouped", "loop", "masked")
 

@@ -107,7 +107,7 @@ def _take_old_flags(args) -> None:
 def _with_kwargs(name: str, text: str):
     import json
 
-    from mixres.presets import load_model
+    from mixres.loading import load_model
 
     try:
         kwargs = json.loads(text)

@@ -55,7 +55,7 @@ def load_encoder(model, backend: str = "packed", *, model_kwargs: dict | None = 
     ("pil" | "fast" | "cuda") and min_image_tokens / max_image_tokens (the `Preprocessor` of
     everything that is not a ready tensor), ...
     """
-    from mixres.presets import load_model
+    from mixres.loading import load_model
 
     cls = get_backend(backend)
     return cls(load_model(model, model_kwargs=model_kwargs), **kwargs)

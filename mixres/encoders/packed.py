@@ -32,10 +32,10 @@ from mixres.encoders.base import Encoder, resolve_layer
 from mixres.families import PosCache, Recipe
 from mixres.packing import PackedFeatures, PackedImages
 
-__all__ = ["PackedEncoder", "recipe_for", "run_hf_layers", "varlen_attention_impl"]
+__all__ = ["PackedEncoder", "packed_recipe", "run_hf_layers", "varlen_attention_impl"]
 
 
-def recipe_for(tower: nn.Module) -> Recipe:
+def packed_recipe(tower: nn.Module) -> Recipe:
     spec = families.spec_of(tower)
     if spec is None or spec.recipe is None:
         try:
@@ -113,7 +113,7 @@ class PackedEncoder(Encoder):
     def __init__(self, model: nn.Module, **kwargs):
         super().__init__(model, **kwargs)
         self.tower = families.vision_tower(self.model)
-        self.recipe = recipe_for(self.tower)
+        self.recipe = packed_recipe(self.tower)
         resolve_layer(self.select_layer, len(self.recipe.layers(self.tower)))  # fail early
         self.cache = PosCache()
 
