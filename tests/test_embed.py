@@ -68,17 +68,21 @@ def assert_same_features(out, ref, exact=True):
             assert rel_err(x.tokens, y.tokens) <= 1e-5 and rel_err(x.pooled, y.pooled) <= 1e-5, x.path
 
 
-def mixres_cmd(inp, out, *, launcher=(sys.executable,)):
-    return [*launcher, "-m", "mixres", "embed", str(inp), "--out", str(out), *CLI]
+def mixres_cmd(inp, out, *, launcher=(sys.executable,), kill=None):
+    """The command line of a child run; kill=(stage, n) kills it after its nth shard reaches stage."""
+    how = ["-m", "mixres", "embed"] if kill is None else [str(ROOT / "tests" / "embed_child.py"), kill[0],
+                                                          str(kill[1])]
+    return [*launcher, *how, str(inp), "--out", str(out), *CLI]
 
 
-def run_child(inp, out, env=None, wait=True):
-    """`python -m mixres embed` in a child process (so that it can be SIGKILLed)."""
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
+def run_child(inp, out, kill=None, wait=True):
+    """`mixres embed` in a child process (so that it can be SIGKILLed)."""
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     if not wait:
         return subprocess.Popen(mixres_cmd(inp, out), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-    return subprocess.run(mixres_cmd(inp, out), env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(mixres_cmd(inp, out, kill=kill), env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 # inputs
@@ -242,11 +246,11 @@ def test_out_of_memory_halves_the_batch_and_goes_on(model, photos, reference, tm
 def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(photos, reference, tmp_path):
     out = tmp_path / "out"
     # killed right after its 2nd shard is durable, before that shard's journal line: an orphan
-    r = run_child(photos, out, env={"MIXRES_TEST_KILL_AFTER": "2"})
+    r = run_child(photos, out, kill=("written", 2))
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     assert len(list(out.glob("shard-*.safetensors"))) == 2
     # resumes (drops the orphan, redoes shard 1), killed right after its first journal line
-    r = run_child(photos, out, env={"MIXRES_TEST_KILL_AFTER": "1:journal"})
+    r = run_child(photos, out, kill=("journaled", 1))
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     # killed at a random moment (during start-up, a shard write, a journal append, ...)
     p = run_child(photos, out, wait=False)

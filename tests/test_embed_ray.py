@@ -73,7 +73,7 @@ def assert_same_folder(out: Path, ref: Path):
 def test_ray_engine_writes_the_local_engines_folder(ray_address, photos, local, tmp_path):
     out = tmp_path / "folder"
     s = embed([str(p) for p in photos], out, "tiny-vit", engine="ray", **KW)
-    assert s["images"] == N and s["engine"] == "ray" and s["ray_actors"] == 1
+    assert s["images"] == N and s["engine"] == "ray" and s["encoders"] == 1
     assert_same_folder(out, local)
     assert [p.name for p in out.glob("progress-r*.jsonl")][0].startswith("progress-rray-")
     # tar shards, and an nn.Module given to the library (shipped to the actors by Ray)
@@ -89,13 +89,16 @@ def test_ray_engine_writes_the_local_engines_folder(ray_address, photos, local, 
     embed(pattern, tmp_path / "fast-local", "tiny-vit", decode="fast", **KW)
     embed(pattern, tmp_path / "fast-ray", "tiny-vit", engine="ray", decode="fast", **KW)
     assert_same_folder(tmp_path / "fast-ray", tmp_path / "fast-local")
-    assert read_features(tmp_path / "fast-ray").meta["settings"]["resample"] == "bicubic (--decode fast)"
+    assert read_features(tmp_path / "fast-ray").meta["settings"]["decode"] == "fast"
 
 
-def run_cli(inp, out, ray_address, env=None, extra=()):
-    cmd = [sys.executable, "-m", "mixres", "embed", str(inp), "--out", str(out), *CLI, "--engine", "ray",
+def run_cli(inp, out, ray_address, kill=None, extra=()):
+    """`mixres embed --engine ray` in a child; kill=(stage, n): its actor kills it at that point."""
+    how = ["-m", "mixres", "embed"] if kill is None else [str(ROOT / "tests" / "embed_child.py"), kill[0],
+                                                          str(kill[1])]
+    cmd = [sys.executable, *how, str(inp), "--out", str(out), *CLI, "--engine", "ray",
            "--ray-address", ray_address, *extra]
-    return subprocess.run(cmd, env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})},
+    return subprocess.run(cmd, env={**os.environ, "PYTHONPATH": PYTHONPATH},
                           capture_output=True, text=True, timeout=300)
 
 
@@ -103,7 +106,7 @@ def test_kill_9_of_the_driver_then_resume_is_exact(ray_address, photos, local, t
     inp = tmp_path / "list.txt"
     inp.write_text("\n".join(map(str, photos)))
     out = tmp_path / "out"
-    r = run_cli(inp, out, ray_address, env={"MIXRES_TEST_KILL_DRIVER_AFTER": "1"})
+    r = run_cli(inp, out, ray_address, kill=("journaled", 1))
     assert r.returncode == -signal.SIGKILL, r.stderr
     journaled = sum(len(p.read_text().splitlines()) for p in out.glob("progress-r*.jsonl"))
     assert journaled == 1 and not (out / "index.jsonl").exists()
