@@ -23,7 +23,7 @@ from mixres.embed.config import EmbedConfig
 from mixres.embed.engines import ENGINES
 from mixres.embed.lock import FolderLock
 from mixres.embed.runner import make_encoder
-from mixres.embed.shards import AFTER_SHARD, Job
+from mixres.embed.shards import AFTER_SHARD, Job, StoreError, store_error
 from mixres.embed.sources import open_source
 from mixres.embed.state import RunSettings, done_shards, finish_meta, prepare_out_dir
 from mixres.embed.store import MIXRES_COLUMNS, merge_index, metadata_schema
@@ -72,6 +72,8 @@ def embed(inputs, out, model, config: EmbedConfig | None = None, **settings) -> 
                 schema = prepare_out_dir(root, run, source.keys, source.describe(), schema)
             except (ValueError, FileNotFoundError) as e:
                 err = str(e)
+            except OSError as e:  # a full disk already at the start
+                err = store_error(root, e)
         _raise(group.broadcast(err))
         schema = group.broadcast(schema)  # a resumed folder keeps the schema it started with
         done = done_shards(root)
@@ -92,8 +94,11 @@ def embed(inputs, out, model, config: EmbedConfig | None = None, **settings) -> 
         group.barrier()
         summary = {**_summary(len(source.keys), len(done), totals, stream, root), "engine": config.engine}
         if group.rank == 0:
-            rows, errs = merge_index(root)
-            finish_meta(root, complete=True, rows=rows, errors=errs)
+            try:
+                rows, errs = merge_index(root)
+                finish_meta(root, complete=True, rows=rows, errors=errs)
+            except OSError as e:
+                raise StoreError(store_error(root, e)) from None
             summary.update(index_rows=rows, index_errors=errs)
         summary["seconds"] = wall = time.perf_counter() - t_start
         summary["images_per_s"] = summary["images"] / max(wall, 1e-9)

@@ -28,7 +28,7 @@ from mixres.embed.store import append_journal, write_metadata, write_pooled, wri
 from mixres.packing import PackedFeatures, PackedImages, pool_features, seqlens_to_cu
 
 __all__ = ["AFTER_SHARD", "Job", "ShardWriter", "decode_shard", "make_prep", "shard_plan", "StoreError",
-           "SLICE_SIZE"]
+           "store_error", "SLICE_SIZE"]
 
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 SLICE_SIZE = 4  # images per DataLoader item: small, so that all workers share one shard
@@ -189,7 +189,7 @@ class ShardWriter:
                 self._hook("written")
             append_journal(self.journal, record)
         except OSError as e:
-            raise StoreError(_store_error(self.root, e)) from None
+            raise StoreError(store_error(self.root, e)) from None
         self.done += 1
         self._hook("journaled")
         return {"images": len(good), "tokens": sum(lens), "errors": len(errors),
@@ -211,7 +211,7 @@ class ShardWriter:
             hook(stage, self.done + (stage == "written"))
 
 
-def _store_error(root: Path, e: OSError) -> str:
+def store_error(root: Path, e: OSError) -> str:
     code = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
     what = e.strerror or str(e)
     hint = ("free some space, then rerun the same command: it resumes where this run stopped"

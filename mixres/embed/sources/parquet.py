@@ -94,12 +94,16 @@ class _Rows(Source):
     """Shared by parquet files and datasets folders: rows -> (bytes, metadata)."""
 
     def _setup(self, schema, image_column, id_column, where):
+        import pyarrow as pa
+
         self.image_column = pick_image_column(schema, image_column, where)
         if id_column is not None and id_column not in schema.names:
             raise ValueError(f"{where}: no column {id_column!r} for --id-column "
                              f"(columns: {', '.join(schema.names)})")
         self.id_column = id_column
-        self._fields = [f for f in schema if f.name != self.image_column and _is_plain(f.type)]
+        # a column that is all null in the first file has Arrow type null there: kept as text
+        self._fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema
+                        if f.name != self.image_column and (_is_plain(f.type) or pa.types.is_null(f.type))]
         self.meta_columns = [f.name for f in self._fields]
 
     def options(self) -> dict:

@@ -131,7 +131,7 @@ class TarSource(Source):
             try:
                 with open_file(side) as f:
                     schema = pq.ParquetFile(f).schema_arrow
-                fields.update({x.name: x.type for x in schema})
+                fields.update({x.name: pa.string() if pa.types.is_null(x.type) else x.type for x in schema})
             except (OSError, ValueError):
                 side = ""
         if not side or not (is_url(side) or os.path.isfile(side)):
