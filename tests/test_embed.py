@@ -265,6 +265,27 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(photos, re
     assert_same_features(out, reference)
 
 
+def test_a_resume_may_change_the_batch_budget_and_the_workers(photos, reference, tmp_path):
+    # after an out-of-memory a user resumes with a smaller --max-batch-tokens, on another machine
+    # with other --num-workers: batching never changes a feature, so the folder is the same
+    out = tmp_path / "out"
+    r = run_child(photos, out, kill=("journaled", 1))  # --max-batch-tokens 8192, 0 workers
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    fingerprint = json.loads((out / "meta.json").read_text())["fingerprint"]
+    s = embed(photos, out, "tiny-vit", **{**KW, "max_batch_tokens": 20, "num_workers": 1})
+    assert s["done_before"] == 1 and s["images"] == 7
+    assert json.loads((out / "meta.json").read_text())["fingerprint"] == fingerprint
+    assert index_of(out) == index_of(reference)
+    assert_same_features(out, reference, exact=False)  # one image per forward: fp32 rounding only
+
+
+def test_the_summary_rate_is_over_the_runs_wall_time(photos, tmp_path):
+    s = embed(photos, tmp_path / "out", "tiny-vit", **KW)
+    assert s["images_per_s"] == pytest.approx(s["images"] / s["seconds"])
+    assert 0 < s["encoder_seconds"] <= s["stream_seconds"] <= s["seconds"]
+    assert s["encoder_images_per_s"] == pytest.approx(s["images"] / s["encoder_seconds"])
+
+
 def test_torchrun_two_processes_equal_one(photos, reference, tmp_path):
     out = tmp_path / "out"
     torchrun = str(Path(sys.executable).with_name("torchrun"))

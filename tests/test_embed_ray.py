@@ -74,6 +74,9 @@ def test_ray_engine_writes_the_local_engines_folder(ray_address, photos, local, 
     out = tmp_path / "folder"
     s = embed([str(p) for p in photos], out, "tiny-vit", engine="ray", **KW)
     assert s["images"] == N and s["engine"] == "ray" and s["encoders"] == 1
+    # the rate is over the run's wall time (Ray's start-up included); the encoder's own beside it
+    assert s["images_per_s"] == pytest.approx(s["images"] / s["seconds"])
+    assert 0 < s["encoder_seconds"] <= s["stream_seconds"] <= s["seconds"]
     assert_same_folder(out, local)
     assert [p.name for p in out.glob("progress-r*.jsonl")][0].startswith("progress-rray-")
     # tar shards, and an nn.Module given to the library (shipped to the actors by Ray)
@@ -100,6 +103,27 @@ def run_cli(inp, out, ray_address, kill=None, extra=()):
            "--ray-address", ray_address, *extra]
     return subprocess.run(cmd, env={**os.environ, "PYTHONPATH": PYTHONPATH},
                           capture_output=True, text=True, timeout=300)
+
+
+def test_local_torchrun_and_ray_engines_write_one_folder(ray_address, photos, local, tmp_path):
+    """The three engines run through the one driver: the same settings, fingerprint and folder."""
+    inp = tmp_path / "list.txt"
+    inp.write_text("\n".join(map(str, photos)))
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(29600 + os.getpid() % 1000),
+                        "-m", "mixres", "embed", str(inp), "--out", str(tmp_path / "torchrun"), *CLI,
+                        "--device", "cpu", "--num-workers", "0"],
+                       env={**os.environ, "PYTHONPATH": PYTHONPATH}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    embed(inp, tmp_path / "ray", "tiny-vit", engine="ray", **KW)
+    meta = lambda d: json.loads((d / "meta.json").read_text())  # noqa: E731
+    for out in (tmp_path / "torchrun", tmp_path / "ray"):
+        assert_same_folder(out, local)
+        assert meta(out)["fingerprint"] == meta(local)["fingerprint"]
+        assert meta(out)["settings"] == meta(local)["settings"]
+    assert sorted(p.name for p in (tmp_path / "torchrun").glob("progress-r*")) == ["progress-r0.jsonl",
+                                                                                  "progress-r1.jsonl"]
 
 
 def test_kill_9_of_the_driver_then_resume_is_exact(ray_address, photos, local, tmp_path):
