@@ -15,15 +15,15 @@ import argparse
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
+from mixres.embed.engines import ENGINES
+from mixres.embed.store import LAYOUTS
 from mixres.packing import POOLERS
 
-__all__ = ["EmbedConfig", "DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_SHARD_SIZE", "ENGINES", "LAYOUTS",
-           "add_config_arguments", "config_from_args"]
+__all__ = ["EmbedConfig", "DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_SHARD_SIZE", "add_config_arguments",
+           "config_from_args"]
 
 DEFAULT_MAX_BATCH_TOKENS = 8192
 DEFAULT_SHARD_SIZE = 64  # inputs per shard: the unit of crash-safety and of decode/encode overlap
-ENGINES = ("local", "ray")
-LAYOUTS = ("mixres", "clip-retrieval")
 DTYPES = ("float32", "float16")
 
 
@@ -85,7 +85,7 @@ class EmbedConfig:
     num_workers: int = _opt(-1, "DataLoader workers that decode images (default: min(4, CPUs - 1))")
     engine: str = _opt("local", "local: this process + DataLoader workers (torchrun for ranks); ray: Ray "
                        "Data decode tasks and encoder actors (pip install 'mixres[ray]')",
-                       choices=list(ENGINES))
+                       choices=ENGINES.names())
     ray_address: str | None = _opt(None, "--engine ray: a cluster to connect to (auto, "
                                    "ray://host:10001, host:6379; default: start a local Ray)")
     ray_actors: int | None = _opt(None, "--engine ray: encoder actors, each holding the model "
