@@ -67,5 +67,7 @@ def test_what_a_resume_may_change_is_not_a_feature():
     assert {"decode", "normalize", "pooled_dtype", "layout", "shard_size", "pool"} <= features
     with pytest.raises(ValueError, match="^--shard-size must be >= 1, got 0$"):
         EmbedConfig(shard_size=0).check()
-    with pytest.raises(TypeError, match="unknown setting max_tokens"):
-        EmbedConfig.of(max_tokens=3)
+    with pytest.raises(TypeError, match="unknown setting max_token "):
+        EmbedConfig.of(max_token=3)
+    with pytest.warns(FutureWarning, match="'max_tokens' is now called 'max_image_tokens'"):
+        assert EmbedConfig.of(max_tokens=3).max_image_tokens == 3  # what users typed before

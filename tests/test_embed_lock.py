@@ -54,15 +54,13 @@ def _kill_then_rerun(photos, reference, out):
     assert verify(out) == []
 
 
-def test_kill_9_then_an_immediate_rerun_resumes_3_times_in_a_row(photos, reference, tmp_path):
-    for i in range(3):
-        _kill_then_rerun(photos, reference, tmp_path / f"out{i}")
+STRESS = [pytest.param(i, marks=pytest.mark.stress) for i in range(3, 23)]
 
 
-@pytest.mark.stress
-def test_kill_9_then_an_immediate_rerun_resumes_20_times_in_a_row(photos, reference, tmp_path):
-    for i in range(20):
-        _kill_then_rerun(photos, reference, tmp_path / f"out{i}")
+@pytest.mark.parametrize("round_", [*range(3), *STRESS])
+def test_kill_9_then_an_immediate_rerun_resumes(photos, reference, tmp_path, round_):
+    """3 rounds in the default run; `pytest -m stress` runs 20 more."""
+    _kill_then_rerun(photos, reference, tmp_path / "out")
 
 
 def test_the_lock_is_one_per_folder_within_a_process_too(tmp_path):

@@ -18,6 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from mixres.embed.engines import ENGINES
 from mixres.embed.store import LAYOUTS
 from mixres.packing import POOLERS
+from mixres.renamed import IMAGE_TOKENS, take_renamed
 
 __all__ = ["EmbedConfig", "DEFAULT_MAX_BATCH_TOKENS", "DEFAULT_SHARD_SIZE", "add_config_arguments",
            "config_from_args"]
@@ -103,7 +104,9 @@ class EmbedConfig:
 
     @classmethod
     def of(cls, config: EmbedConfig | None = None, **kwargs) -> EmbedConfig:
-        """A config from another one and/or keyword arguments; an unknown name is one line."""
+        """A config from another one and/or keyword arguments; an unknown name is one line.
+        The old spellings min_tokens / max_tokens still work (with a FutureWarning)."""
+        kwargs = take_renamed(kwargs, IMAGE_TOKENS, "embed")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
