@@ -46,10 +46,10 @@ def embed(inputs, out, model, config: EmbedConfig | None = None, **settings) -> 
     encoder_images_per_s (the encoders alone), stream_seconds (from the first loaded model
     to the last shard); on rank 0 also index_rows and index_errors.
     """
+    t_start = time.perf_counter()
     config = EmbedConfig.of(config, **settings).check()
     get_decoder(config.decode)  # an unknown name, or cuda without a GPU: one line, before any work
     engine = ENGINES.get(config.engine)(config)
-    t_start = time.perf_counter()
     root = Path(out)
     group = engine.start()
     lock = None
