@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^\s*(```|~~~)")
 
 
+# a line the program printed ("mixres embed: 9 images ..."), shown beside the commands
+OUTPUT = re.compile(r"mixres [\w-]+: ")
+
+
 def shown_commands(text: str) -> list[tuple[int, str]]:
     """(line number, command) of each line of a fenced block that starts with `mixres `;
     a trailing backslash continues the command on the next line."""
@@ -30,7 +34,7 @@ def shown_commands(text: str) -> list[tuple[int, str]]:
         stripped = line.strip()
         if pending is not None:
             pending = (pending[0], pending[1] + " " + stripped.removesuffix("\\"))
-        elif stripped.startswith("mixres "):
+        elif stripped.startswith("mixres ") and not OUTPUT.match(stripped):
             pending = (number, stripped.removesuffix("\\"))
         if pending is not None and not stripped.endswith("\\"):
             out.append(pending)
