@@ -1,4 +1,4 @@
-"""`mixres` command line: embed | verify | bench | train | generate | presets.
+"""`mixres` command line: embed | verify | serve | bench | train | generate | presets.
 
 Each subcommand lives in the module that does the work and exposes
 `add_arguments(parser)` and `run(args) -> int`; this file only routes, and imports a
@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "embed": ("mixres.embed.cli", "encode a folder / list of images to feature shards on disk"),
     "verify": ("mixres.embed.verify", "check an embed output folder (index, shards, pooled, metadata)"),
     "bench": ("mixres.bench.cli", "benchmarks: throughput | invariance | words | vlm | ..."),
+    "serve": ("mixres.serve.cli", "an HTTP embedding server (OpenAI /v1/embeddings) that packs concurrent "
+                                  "requests"),
     "presets": ("mixres.presets", "list the model presets (random-init configs for demos and tests)"),
     "train": ("mixres.vlm.training.train", "train a VLM on mixed-resolution images"),
     "generate": ("mixres.vlm.training.inference", "generate text with a trained VLM run"),
