@@ -99,9 +99,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     if body.model is not None and body.model != s.model_name:
         raise ApiError(404, f"model {body.model!r} is not served here (this server serves "
                             f"{s.model_name!r}: GET /v1/models)")
-    inputs = [body.input] if isinstance(body.input, str) else body.input
-    _check_count(len(inputs), s.limits)
-    images = [image_bytes(i, x) for i, x in enumerate(inputs)]
+    _check_count(len(body.input), s.limits)
+    images = [image_bytes(i, x) for i, x in enumerate(body.input)]
     return await _embed(request, images, body.pool, body.normalize, body.encoding_format, body.return_tokens)
 
 

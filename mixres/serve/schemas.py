@@ -20,7 +20,7 @@ import binascii
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from mixres.serve.engine import Embedding, InputError
 
@@ -30,7 +30,7 @@ __all__ = ["EmbeddingRequest", "image_bytes", "embedding_response"]
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: str | list[str]
+    input: list[str]  # one string is a list of one (OpenAI's `input` takes both)
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     modality: Literal["image"] | None = None
@@ -38,6 +38,11 @@ class EmbeddingRequest(BaseModel):
     normalize: bool = False
     return_tokens: bool = False
     user: str | None = None  # OpenAI's field, accepted and unused
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
 
 
 def image_bytes(index: int, value: str) -> bytes:
