@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from mixres.bench.report import command_line, env_info, write_json
 from mixres.bench.serve_infinity import Infinity, write_clip_dir
-from mixres.bench.serve_load import closed_loop
+from mixres.bench.serve_load import closed_loop, summarize
 
 __all__ = ["add_arguments", "run"]
 
@@ -79,6 +80,8 @@ class MixresServer:
         self.proc.wait(120)
         self._log.close()
 
+    path = "/v1/embeddings"
+
     @staticmethod
     def body(uris: list[str]) -> dict:
         return {"input": uris}
@@ -92,15 +95,24 @@ def _groups(uris: list[str], k: int) -> list[list[str]]:
     return [[uris[(i * k + j) % len(uris)] for j in range(k)] for i in range(len(uris))]
 
 
-def _loads(server, uris, settings, args) -> list[dict]:
-    rows = []
+def compare(servers: dict, uris: list[str], settings: list[tuple[int, int]], args) -> dict:
+    """Each setting on every server, in --rounds rounds whose order alternates (forward, then
+    backward), so a machine whose speed drifts over minutes weighs on all servers alike."""
+    rows: dict = {name: [] for name in servers}
     for clients, k in settings:
-        r = closed_loop(server.url, _groups(uris, k), server.body, clients=clients,
-                        requests=max(clients * 2, args.images // k), time_limit_s=args.time_limit)
-        r["images_per_request"] = k
-        print(f"    {clients} clients x {k} images: {r['images_per_s']:.1f} images/s, "
-              f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, errors {r['errors']}", flush=True)
-        rows.append(r)
+        groups = _groups(uris, k)
+        n = max(clients * 2, args.images // k)
+        parts: dict = {name: [] for name in servers}
+        for rnd in range(args.rounds):
+            for name in (list(servers) if rnd % 2 == 0 else list(servers)[::-1]):
+                s = servers[name]
+                parts[name].append(closed_loop(s.url, groups, s.body, clients=clients, requests=n,
+                                               time_limit_s=args.time_limit, path=s.path))
+        for name in servers:
+            r = dict(summarize(parts[name]), images_per_request=k)
+            print(f"    {name}: {clients} clients x {k} images: {r['images_per_s']:.1f} images/s, "
+                  f"p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, errors {r['errors']}", flush=True)
+            rows[name].append(r)
     return rows
 
 
@@ -141,7 +153,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=64, help="images of the mixed-JPEG workload per load")
     p.add_argument("--settings", default="1x1,8x1,8x4", help="CLIENTSxIMAGES per request, comma-separated")
     p.add_argument("--mixed-settings", default="8x4", help="the same for the mixed-sizes section")
-    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per load at most")
+    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per load and round at most")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per setting, the servers' order alternating")
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -167,20 +180,19 @@ def run(args) -> int:
                   "--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms", str(args.max_wait_ms),
                   "--max-request-images", "256"]
         equal = ["--min-image-tokens", "196", "--max-image-tokens", "196", *common]
-        sec: dict = {"rows": {}}
+        sec: dict = {}
         print("equal work (196 tokens per image): encoder alone ...", flush=True)
         enc_before = time_encoder(str(clip), blobs, 196, 196)
-        for name, flags in (("mixres packed", equal), ("mixres batching off", [*equal, "--batching", "off"])):
-            print(f"  {name}", flush=True)
-            with MixresServer(str(clip), flags, tmp / f"{name}.log") as s:
-                sec["rows"][name] = _loads(s, uris, settings, args)
-        inf = Infinity(args.infinity_venv, clip, _free_port(), tmp / "infinity.log")
-        if inf.available():
-            print("  infinity", flush=True)
-            with inf:
-                sec["rows"]["infinity"] = _loads(inf, uris, settings, args)
-        else:
-            sec["skipped"] = f"infinity: no {inf.exe}"
+        with contextlib.ExitStack() as stack:
+            servers = {name: stack.enter_context(MixresServer(str(clip), flags, tmp / f"{name}.log"))
+                       for name, flags in (("mixres packed", equal),
+                                           ("mixres batching off", [*equal, "--batching", "off"]))}
+            inf = Infinity(args.infinity_venv, clip, _free_port(), tmp / "infinity.log")
+            if inf.available():
+                servers["infinity"] = stack.enter_context(inf)
+            else:
+                sec["skipped"] = f"infinity: no {inf.exe}"
+            sec["rows"] = compare(servers, uris, settings, args)
         enc_after = time_encoder(str(clip), blobs, 196, 196)
         sec["encoder_alone"] = {"before": enc_before, "after": enc_after,
                                 "mean": (enc_before + enc_after) / 2}
@@ -188,13 +200,13 @@ def run(args) -> int:
         if not args.skip_mixed:
             vit = _write_vit_twin(clip, tmp / "vit")
             mixed = ["--min-image-tokens", "64", "--max-image-tokens", "1024", *common]
-            msec: dict = {"rows": {}}
-            for name, flags in (("mixres packed", mixed), ("mixres padded", [*mixed, "--backend", "masked"]),
-                                ("mixres batching off", [*mixed, "--batching", "off"])):
-                print(f"mixed sizes: {name}", flush=True)
-                with MixresServer(vit, flags, tmp / f"mixed {name}.log") as s:
-                    msec["rows"][name] = _loads(s, uris, mixed_settings, args)
-            res["sections"]["mixed_sizes"] = msec
+            print("mixed sizes (64-1024 tokens per image)", flush=True)
+            with contextlib.ExitStack() as stack:
+                servers = {name: stack.enter_context(MixresServer(vit, flags, tmp / f"mixed {name}.log"))
+                           for name, flags in (("mixres packed", mixed),
+                                               ("mixres padded", [*mixed, "--backend", "masked"]),
+                                               ("mixres batching off", [*mixed, "--batching", "off"]))}
+                res["sections"]["mixed_sizes"] = {"rows": compare(servers, uris, mixed_settings, args)}
     from mixres.bench.serve_report import plot, write_markdown
 
     write_json(res, out / "results.json")

@@ -48,7 +48,8 @@ def write_clip_dir(folder: str | Path, *, hidden: int = 384, layers: int = 6, se
     vision = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
                   intermediate_size=4 * hidden, image_size=224, patch_size=16)
     text = dict(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=256,
-                vocab_size=515, max_position_embeddings=77)
+                vocab_size=515, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+                pad_token_id=513)
     model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=hidden)).eval()
     model.save_pretrained(folder)
     _byte_vocab(folder)
@@ -97,6 +98,8 @@ class Infinity:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+    path = "/embeddings"
 
     def body(self, uris: list[str]) -> dict:
         return {"model": self.model_dir, "input": uris, "modality": "image"}

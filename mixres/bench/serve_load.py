@@ -13,7 +13,7 @@ import time
 
 import httpx
 
-__all__ = ["closed_loop", "percentile"]
+__all__ = ["closed_loop", "percentile", "summarize"]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -58,14 +58,24 @@ async def _run(url: str, bodies: list[tuple[bytes, int]], clients: int, requests
 
         await asyncio.gather(*(client() for _ in range(clients)))
         seconds = time.perf_counter() - start
-    return {"clients": clients, "requests": len(latencies), "images": images, "errors": errors,
-            "first_error": first_error, "seconds": seconds, "images_per_s": images / seconds,
-            "p50_ms": 1000 * percentile(latencies, 50), "p95_ms": 1000 * percentile(latencies, 95),
-            "p99_ms": 1000 * percentile(latencies, 99)}
+    return {"clients": clients, "images": images, "errors": errors, "first_error": first_error,
+            "seconds": seconds, "latencies": latencies}
+
+
+def summarize(parts: list[dict]) -> dict:
+    """One load's rounds -> images/s over their summed time and percentiles over all latencies."""
+    lat = [x for p in parts for x in p["latencies"]]
+    images, seconds = sum(p["images"] for p in parts), sum(p["seconds"] for p in parts)
+    errors = [p["first_error"] for p in parts if p["first_error"]]
+    return {"clients": parts[0]["clients"], "rounds": len(parts), "requests": len(lat), "images": images,
+            "errors": sum(p["errors"] for p in parts), "first_error": errors[0] if errors else None,
+            "seconds": seconds, "images_per_s": images / seconds, "p50_ms": 1000 * percentile(lat, 50),
+            "p95_ms": 1000 * percentile(lat, 95), "p99_ms": 1000 * percentile(lat, 99)}
 
 
 def closed_loop(url: str, groups: list[list[str]], make_body, *, clients: int, requests: int,
                 time_limit_s: float = 120.0, path: str = "/v1/embeddings") -> dict:
-    """Run the load; `groups` are the requests' image lists (data URIs), `make_body(uris) -> dict`."""
+    """Run the load; `groups` are the requests' image lists (data URIs), `make_body(uris) -> dict`.
+    Returns the raw load (its latencies) for `summarize`."""
     bodies = [(json.dumps(make_body(g)).encode(), len(g)) for g in groups]
     return asyncio.run(_run(url, bodies, clients, requests, time_limit_s, path))

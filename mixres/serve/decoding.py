@@ -36,16 +36,18 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def prepare_image(data: bytes, prep: Prep) -> torch.Tensor:
-    """Encoded image bytes -> normalized (3, H, W) float32 on the patch grid (the CPU).
-
-    Raises ImageError(reason). Never given a path or a URL: the server only has bytes."""
+def prepare_image(data, prep: Prep) -> torch.Tensor:
+    """Encoded image bytes (or a PIL image, or a ready (3, H, W) tensor, checked) -> normalized
+    (3, H, W) float32 on the patch grid, on the CPU. Raises ImageError(reason). The HTTP routes
+    only ever pass bytes: the server opens no path and fetches no URL a request names."""
     from mixres.decode import get_decoder
     from mixres.images import ImageLoadError
 
     try:
+        if isinstance(data, (bytearray, memoryview)):
+            data = bytes(data)
         return get_decoder(prep.decode).preprocess(
-            bytes(data), prep.patch_size, min_image_tokens=prep.min_image_tokens,
+            data, prep.patch_size, min_image_tokens=prep.min_image_tokens,
             max_image_tokens=prep.max_image_tokens, mean=prep.mean, std=prep.std,
             max_pixels=prep.max_pixels).cpu()
     except ImageLoadError as e:
