@@ -18,7 +18,7 @@ from serve_util import HOST, data_uri, error_line, image_bytes, running_server
 BIG = [image_bytes(256, 256, "JPEG", seed=i) for i in range(64)]  # 256 tokens each at patch 16
 SMALL = image_bytes(32, 48, "PNG", seed=99)
 FLAGS = ["--max-batch-tokens", "256", "--max-image-tokens", "256", "--max-queue-tokens", "16384",
-         "--decode-workers", "2", "--max-wait-ms", "0"]
+         "--max-wait-ms", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +75,17 @@ def test_overload_timeout_and_disconnect(model_dir):
         assert s.client.get("/ready").status_code == 200
 
 
-def test_sigterm_drains_admitted_requests_and_exits_0(model_dir):
+def test_small_request_overtakes_a_large_one_then_sigterm_drains_and_exits_0(model_dir):
     with running_server("--model", model_dir, *FLAGS, "--request-timeout", "0") as s:
-        d, out = _in_thread(lambda: s.post(BIG[:3], return_tokens=False))
+        d, out = _in_thread(lambda: s.post(BIG[:24]))  # 24 forwards of 256 tokens
         _wait_for(lambda: s.metric("mixres_queue_tokens") >= 256)
+        # fair batches: the small request rides in the next batches, not behind the large one
+        assert s.post([SMALL]).status_code == 200
+        assert d.is_alive()
         s.proc.send_signal(signal.SIGTERM)
-        d.join(120)
-        r = out["r"]
-        assert r.status_code == 200 and len(r.json()["data"]) == 3
+        d.join(300)
+        r = out["r"]  # admitted before SIGTERM: finished
+        assert r.status_code == 200 and len(r.json()["data"]) == 24
         assert s.proc.wait(60) == 0
         with pytest.raises(httpx.TransportError):  # stopped admitting
             httpx.get(f"{s.url}/health", timeout=2)

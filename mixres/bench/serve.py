@@ -155,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-settings", default="8x4", help="the same for the mixed-sizes section")
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per load and round at most")
     p.add_argument("--rounds", type=int, default=2, help="rounds per setting, the servers' order alternating")
-    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=0)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument("--infinity-venv", default=os.environ.get("MIXRES_INFINITY_VENV", "/work/venvs/infinity"),

@@ -68,7 +68,7 @@ def _init_worker() -> None:
 class DecodePool:
     """`await pool.decode(data)` -> tensor, on `workers` processes (0: threads)."""
 
-    def __init__(self, prep: Prep, workers: int = 1, on_replace: Callable[[], None] | None = None):
+    def __init__(self, prep: Prep, workers: int = 0, on_replace: Callable[[], None] | None = None):
         if workers < 0:
             raise ValueError(f"decode workers must be >= 0, got {workers}")
         self.prep, self.workers, self.on_replace = prep, workers, on_replace

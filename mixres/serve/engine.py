@@ -83,7 +83,7 @@ class Engine:
     def __init__(self, model, *, backend: str = "packed", select_layer: int = -1, pool: str | None = None,
                  max_batch_tokens: int = 8192, max_wait_ms: float = 2.0, max_queue_tokens: int | None = None,
                  min_image_tokens: int = 1, max_image_tokens: int = 1024, max_pixels: int | None = None,
-                 decode: str = "pil", decode_workers: int = 1, dtype=None, device=None,
+                 decode: str = "pil", decode_workers: int = 0, dtype=None, device=None,
                  batching: str = "packed", model_name: str | None = None):
         from mixres.decode import get_decoder
         from mixres.embed.runner import make_encoder, resolve_pool

@@ -1,12 +1,13 @@
 """The engine's queue: admitted images, measured in tokens, taken in fair varlen batches.
 
 Requests put all their decoded images at once; the engine loop takes a batch whenever the
-model is free. A batch is built round-robin over the waiting requests, oldest first: one
-image of each request per round, for as many rounds as the token budget allows. So a
-request's images may span batches, and a large request never starves small ones (each
-batch starts with the oldest request's next image, which always fits: no image is larger
-than the budget). `one_request=True` takes the oldest request's images only: batching off,
-the baseline of `mixres bench serve`.
+model is free. A batch is built round-robin over the waiting requests: one image of each
+request per round, for as many rounds as the token budget allows, starting with the request
+served least recently (a request that got an image moves behind those that did not). So a
+request's images may span batches, and a large request never starves small ones: even when
+its images fill the budget alone, the next batch starts with the others. The first image of
+a batch always fits (no image is larger than the budget). `one_request=True` takes the oldest
+request's images only: batching off, the baseline of `mixres bench serve`.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class TokenQueue:
             return batch
 
     def _take_fair(self, budget: int) -> list[Item]:
-        batch, used = [], 0
+        batch, used, served = [], 0, []
         open_ = list(self._requests)
         while open_:
             still = []
@@ -109,9 +110,14 @@ class TokenQueue:
                 used += it.tokens
                 if q:
                     still.append(r)
+                    if r not in served:
+                        served.append(r)
                 else:
                     del self._requests[r]
             open_ = still
+        for r in served:  # behind the requests this batch skipped
+            if r in self._requests:
+                self._requests.move_to_end(r)
         return batch
 
     def _take_one(self, budget: int) -> list[Item]:
