@@ -56,8 +56,15 @@ def test_each_image_equals_the_image_alone_under_concurrency(server):
         assert r.status_code == 200, r.text
         return r.json()
 
-    with ThreadPoolExecutor(12) as pool:
+    def bad(k):  # unreadable images sent at the same time cost only their own requests
+        r = server.post([images[k], _png_truncated()])
+        assert r.status_code == 400 and "input[1]" in error_line(r)
+
+    with ThreadPoolExecutor(15) as pool:
+        bad_runs = [pool.submit(bad, k) for k in range(3)]
         answers = list(pool.map(call, requests))
+        for f in bad_runs:
+            f.result()
     refs = [alone(b) for b in images]
     n_images = 0
     for idx, ans in zip(requests, answers):
