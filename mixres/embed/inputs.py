@@ -11,50 +11,33 @@ main process decides between skip and fail.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import torch
 
 from mixres.embed.sources import IMAGE_EXTENSIONS, Source, collect_inputs
 from mixres.packing import patchify
+from mixres.preprocess import Preprocessor
 
-__all__ = ["IMAGE_EXTENSIONS", "collect_inputs", "Prep", "decode_one", "load_one", "SliceDataset",
+__all__ = ["IMAGE_EXTENSIONS", "collect_inputs", "decode_one", "load_one", "SliceDataset",
            "plan_slices", "join_slices"]
 
 
 # loading
 
-@dataclass(frozen=True)
-class Prep:
-    """How a worker turns a file into a (3, H, W) tensor (everything picklable)."""
-
-    patch_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    min_image_tokens: int
-    max_image_tokens: int | None
-    max_pixels: int | None
-    decode: str = "pil"  # a mixres.decode.DECODERS name
-
-
-def load_one(path: str, prep: Prep) -> tuple[torch.Tensor, str]:
+def load_one(path: str, prep: Preprocessor) -> tuple[torch.Tensor, str]:
     """(normalized (3, H, W) tensor, sha256 of the file). Raises ValueError(reason)."""
     from mixres.embed.sources.files import read_path
 
     return decode_one(read_path(path), prep)
 
 
-def decode_one(data: bytes, prep: Prep) -> tuple[torch.Tensor, str]:
+def decode_one(data: bytes, prep: Preprocessor) -> tuple[torch.Tensor, str]:
     """(normalized (3, H, W) tensor, sha256 of the encoded bytes). Raises ValueError(reason)."""
-    from mixres.decode import get_decoder
     from mixres.images import ImageLoadError
 
     digest = hashlib.sha256(data).hexdigest()
     try:
-        img = get_decoder(prep.decode).preprocess(
-            data, prep.patch_size, min_image_tokens=prep.min_image_tokens,
-            max_image_tokens=prep.max_image_tokens, mean=prep.mean, std=prep.std,
-            max_pixels=prep.max_pixels).cpu()  # cuda decodes on the GPU
+        img = prep(data).cpu()  # cuda decodes on the GPU
     except ImageLoadError as e:
         raise ValueError(e.reason) from None
     except Exception as e:  # a decoder bug on a weird file is that file's problem, not the run's
@@ -71,7 +54,7 @@ class SliceDataset(torch.utils.data.Dataset):
     good images in input order, grid_hw (B, 2).
     """
 
-    def __init__(self, source: Source, slices: list[tuple[int, int, int]], prep: Prep):
+    def __init__(self, source: Source, slices: list[tuple[int, int, int]], prep: Preprocessor):
         self.source, self.slices, self.prep = source, slices, prep
 
     def __len__(self) -> int:

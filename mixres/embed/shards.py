@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from mixres.embed.inputs import Prep, SliceDataset, join_slices, plan_slices
+from mixres.embed.inputs import SliceDataset, join_slices, plan_slices
 from mixres.embed.sources import FileSource, Source
 from mixres.embed.state import RunSettings
 from mixres.embed.store import append_journal, write_metadata, write_pooled, write_shard
 from mixres.packing import PackedFeatures, PackedImages, pool_features, seqlens_to_cu
+from mixres.preprocess import Preprocessor
 
 __all__ = ["AFTER_SHARD", "Job", "ShardWriter", "decode_shard", "make_prep", "shard_plan", "StoreError",
            "store_error", "SLICE_SIZE"]
@@ -70,11 +71,12 @@ def shard_plan(num_inputs: int, shard_size: int, shards: list[int]) -> int:
     return sum(min((s + 1) * shard_size, num_inputs) - s * shard_size for s in shards)
 
 
-def make_prep(settings: RunSettings) -> Prep:
+def make_prep(settings: RunSettings) -> Preprocessor:
     """How a decode worker preprocesses an item for these settings (the same in every engine)."""
     c, f = settings.config, settings.facts
-    return Prep(f.patch_size, tuple(f.mean), tuple(f.std), c.min_image_tokens, c.max_image_tokens,
-                c.max_pixels, decode=c.decode)
+    return Preprocessor(patch_size=f.patch_size, mean_std=(f.mean, f.std), decode=c.decode,
+                        min_image_tokens=c.min_image_tokens, max_image_tokens=c.max_image_tokens,
+                        max_pixels=c.max_pixels)
 
 
 def decode_shard(source: Source, shard: int, prep, shard_size: int) -> dict:

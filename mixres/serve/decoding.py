@@ -23,9 +23,9 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import torch
 
-from mixres.embed.inputs import Prep
+from mixres.preprocess import Preprocessor
 
-__all__ = ["DecodePool", "ImageError", "Prep", "prepare_image"]
+__all__ = ["DecodePool", "ImageError", "prepare_image"]
 
 
 class ImageError(ValueError):
@@ -36,27 +36,23 @@ class ImageError(ValueError):
         self.reason = reason
 
 
-def prepare_image(data, prep: Prep) -> torch.Tensor:
+def prepare_image(data, prep: Preprocessor) -> torch.Tensor:
     """Encoded image bytes (or a PIL image, or a ready (3, H, W) tensor, checked) -> normalized
     (3, H, W) float32 on the patch grid, on the CPU. Raises ImageError(reason). The HTTP routes
     only ever pass bytes: the server opens no path and fetches no URL a request names."""
-    from mixres.decode import get_decoder
     from mixres.images import ImageLoadError
 
     try:
         if isinstance(data, (bytearray, memoryview)):
             data = bytes(data)
-        return get_decoder(prep.decode).preprocess(
-            data, prep.patch_size, min_image_tokens=prep.min_image_tokens,
-            max_image_tokens=prep.max_image_tokens, mean=prep.mean, std=prep.std,
-            max_pixels=prep.max_pixels).cpu()
+        return prep(data).cpu()
     except ImageLoadError as e:
         raise ImageError(e.reason) from None
     except Exception as e:  # a decoder's bug on a weird file is that file's problem, not the server's
         raise ImageError(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
-def _decode_in_worker(data: bytes, prep: Prep) -> np.ndarray:
+def _decode_in_worker(data: bytes, prep: Preprocessor) -> np.ndarray:
     # a numpy array pickles as plain bytes; a torch tensor would go through shared-memory handles
     return prepare_image(data, prep).numpy()
 
@@ -68,7 +64,7 @@ def _init_worker() -> None:
 class DecodePool:
     """`await pool.decode(data)` -> tensor, on `workers` processes (0: threads)."""
 
-    def __init__(self, prep: Prep, workers: int = 0, on_replace: Callable[[], None] | None = None):
+    def __init__(self, prep: Preprocessor, workers: int = 0, on_replace: Callable[[], None] | None = None):
         if workers < 0:
             raise ValueError(f"decode workers must be >= 0, got {workers}")
         self.prep, self.workers, self.on_replace = prep, workers, on_replace

@@ -28,7 +28,8 @@ import torch
 
 from mixres.images import DEFAULT_MAX_PIXELS
 from mixres.packing import PackedFeatures, check_pool, pool_features
-from mixres.serve.decoding import DecodePool, ImageError, Prep
+from mixres.preprocess import Preprocessor
+from mixres.serve.decoding import DecodePool, ImageError
 from mixres.serve.metrics import Metrics
 from mixres.serve.queue import Item, TokenQueue
 
@@ -106,9 +107,9 @@ class Engine:
         self.model_name = model_name or (model if isinstance(model, str) else type(model).__name__)
         self.max_batch_tokens, self.max_wait_s = max_batch_tokens, max_wait_ms / 1000
         self.batching = batching
-        mean, std = self.encoder.mean_std
-        self.prep = Prep(self.encoder.grid_unit, tuple(mean), tuple(std), min_image_tokens, max_image_tokens,
-                         DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels, decode)
+        self.prep = Preprocessor(self.encoder.facts, unit=self.encoder.grid_unit, decode=decode,
+                                 min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
+                                 max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
         self.metrics = Metrics()
         self.decoder = DecodePool(self.prep, decode_workers, on_replace=self.metrics.decoders_replaced.inc)
         self.queue = TokenQueue(max_queue_tokens)
