@@ -7,13 +7,17 @@ image is done once per batch, not once per layer:
     groups   segments of equal (len_q, len_k) stacked into one (G, heads, L, d) SDPA call
              through an index tensor built once (a view for a segment whose length is
              unique); equal-size images cost what a dense batch costs
-    blocks   short segments (<= SHORT tokens each) laid side by side in chunks of C
-             tokens, one SDPA call over all chunks with a block-diagonal mask: many tiny
-             images (rendered words, thumbnails) with many distinct lengths in one call
-             instead of one call per length, at the price of attending over C keys
+    windows  short segments (<= C/2 tokens each) through overlapping windows of C tokens
+             every C/2 tokens (stretched by < C/2 so the last ends at the last token),
+             strided views of q/k/v (no copy), one SDPA call over all windows with a
+             block-diagonal mask; every short
+             segment lies whole in some window, which gives its output rows. Many tiny
+             images (rendered words, thumbnails) with many distinct lengths cost one call
+             instead of one call and three gathers per length, at the price of attending
+             over C keys (the attention of a tiny segment is a few % of its layer's work)
 
-One gather (`source`) puts every piece's output rows back in token order. Whether the
-short segments run as blocks of C tokens or as groups is chosen by measurement: the first
+One gather (`source`) puts every piece's output rows back in token order. Whether short
+segments run through windows of C tokens or as groups is chosen by measurement: the first
 batch of each kind (device, dtype, heads, head size, how many short segments and how long,
 bucketed by powers of two) times every candidate on its own data and keeps the fastest.
 Every candidate computes the same attention (masked keys contribute exact zeros), so the
@@ -32,13 +36,12 @@ import torch.nn.functional as F
 
 from mixres.packing import tensor_stamp
 
-__all__ = ["SegmentPlan", "segment_plan", "run_plan", "SHORT", "BLOCK_SIZES"]
+__all__ = ["SegmentPlan", "segment_plan", "run_plan", "WINDOW_SIZES"]
 
-SHORT = 64                 # a segment this short may share a block with others
-BLOCK_SIZES = (64, 128, 256)  # chunk lengths tried for the blocks
+WINDOW_SIZES = (32, 64, 128)  # window lengths C tried; segments of <= C/2 tokens go through them
 _PLANS: OrderedDict = OrderedDict()
 _MAX_PLANS = 8
-_TUNED: dict[tuple, int] = {}  # kind of batch -> block size that measured fastest (0: groups)
+_TUNED: dict[tuple, int] = {}  # kind of batch -> window length that measured fastest (0: groups)
 
 
 @dataclass(frozen=True)
@@ -53,24 +56,27 @@ class Group:
 
 
 @dataclass(frozen=True)
-class Blocks:
-    """Short self-attention segments in `chunks` chunks of `size` slots: token index per slot
-    (padding slots repeat token 0), the block-diagonal mask, and the real slots' tokens."""
+class Windows:
+    """Overlapping windows of `size` tokens every `stride` over the whole sequence (the last
+    ends at the last token), their block-diagonal masks, and for each token of a short
+    segment which window row holds its output."""
     size: int
-    index: torch.Tensor   # (chunks * size,)
-    mask: torch.Tensor    # (chunks, 1, size, size) bool
-    real: torch.Tensor    # (R,) slots holding a real token
-    tokens: torch.Tensor  # (R,) which token each real slot holds
+    stride: int
+    count: int
+    mask: torch.Tensor       # (count, 1, size, size) bool
+    window: torch.Tensor     # (R,) the window of each short token
+    row: torch.Tensor        # (R,) its row in that window
+    tokens: torch.Tensor     # (R,) the short tokens
+    long: tuple[Group, ...]  # the segments longer than size/2, as groups
 
 
 @dataclass(frozen=True)
 class SegmentPlan:
     total_q: int
-    long: tuple[Group, ...]             # groups that always run as groups
-    short: tuple[Group, ...]            # groups of short segments (the grouped candidate)
-    blocks: dict[int, Blocks]           # block size -> the blocked candidate
-    key: tuple                          # the kind of batch, for the measured choice
-    sources: dict = field(default_factory=dict)  # candidate -> `_source` of its output rows
+    groups: tuple[Group, ...]       # every segment as groups (layout 0)
+    windows: dict[int, Windows]     # window length -> the windowed layout
+    key: tuple                      # the kind of batch, for the measured choice
+    sources: dict = field(default_factory=dict)  # layout -> `_source` of its output rows
 
 
 def _index(starts: list[int], length: int, device) -> torch.Tensor | int:
@@ -85,30 +91,29 @@ def _tokens(starts: list[int], length: int, device) -> torch.Tensor:
     return (s[:, None] + torch.arange(length, device=device)[None]).flatten()
 
 
-def _blocks(segs: list[tuple[int, int]], size: int, device) -> Blocks:
-    """Greedy: segments (start, length) in token order fill chunks of `size` slots."""
-    chunks: list[list[tuple[int, int]]] = [[]]
-    used = 0
-    for start, n in segs:
-        if used + n > size:
-            chunks.append([])
-            used = 0
-        chunks[-1].append((start, n))
-        used += n
-    index = torch.zeros(len(chunks), size, dtype=torch.long)
-    seg_id = torch.arange(-1, -size - 1, -1).repeat(len(chunks), 1)  # padding: a segment each
-    real, tokens, sid = [], [], 0
-    for c, chunk in enumerate(chunks):
-        at = 0
-        for start, n in chunk:
-            index[c, at:at + n] = torch.arange(start, start + n)
-            seg_id[c, at:at + n] = sid
-            real.append(torch.arange(c * size + at, c * size + at + n))
-            tokens.append(torch.arange(start, start + n))
-            sid, at = sid + 1, at + n
-    mask = seg_id[:, :, None] == seg_id[:, None, :]
-    return Blocks(size, index.flatten().to(device), mask[:, None].to(device), torch.cat(real).to(device),
-                  torch.cat(tokens).to(device))
+def _windows(size: int, total: int, segs: list[tuple[int, int]], groups, device) -> Windows | None:
+    """Windows every size/2 tokens for the self-attention segments (start, length) of <= size/2,
+    each window stretched by less than size/2 so that the last one ends at the last token."""
+    half = size // 2
+    short = [(st, n) for st, n in segs if n <= half]
+    if len(short) < 2 or total < size:
+        return None
+    size += (total - size) % half
+    count = (total - size) // half + 1
+    seg_id = torch.empty(total, dtype=torch.long)
+    for i, (st, n) in enumerate(segs):
+        seg_id[st:st + n] = i
+    ids = seg_id.unfold(0, size, half)  # (count, size)
+    mask = (ids[:, :, None] == ids[:, None, :])[:, None]
+    window, row, tokens = [], [], []
+    for st, n in short:
+        w = min(st // half, count - 1)  # starts at most half before it, and n <= half: it fits
+        window.append(torch.full((n,), w))
+        row.append(torch.arange(st - w * half, st - w * half + n))
+        tokens.append(torch.arange(st, st + n))
+    long = tuple(g for g in groups if g.lq > half)
+    return Windows(size, half, count, mask.to(device), torch.cat(window).to(device),
+                   torch.cat(row).to(device), torch.cat(tokens).to(device), long)
 
 
 def _build(cu_q, cu_k, causal: bool, q: torch.Tensor, k: torch.Tensor) -> SegmentPlan:
@@ -123,25 +128,22 @@ def _build(cu_q, cu_k, causal: bool, q: torch.Tensor, k: torch.Tensor) -> Segmen
         if key[0] > 0:
             by_len.setdefault(key, []).append(i)
     dev = q.device
-    long, short, short_segs = [], [], []
+    groups = []
     for (lq, lk), seg in by_len.items():
         sq, sk = [starts_q[i] for i in seg], [starts_k[i] for i in seg]
-        group = Group(lq, lk, _index(sq, lq, dev), _index(sk, lk, dev) if lk else 0, _tokens(sq, lq, dev))
-        # blocks hold self-attention segments (a query sees the keys of its own slots)
-        is_short = not causal and lq == lk and lq <= SHORT and sq == sk
-        (short if is_short else long).append(group)
-        if is_short:
-            short_segs += [(s, lq) for s in sq]
-    short_segs.sort()
-    longest = max((n for _, n in short_segs), default=0)
-    blocks = {}
-    if len(short) > 1:  # one length: a single grouped call already, nothing to gain
-        blocks = {size: _blocks(short_segs, size, dev) for size in BLOCK_SIZES if size >= longest}
-    n_short = len(short_segs)
-    mean = sum(n for _, n in short_segs) / max(n_short, 1)
-    key = (dev.type, q.dtype, q.shape[1], q.shape[-1], total_k == total_q,
-           n_short.bit_length(), int(mean).bit_length(), len(short).bit_length())
-    return SegmentPlan(total_q, tuple(long), tuple(short), blocks, key)
+        groups.append(Group(lq, lk, _index(sq, lq, dev), _index(sk, lk, dev) if lk else 0,
+                            _tokens(sq, lq, dev)))
+    windows = {}
+    # windows hold self-attention (each query sees the keys of its own tokens)
+    if not causal and starts_q == starts_k and lens_q == lens_k and len(groups) > 1:
+        segs = [(st, n) for st, n in zip(starts_q, lens_q) if n > 0]
+        for size in WINDOW_SIZES:
+            if (w := _windows(size, total_q, segs, groups, dev)) is not None:
+                windows[size] = w
+    n = sum(1 for x in lens_q if x)
+    key = (dev.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1], n.bit_length(),
+           (total_q // max(n, 1)).bit_length(), len(groups).bit_length())
+    return SegmentPlan(total_q, tuple(groups), windows, key)
 
 
 def segment_plan(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool, q: torch.Tensor,
@@ -183,15 +185,15 @@ def _run_group(g: Group, q, k, v, causal, scale, gqa) -> torch.Tensor:
     return o.transpose(1, 2).reshape(-1, q.shape[1], v.shape[-1])
 
 
-def _run_blocks(b: Blocks, q, k, v, scale, gqa) -> torch.Tensor:
-    chunks = b.mask.shape[0]
+def _run_windows(w: Windows, q, k, v, scale, gqa) -> torch.Tensor:
+    """(R, heads, d_v) outputs of the short tokens, windows over strided views of q/k/v."""
+    def view(t):  # (count, heads, size, d) windows of (T, heads, d), whatever its strides: no copy
+        (s0, s1, s2), (h, d) = t.stride(), t.shape[1:]
+        return t.as_strided((w.count, h, w.size, d), (w.stride * s0, s1, s0, s2), t.storage_offset())
 
-    def take(t):
-        return t.index_select(0, b.index).view(chunks, b.size, t.shape[1], t.shape[2]).transpose(1, 2)
-
-    o = F.scaled_dot_product_attention(take(q), take(k), take(v), attn_mask=b.mask, scale=scale,
+    o = F.scaled_dot_product_attention(view(q), view(k), view(v), attn_mask=w.mask, scale=scale,
                                        enable_gqa=gqa)
-    return o.transpose(1, 2).reshape(-1, q.shape[1], v.shape[-1]).index_select(0, b.real)
+    return o.transpose(1, 2)[w.window, w.row]  # (windows, size, heads, d_v) -> the short tokens'
 
 
 def _source(tokens: list[torch.Tensor]) -> torch.Tensor | None:
@@ -205,15 +207,15 @@ def _source(tokens: list[torch.Tensor]) -> torch.Tensor | None:
 
 def _run(plan: SegmentPlan, size: int, q, k, v, causal, scale) -> torch.Tensor:
     gqa = q.shape[1] != k.shape[1]
-    groups = plan.long if size else plan.long + plan.short
+    groups = plan.windows[size].long if size else plan.groups
     rows = [_run_group(g, q, k, v, causal, scale, gqa) for g in groups]
     tokens = [g.tokens for g in groups]
     if size:
-        rows.append(_run_blocks(plan.blocks[size], q, k, v, scale, gqa))
-        tokens.append(plan.blocks[size].tokens)
+        rows.append(_run_windows(plan.windows[size], q, k, v, scale, gqa))
+        tokens.append(plan.windows[size].tokens)
     if not rows:
         return q.new_zeros(plan.total_q, q.shape[1], v.shape[-1])
-    if size not in plan.sources:  # once per plan and candidate
+    if size not in plan.sources:  # once per plan and layout
         plan.sources[size] = _source(tokens)
     out = torch.cat(rows) if len(rows) > 1 else rows[0]
     source = plan.sources[size]
@@ -230,20 +232,20 @@ def _timed(fn) -> tuple[float, torch.Tensor]:
 
 def run_plan(plan: SegmentPlan, q, k, v, causal: bool, scale, layout: int | None = None) -> torch.Tensor:
     """Attention over the plan's segments. layout: 0 every length its own grouped call, C short
-    segments in blocks of C tokens (one of `plan.blocks`), None what measured fastest for this
-    kind of batch."""
+    segments through windows of C tokens (one of `plan.windows`), None what measured fastest
+    for this kind of batch."""
     if layout is not None:
-        if layout and layout not in plan.blocks:
-            raise ValueError(f"layout {layout}: this plan has blocks of {sorted(plan.blocks)} tokens")
+        if layout and layout not in plan.windows:
+            raise ValueError(f"layout {layout}: this plan has windows of {sorted(plan.windows)} tokens")
         return _run(plan, layout, q, k, v, causal, scale)
-    if not plan.blocks:
+    if not plan.windows:
         return _run(plan, 0, q, k, v, causal, scale)
     size = _TUNED.get(plan.key)
     if size is not None:
         return _run(plan, size, q, k, v, causal, scale)
     best, out = math.inf, None
     for _ in range(2):  # the first round pays for allocation; keep each candidate's best
-        for cand in (0, *plan.blocks):
+        for cand in (0, *plan.windows):
             seconds, o = _timed(lambda c=cand: _run(plan, c, q, k, v, causal, scale))
             if seconds < best:
                 best, size, out = seconds, cand, o

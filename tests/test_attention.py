@@ -76,18 +76,23 @@ def test_unknown_backend_is_a_clear_error():
 
 # the SDPA backend's layouts (mixres.segments): every one is the same attention
 
-def test_every_sdpa_layout_matches_reference_on_many_short_segments():
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_every_sdpa_layout_matches_reference_on_many_short_segments(kv_heads):
     from mixres.segments import run_plan, segment_plan
 
     g = torch.Generator().manual_seed(0)
     # many tiny images of many lengths (1-17 tokens), a few long ones, a repeated length
     lens = torch.randint(1, 18, (60,), generator=g).tolist() + [70, 3, 90, 3]
     cu = seqlens_to_cu(lens)
-    q, k, v = (torch.randn(sum(lens), h, 8, generator=g) for h in (4, 2, 2))
+    # q, k, v as timm makes them: strided views of one fused (T, 3, heads, d) projection
+    qkv = torch.randn(sum(lens), 3, 4, 8, generator=g)
+    q, k, v = qkv.unbind(1)
+    k, v = k[:, :kv_heads], v[:, :kv_heads]  # GQA: fewer key/value heads
     ref = reference(q, k, v, cu, cu, False, 0.3)
     plan = segment_plan(cu, cu, False, q, k)
-    assert set(plan.blocks) == {64, 128, 256}  # the short ones can share blocks
-    for layout in (0, *plan.blocks):
+    assert set(plan.windows) == {32, 64, 128}  # the short ones can share windows
+    assert {w.size for w in plan.windows.values()} != set(plan.windows)  # stretched to end at T
+    for layout in (0, *plan.windows):
         out = run_plan(plan, q, k, v, False, 0.3, layout=layout)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, msg=f"layout {layout}")
     assert segment_plan(cu, cu, False, q, k) is plan  # built once, shared by every layer
