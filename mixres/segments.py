@@ -26,6 +26,7 @@ choice changes speed, not results beyond float rounding order.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -36,12 +37,26 @@ import torch.nn.functional as F
 
 from mixres.packing import tensor_stamp
 
-__all__ = ["SegmentPlan", "segment_plan", "run_plan", "WINDOW_SIZES"]
+__all__ = ["SegmentPlan", "segment_plan", "run_plan", "force_layout", "WINDOW_SIZES"]
 
 WINDOW_SIZES = (32, 64, 128)  # window lengths C tried; segments of <= C/2 tokens go through them
 _PLANS: OrderedDict = OrderedDict()
 _MAX_PLANS = 8
 _TUNED: dict[tuple, int] = {}  # kind of batch -> window length that measured fastest (0: groups)
+_FORCED: list[int] = []
+
+
+@contextlib.contextmanager
+def force_layout(size: int):
+    """Inside the block, short segments run through windows of `size` tokens (0: as groups)
+    wherever a plan has them, instead of the measured choice (tests, benchmarks)."""
+    if size and size not in WINDOW_SIZES:
+        raise ValueError(f"force_layout({size}): choose 0 or one of {WINDOW_SIZES}")
+    _FORCED.append(size)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
 
 
 @dataclass(frozen=True)
@@ -240,6 +255,8 @@ def run_plan(plan: SegmentPlan, q, k, v, causal: bool, scale, layout: int | None
         return _run(plan, layout, q, k, v, causal, scale)
     if not plan.windows:
         return _run(plan, 0, q, k, v, causal, scale)
+    if _FORCED:
+        return _run(plan, _FORCED[-1] if _FORCED[-1] in plan.windows else 0, q, k, v, causal, scale)
     size = _TUNED.get(plan.key)
     if size is not None:
         return _run(plan, size, q, k, v, causal, scale)
