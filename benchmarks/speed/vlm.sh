@@ -5,7 +5,7 @@ set -u
 OUT=${1:-benchmarks/results/vlm-cpu}
 for lm in builtin hf-llama; do
   for strategy in joint_decoder mot; do
-    mixres bench vlm --lm $lm --strategy $strategy --rounds 5 --out "$OUT/$lm-$strategy" \
+    mixres bench vlm --lm $lm --strategy $strategy --threads 1 --rounds 5 --out "$OUT/$lm-$strategy" \
       || echo "FAILED: $lm $strategy"
   done
 done
