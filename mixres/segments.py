@@ -16,7 +16,7 @@ image is done once per batch, not once per layer:
              instead of one call and three gathers per length, at the price of attending
              over C keys (the attention of a tiny segment is a few % of its layer's work)
 
-One gather (`source`) puts every piece's output rows back in token order. Whether short
+Every piece writes its output rows straight into their tokens' rows. Whether short
 segments run through windows of C tokens or as groups is chosen by measurement: the first
 batch of each kind (device, dtype, heads, head size, how many short segments and how long,
 bucketed by powers of two) times every candidate on its own data and keeps the fastest.
@@ -30,7 +30,7 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,6 @@ class SegmentPlan:
     groups: tuple[Group, ...]       # every segment as groups (layout 0)
     windows: dict[int, Windows]     # window length -> the windowed layout
     key: tuple                      # the kind of batch, for the measured choice
-    sources: dict = field(default_factory=dict)  # layout -> `_source` of its output rows
 
 
 def _index(starts: list[int], length: int, device) -> torch.Tensor | int:
@@ -186,10 +185,11 @@ def _take(t: torch.Tensor, index: torch.Tensor | int, length: int) -> torch.Tens
     return t[index].transpose(1, 2)
 
 
-def _run_group(g: Group, q, k, v, causal, scale, gqa) -> torch.Tensor:
+def _run_group(g: Group, q, k, v, causal, scale, gqa, out: torch.Tensor) -> None:
+    """The group's attention, written into its query tokens' rows of `out`."""
     if g.lk == 0:  # no keys to attend to: the output is zero
-        n = g.tokens.numel()
-        return q.new_zeros(n, q.shape[1], v.shape[-1])
+        out[g.tokens] = 0
+        return
     qg, kg, vg = _take(q, g.q, g.lq), _take(k, g.k, g.lk), _take(v, g.k, g.lk)
     if causal and g.lq != g.lk:  # bottom-right aligned: query i sees keys j <= i + (lk - lq)
         i = torch.arange(g.lq, device=q.device)[:, None]
@@ -197,7 +197,11 @@ def _run_group(g: Group, q, k, v, causal, scale, gqa) -> torch.Tensor:
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=gqa)
     else:
         o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale, enable_gqa=gqa)
-    return o.transpose(1, 2).reshape(-1, q.shape[1], v.shape[-1])
+    o = o.transpose(1, 2)  # (G, lq, heads, d_v)
+    if isinstance(g.q, int):  # one segment: a strided copy straight into its rows
+        out[g.q:g.q + g.lq] = o[0]
+    else:
+        out[g.tokens] = o.reshape(-1, o.shape[2], o.shape[3])
 
 
 def _run_windows(w: Windows, q, k, v, scale, gqa) -> torch.Tensor:
@@ -211,30 +215,15 @@ def _run_windows(w: Windows, q, k, v, scale, gqa) -> torch.Tensor:
     return o.transpose(1, 2)[w.window, w.row]  # (windows, size, heads, d_v) -> the short tokens'
 
 
-def _source(tokens: list[torch.Tensor]) -> torch.Tensor | None:
-    """Which output row each token takes, when the pieces' rows are concatenated in order;
-    None when that order is already token order."""
-    t = torch.cat(tokens) if len(tokens) > 1 else tokens[0]
-    source = torch.empty_like(t)
-    source[t] = torch.arange(t.numel(), device=t.device)
-    return None if bool((source[1:] > source[:-1]).all()) else source
-
-
 def _run(plan: SegmentPlan, size: int, q, k, v, causal, scale) -> torch.Tensor:
+    # every piece writes its rows straight into the output: one copy per piece, no cat
     gqa = q.shape[1] != k.shape[1]
-    groups = plan.windows[size].long if size else plan.groups
-    rows = [_run_group(g, q, k, v, causal, scale, gqa) for g in groups]
-    tokens = [g.tokens for g in groups]
+    out = q.new_empty(plan.total_q, q.shape[1], v.shape[-1])
+    for g in plan.windows[size].long if size else plan.groups:
+        _run_group(g, q, k, v, causal, scale, gqa, out)
     if size:
-        rows.append(_run_windows(plan.windows[size], q, k, v, scale, gqa))
-        tokens.append(plan.windows[size].tokens)
-    if not rows:
-        return q.new_zeros(plan.total_q, q.shape[1], v.shape[-1])
-    if size not in plan.sources:  # once per plan and layout
-        plan.sources[size] = _source(tokens)
-    out = torch.cat(rows) if len(rows) > 1 else rows[0]
-    source = plan.sources[size]
-    return out if source is None else out.index_select(0, source)
+        out[plan.windows[size].tokens] = _run_windows(plan.windows[size], q, k, v, scale, gqa)
+    return out
 
 
 def _timed(fn) -> tuple[float, torch.Tensor]:
@@ -258,8 +247,8 @@ def run_plan(plan: SegmentPlan, q, k, v, causal: bool, scale, layout: int | None
     if _FORCED:
         return _run(plan, _FORCED[-1] if _FORCED[-1] in plan.windows else 0, q, k, v, causal, scale)
     size = _TUNED.get(plan.key)
-    if size is not None:
-        return _run(plan, size, q, k, v, causal, scale)
+    if size is not None:  # a batch of the same kind may lack the windows that won (too short)
+        return _run(plan, size if size in plan.windows else 0, q, k, v, causal, scale)
     best, out = math.inf, None
     for _ in range(2):  # the first round pays for allocation; keep each candidate's best
         for cand in (0, *plan.windows):

@@ -19,10 +19,8 @@ run 64-256 10 --model vit-b16 --methods packed,oracle
 run 64-1024 4 --model vit-b16 --methods packed,oracle
 run 1-16 96 --model siglip2-b16 --methods packed,hf-naflex,oracle
 run 1-16 96 "${NAFLEX[@]}" --methods packed,timm-naflex,oracle
-run 1-16 96 --model dinov2-s14 --methods packed,oracle
-mixres bench throughput --workload words -n 64 --repeats 3 --model vit-b16 --methods packed,oracle,loop \
+mixres bench throughput --workload words -n 64 --repeats 3 --model vit-b16 --methods packed,oracle \
   --out "$OUT/words/vit-b16" || echo "FAILED: words"
+run 1-16 96 --model dinov2-s14 --methods packed,oracle
 run 16-64 32 --model siglip2-b16 --methods packed,hf-naflex,oracle
-run 16-64 32 --model dinov2-s14 --methods packed,oracle
 run 64-256 10 --model siglip2-b16 --methods packed,hf-naflex,oracle
-run 64-256 10 --model dinov2-s14 --methods packed,oracle
