@@ -75,7 +75,7 @@ from transformers.models.vit.modeling_vit import (
     ViTModel,
 )
 
-from mixres.packing import resample_table
+from mixres.packing import resample_table, tensor_stamp
 
 __all__ = ["patch_vit", "unpatch_vit", "is_patched", "patched", "content_grid"]
 
@@ -189,7 +189,7 @@ def _padded_pos(emb: nn.Module, rec: _Patch, call: _Call) -> torch.Tensor:
     # a cached encoding is only reused while it cannot be part of a graph being trained
     # and the table it came from is unchanged (same storage, same in-place version)
     cacheable = not (torch.is_grad_enabled() and pos.requires_grad)
-    stamp = (pos.data_ptr(), pos._version, pos.dtype, pos.device, torch.is_inference_mode_enabled())
+    stamp = tensor_stamp(pos)
     if rec.pos_cache.get("stamp") != stamp:
         rec.pos_cache = {"stamp": stamp}
     table = pos.new_zeros(grids.shape[0], 1 + gh * gw, pos.shape[-1])

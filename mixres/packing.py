@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 __all__ = ["PackedImages", "PackedFeatures", "pack_into_bins", "seqlens_to_cu", "patchify",
            "POOLERS", "pool_features", "check_pool", "default_pool", "segment_ids", "local_positions",
-           "interleave_prefix", "resample_table", "unpatchify"]
+           "interleave_prefix", "resample_table", "tensor_stamp", "unpatchify"]
 
 
 # helpers
@@ -80,6 +80,22 @@ def resample_table(table: torch.Tensor, grid: tuple[int, int], *, mode: str = "b
     kw = {"antialias": True} if antialias else {}
     x = F.interpolate(x.float() if fp32 else x, size=(h, w), mode=mode, align_corners=False, **kw)
     return x.to(table.dtype).permute(0, 2, 3, 1).reshape(h * w, dim)
+
+
+def tensor_stamp(t: torch.Tensor) -> tuple:
+    """What a cache derived from `t` must be keyed on to notice that `t` changed.
+
+    A normal tensor's in-place version counter says it; an inference tensor (a weight made
+    or loaded under `torch.inference_mode`, e.g. by a timm model run there) has no version
+    counter, so its contents stand in: two sums in float64, one host sync, far cheaper than
+    the codes the key guards.
+    """
+    head = (id(t), t.data_ptr(), tuple(t.shape), t.dtype, t.device, torch.is_inference_mode_enabled())
+    if not t.is_inference():
+        return (*head, t._version)
+    with torch.no_grad():
+        d = t.detach().double()
+        return (*head, *torch.stack([d.sum(), (d * d).sum()]).tolist())
 
 
 def _check_cu(cu_seqlens: torch.Tensor, total: int, what: str) -> None:

@@ -2,8 +2,11 @@
 deterministically from a seed.
 
     mixed-N      N images, aspect ratio log-uniform in [0.5, 2], token count uniform in
-                 [64, 1024] at patch 16 (h = round(sqrt(t / ar)), w = round(t / h))
-    oracle       uniform 224x224 images with the same total token count (the dense limit)
+                 [64, 1024] at patch 16 (h = round(sqrt(t / ar)), w = round(t / h)); other
+                 ranges (`--tokens LO-HI`) scale it
+    oracle       uniform square images with the same total token count (the dense limit):
+                 224x224 at patch 16, or the workload's mean image size where that is smaller
+    words-N      (throughput) N word-sized images, 1-64 tokens: words-BxL's sizes in whole patches
     words-BxL    B samples x L images like rendered words: heights 16-32 px, widths
                  16-512 px, as a zero-padded (B, L, 3, H, W) tensor with (B, L, 2) true
                  sizes; some slots empty (size 0)
@@ -37,12 +40,26 @@ def mixed_grids(n: int, seed: int = 0, min_image_tokens: int = 64, max_image_tok
     return grids
 
 
+def word_grids(n: int, seed: int = 0, patch_size: int = 16, heights=(16, 32),
+               widths=(16, 512)) -> list[tuple[int, int]]:
+    """Patch grids of n word-like images (words-BxL's sizes, each side floored to whole
+    patches, at least one): 1-2 rows x 1-32 columns at patch 16, 1-64 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randint(heights[0], heights[1] + 1, (n,), generator=g).tolist()
+    ws = torch.randint(widths[0], widths[1] + 1, (n,), generator=g).tolist()
+    return [(max(1, h // patch_size), max(1, w // patch_size)) for h, w in zip(hs, ws)]
+
+
+def grid_images(grids, seed: int = 0, patch_size: int = 16, channels: int = 3) -> list[torch.Tensor]:
+    """(C, h*p, w*p) random images of the given patch grids."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return [torch.randn(channels, h * patch_size, w * patch_size, generator=g) for h, w in grids]
+
+
 def mixed_images(n: int, seed: int = 0, patch_size: int = 16, min_image_tokens: int = 64,
                  max_image_tokens: int = 1024, channels: int = 3) -> list[torch.Tensor]:
     """The mixed-N workload as (C, H, W) float tensors (sizes scale with the patch size)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    return [torch.randn(channels, h * patch_size, w * patch_size, generator=g)
-            for h, w in mixed_grids(n, seed, min_image_tokens, max_image_tokens)]
+    return grid_images(mixed_grids(n, seed, min_image_tokens, max_image_tokens), seed, patch_size, channels)
 
 
 def oracle_images(total_tokens: int, patch_size: int = 16, side: int = 224,

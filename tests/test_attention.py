@@ -72,3 +72,42 @@ def test_unknown_backend_is_a_clear_error():
         varlen_attention(q, q, q, cu, cu, 2, 2, backend="nope")
     with pytest.raises(ValueError, match="cannot run on cpu"):
         varlen_attention(q, q, q, cu, cu, 2, 2, backend="flash")
+
+
+# the SDPA backend's layouts (mixres.segments): every one is the same attention
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_every_sdpa_layout_matches_reference_on_many_short_segments(kv_heads):
+    from mixres.segments import run_plan, segment_plan
+
+    g = torch.Generator().manual_seed(0)
+    # many tiny images of many lengths (1-17 tokens), a few long ones, a repeated length
+    lens = torch.randint(1, 18, (60,), generator=g).tolist() + [70, 3, 90, 3]
+    cu = seqlens_to_cu(lens)
+    # q, k, v as timm makes them: strided views of one fused (T, 3, heads, d) projection
+    qkv = torch.randn(sum(lens), 3, 4, 8, generator=g)
+    q, k, v = qkv.unbind(1)
+    k, v = k[:, :kv_heads], v[:, :kv_heads]  # GQA: fewer key/value heads
+    ref = reference(q, k, v, cu, cu, False, 0.3)
+    plan = segment_plan(cu, cu, False, q, k)
+    assert set(plan.windows) == {32, 64, 128}  # the short ones can share windows
+    assert {w.size for w in plan.windows.values()} != set(plan.windows)  # stretched to end at T
+    for layout in (0, *plan.windows):
+        out = run_plan(plan, q, k, v, False, 0.3, layout=layout)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, msg=f"layout {layout}")
+    assert segment_plan(cu, cu, False, q, k) is plan  # built once, shared by every layer
+    with use_backend("sdpa"):  # the measured choice, through the public entry
+        out = varlen_attention(q, k, v, cu, cu, max(lens), max(lens), scale=0.3)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_plan_is_rebuilt_when_its_offsets_change_in_place():
+    from mixres.segments import segment_plan
+
+    cu = seqlens_to_cu([3, 5, 4])
+    q = torch.randn(12, 2, 8)
+    plan = segment_plan(cu, cu, False, q, q)
+    cu[1:3] = torch.tensor([5, 8], dtype=cu.dtype)  # lengths 5, 3, 4
+    assert segment_plan(cu, cu, False, q, q) is not plan
+    out = varlen_attention(q, q, q, cu, cu, 5, 5, backend="sdpa")
+    torch.testing.assert_close(out.double(), reference(q, q, q, cu, cu, False, None), rtol=1e-5, atol=1e-5)

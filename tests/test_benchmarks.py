@@ -65,3 +65,35 @@ def test_words_quick(tmp_path):
     assert auto["max_abs_err"] <= 1e-4 and seq["max_abs_err"] == 0
     assert auto["speedup_vs_sequential"] == pytest.approx(seq["seconds"] / auto["seconds"])
     assert "| tiny-vit |" in (out / "results.md").read_text()
+
+
+def test_throughput_token_ranges_words_and_hf_naflex(tmp_path, capsys):
+    out = tmp_path / "tp"
+    rc = main(["bench", "throughput", "--model", "tiny-siglip2", "--tokens", "1-16", "-n", "12",
+               "--repeats", "1", "--methods", "packed,hf-naflex,oracle", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    lo, hi = res["image_tokens"]
+    assert 1 <= lo <= hi <= 16 and res["workload"] == "mixed-12 (1-16 tokens)"
+    assert set(res["methods"]) == {"packed", "hf-naflex", "oracle"}
+    assert res["oracle_side"] < 224  # uniform images of the workload's mean size
+    rc = main(["bench", "throughput", "--model", "tiny-vit", "--workload", "words", "-n", "10",
+               "--repeats", "1", "--methods", "packed,oracle", "--out", str(tmp_path / "w")])
+    res = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert rc == 0 and res["workload"] == "words-10"
+    assert 1 <= res["image_tokens"][0] <= res["image_tokens"][1] <= 64
+    rc = main(["bench", "throughput", "--model", "tiny-vit", "--tokens", "16-1", "--out", str(tmp_path)])
+    assert rc != 0 and "--tokens '16-1': expected LO-HI" in capsys.readouterr().err
+
+
+def test_invariance_bf16_reports_the_models_own_error_and_the_ratio(tmp_path):
+    out = tmp_path / "inv"
+    rc = main(["bench", "invariance", "--quick", "--dtype", "bfloat16", "-n", "3", "--compositions", "1",
+               "--out", str(out), "--families", "ViT", "--methods", "packed", "naive"])
+    assert rc == 0
+    cell = json.loads((out / "results.json").read_text())["cells"]["ViT"]
+    own = cell["packed"]["own_max_rel"]
+    assert 1e-4 < own < 5e-2  # bf16 rounding, the model's own
+    assert cell["packed"]["ratio_max"] <= 1.5  # packing adds at most half of it
+    assert cell["naive"]["ratio_max"] > 10
+    assert "own error" in (out / "results.md").read_text()

@@ -2,6 +2,7 @@
 that image alone (tokens, pooled, any select_layer), for every supported family; and the
 user's model is exactly as it was afterwards."""
 
+import contextlib
 import json
 
 import pytest
@@ -238,3 +239,24 @@ def test_prefix_count_is_stated_once_and_checked_against_the_recipe(monkeypatch)
     with pytest.raises(ValueError, match=r"family 'vit': its spec says 2 prefix token\(s\) per image but "
                                          r"its recipe's embed made 1"):
         encoder(build("vit")).encode(images(GRIDS[:2]))
+
+
+# many tiny images (rendered words, thumbnails): every attention layout the SDPA backend may
+# pick for them (mixres.segments) gives each image what the model gives it alone
+
+WORDS = [(1, 1), (1, 3), (2, 2), (1, 4), (2, 1), (1, 2), (1, 1), (2, 3), (1, 4), (2, 4), (1, 1), (2, 2)] * 3
+
+
+@pytest.mark.parametrize("family", ["vit", "siglip2", "dinov2-reg"])
+def test_many_tiny_images_equal_each_alone_under_every_attention_layout(family):
+    from mixres.segments import force_layout
+
+    model = build(family)
+    imgs = images(WORDS, seed=1)
+    refs = [alone(model, img) for img in imgs]
+    for layout in (None, 0, 32, 64, 128):
+        with force_layout(layout) if layout is not None else contextlib.nullcontext():
+            feats = encoder(model).encode(imgs)
+        for i, (tokens, (ref, ref_pooled)) in enumerate(zip(feats.unpack(), refs)):
+            assert rel_err(tokens, ref) <= TOL, (family, layout, i)
+            assert rel_err(feats.pooled[i], ref_pooled) <= TOL, (family, layout, i)

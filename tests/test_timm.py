@@ -228,3 +228,42 @@ def test_embed_cli_on_a_folder_with_a_timm_model(saved_vit, tmp_path, capsys):
     assert main([*args[:3], "timm:vit_tiny_patch16_224", "--model-kwargs", "{pretrained", "--out",
                  str(tmp_path / "out3"), *args[6:]]) != 0
     assert "--model-kwargs is not valid JSON" in capsys.readouterr().err
+
+
+# inference tensors: a timm model that has run under torch.inference_mode holds buffers
+# without a version counter (EVA's rope `bands`, remade in fp32 by `.to(dtype)` there)
+
+def _eva():
+    torch.manual_seed(0)
+    return timm.create_model("eva02_tiny_patch14_224", **dict(VIT, img_size=56)).eval()
+
+
+def test_eva_run_under_inference_mode_in_bf16_then_packed_costs_no_more_than_bf16_itself():
+    sizes = [(56, 56), (28, 70), (42, 14), (14, 28)]
+    imgs = images(sizes)
+    fp32 = _eva()
+    with torch.no_grad():
+        ref = [fp32.forward_features(x[None])[0] for x in imgs]
+    model = _eva().to(torch.bfloat16)
+    with torch.inference_mode():
+        alone_enc = load_encoder(model, backend="grouped", dtype=torch.bfloat16)
+        alone = [alone_enc.encode([x]).tokens for x in imgs]  # the model's own bf16 error
+        assert model.rope.bands.is_inference()
+        packed = load_encoder(model, backend="packed", dtype=torch.bfloat16).encode(imgs)
+    for i, (p, a, r) in enumerate(zip(packed.unpack(), alone, ref)):
+        own = rel_err(a.float(), r)
+        assert 0 < own < 0.05, (i, own)
+        assert rel_err(p.float(), r) <= 1.5 * own, (i, sizes[i])
+
+
+def test_packed_notices_an_inference_tensor_changed_in_place():
+    model = _eva()
+    with torch.inference_mode():
+        model.rope.bands = model.rope.bands.clone()  # an inference tensor, as after `.to` there
+    imgs = images([(56, 56), (28, 70)])
+    enc = load_encoder(model, backend="packed")
+    with torch.inference_mode():
+        enc.encode(imgs)  # fills the rope cache
+        model.rope.bands.mul_(1.5)  # no version counter records this
+        out = enc.encode(imgs)
+    assert_matches_alone(model, imgs, out)

@@ -199,7 +199,9 @@ def reference(ref_enc, images):
     return PackedFeatures.cat([ref_enc.encode([img]) for img in images])
 
 
-def run_cell(model, method, images, ref, ref_enc, compositions, seed, device, dtype):
+def run_cell(model, method, images, ref, ref_enc, compositions, seed, device, dtype, ref32=None):
+    """Worst deviation per image over `compositions` batches, vs `ref` (the model alone in this
+    dtype) and, given `ref32` (the fp32 model alone), vs that too: (devs, devs32 | None, batches)."""
     from mixres.encoders import load_encoder
     from mixres.invariance import compare_features
 
@@ -207,7 +209,8 @@ def run_cell(model, method, images, ref, ref_enc, compositions, seed, device, dt
         if method == "naive":
             if ref_enc.backend == "navit":
                 raise TypeError("NaViT takes a list of images; there is no padded batch to compare")
-            return compare_features(naive_padding(model, images, ref_enc, ref), ref), 1
+            out = naive_padding(model, images, ref_enc, ref)
+            return (compare_features(out, ref), None if ref32 is None else compare_features(out, ref32), 1)
         enc = load_encoder(model, backend=method, device=device, dtype=dtype)
         g = torch.Generator().manual_seed(seed)
         batches = [list(range(len(images)))]
@@ -215,12 +218,25 @@ def run_cell(model, method, images, ref, ref_enc, compositions, seed, device, dt
             k = int(torch.randint(1, len(images) + 1, (), generator=g))
             batches.append(torch.randperm(len(images), generator=g)[:k].tolist())
         worst = [None] * len(images)
+        worst32 = [None] * len(images)
         for idx in batches:
             out = enc.encode([images[i] for i in idx])
-            for j, d in zip(idx, compare_features(out, ref.select(idx))):
-                if worst[j] is None or d.worst >= worst[j].worst:
-                    worst[j] = d
-        return [w for w in worst if w is not None], len(batches)
+            pairs = [(worst, ref)] + ([(worst32, ref32)] if ref32 is not None else [])
+            for into, against in pairs:
+                for j, d in zip(idx, compare_features(out, against.select(idx))):
+                    if into[j] is None or d.worst >= into[j].worst:
+                        into[j] = d
+        return ([w for w in worst if w is not None],
+                None if ref32 is None else [w for w in worst32 if w is not None], len(batches))
+
+
+def own_error_cell(devs32, own) -> dict:
+    """Against the fp32 model alone, per image: this method's error, the model's own error in
+    the low precision (alone vs alone), and their ratio (1.0: packing adds nothing)."""
+    ratios = [d.worst / max(o.worst, 1e-12) for d, o in zip(devs32, own)]
+    return {"vs_fp32_max_rel": max(d.worst for d in devs32),
+            "own_max_rel": max(o.worst for o in own), "ratio_max": max(ratios),
+            "ratio_median": sorted(ratios)[len(ratios) // 2]}
 
 
 def summarize(devs):
@@ -241,14 +257,13 @@ def summarize(devs):
 
 def write_markdown(results, path: Path):
     fams = list(results["families"])
+    low = results["dtype"] != "float32"
     lines = ["| method | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
     for m in results["methods"]:
         row = []
         for f in fams:
             cell = results["cells"].get(f, {}).get(m)
-            if cell is None:
-                row.append("n/a")
-            elif "error" in cell:
+            if cell is None or "error" in cell:
                 row.append("n/a")
             else:
                 cos = cell["pooled_min_cosine"]
@@ -256,7 +271,22 @@ def write_markdown(results, path: Path):
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     lines.append("")
     lines.append("Cells: max relative error over all images and batch compositions (tokens and pooled), "
-                 "and the lowest cosine similarity of pooled outputs. n/a: method does not apply.")
+                 f"against the model on each image alone in {results['dtype']}, and the lowest cosine "
+                 "similarity of pooled outputs. n/a: method does not apply.")
+    if low:
+        lines += ["", f"Against the fp32 model alone: the model's own {results['dtype']} error (its "
+                  f"{results['dtype']} forward alone vs its fp32 forward alone, same image) beside each "
+                  "method's, and the worst per-image ratio of the two (goal <= 1.5).", "",
+                  "| family | own error | " + " | ".join(f"{m} (ratio)" for m in results["methods"]) + " |",
+                  "|---|---|" + "---|" * len(results["methods"])]
+        for f in fams:
+            cells = results["cells"].get(f, {})
+            own = next((c["own_max_rel"] for c in cells.values() if "own_max_rel" in c), None)
+            if own is None:
+                continue
+            row = [f"{c['vs_fp32_max_rel']:.1e} ({c['ratio_max']:.2f}x)" if c and "ratio_max" in c else "n/a"
+                   for c in (cells.get(m) for m in results["methods"])]
+            lines.append(f"| {f} | {own:.1e} | " + " | ".join(row) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -308,6 +338,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from mixres.invariance import compare_features
+
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     n = args.n or (6 if args.quick else 16)
@@ -323,22 +355,36 @@ def run(args) -> int:
                "methods": methods, "cells": {}}
     t0 = time.perf_counter()
     for fam, spec in families.items():
-        model = build_model(spec).to(args.device, dtype)
+        model = build_model(spec).to(args.device)
+        ref32, own = None, None
+        if dtype != torch.float32:  # the fp32 model alone: what the model's own rounding is held to
+            enc32 = reference_encoder(model, args.device, torch.float32)
+            with torch.inference_mode():
+                images32, _ = workload(enc32, n, args.seed, tokens, photos=True)
+                ref32 = reference(enc32, [i.to(args.device) for i in images32])
+        model = model.to(dtype)
         ref_enc = reference_encoder(model, args.device, dtype)
         with torch.inference_mode():
             images, names = workload(ref_enc, n, args.seed, tokens, photos=True)
             images = [i.to(args.device, dtype) for i in images]
             ref = reference(ref_enc, images)
+            if ref32 is not None:
+                own = compare_features(ref, ref32)
         results["cells"][fam] = {}
         for method in methods:
             try:
-                devs, comps = run_cell(model, method, images, ref, ref_enc, args.compositions,
-                                       args.seed, args.device, dtype)
+                devs, devs32, comps = run_cell(model, method, images, ref, ref_enc, args.compositions,
+                                               args.seed, args.device, dtype, ref32)
                 cell = {**summarize(devs), "compositions": comps}
+                if devs32 is not None:
+                    cell.update(own_error_cell(devs32, own))
             except (ValueError, TypeError, NotImplementedError) as e:
                 cell = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             results["cells"][fam][method] = cell
             shown = f"{cell['max_rel']:.2e}" if "max_rel" in cell else "n/a (" + cell["error"][:60] + ")"
+            if "ratio_max" in cell:
+                shown += (f"; vs fp32 alone {cell['vs_fp32_max_rel']:.2e}, own {cell['own_max_rel']:.2e}, "
+                          f"ratio {cell['ratio_max']:.2f}")
             print(f"{fam:>15} {method:>8}: {shown}", flush=True)
     results["seconds"] = time.perf_counter() - t0
     write_json(results, out_dir / "results.json")

@@ -1,7 +1,10 @@
 """Throughput benchmark: packed vs padded+mask vs shape-grouped vs per-image loop, with the
 dense oracle (uniform 224x224 images, same total tokens) as the ceiling.
 
-Workload mixed-N (mixres.workloads): N images, aspect ratio in [0.5, 2], 64-1024 tokens.
+Workload mixed-N (mixres.workloads): N images, aspect ratio in [0.5, 2], 64-1024 tokens
+(`--tokens LO-HI`: that many per image instead), or words-N (`--workload words`): N
+word-sized images of 1-64 tokens. The oracle's images are 224x224, or the workload's mean
+image size where that is smaller (uniform tiny images are the dense limit for tiny ones).
 Methods, all on the same images and the same model object:
 
     packed   mixres patch-n-pack (one sequence per chunk, block-diagonal varlen attention)
@@ -13,6 +16,8 @@ Methods, all on the same images and the same model object:
     grouped  images grouped by exact shape, one dense batch per shape (backend "grouped")
     loop     the unmodified model on each image alone
     oracle   dense batch of uniform 224x224 images with the same token count
+    hf-naflex  (SigLIP2) HF's own NaFlex forward: each image's patch sequence padded to the
+             longest of its batch, pixel_attention_mask (mixres.bench.hf_naflex)
     timm-naflex  (a timm NaFlexVit) timm's own mixed-size path: each image in the smallest of
              its NaFlex sequence-length buckets, padded with a patch_valid mask
              (mixres.bench.timm_naflex)
@@ -133,6 +138,11 @@ def _whole(tower, batch):
     call_for(tower).call(tower, batch)
 
 
+def run_hf_naflex(model, images, **kw):
+    from mixres.bench.hf_naflex import run_hf_naflex as run
+    run(model, images, **kw)
+
+
 def run_timm_naflex(model, images, **kw):
     from mixres.bench.timm_naflex import run_timm_naflex as run
     run(model, images, **kw)
@@ -140,11 +150,14 @@ def run_timm_naflex(model, images, **kw):
 
 RUNNERS = {"packed": run_packed, "padded": run_padded, "masked": run_masked, "grouped": run_grouped,
            "loop": run_loop, "oracle": run_oracle, "navit": run_navit, "vit-pytorch": run_vit_pytorch,
-           "timm-naflex": run_timm_naflex}
+           "timm-naflex": run_timm_naflex, "hf-naflex": run_hf_naflex}
 # a NaViT model: mixres' packed NaViT vs vit-pytorch's own grouped forward
 NAVIT_METHODS = ["navit", "vit-pytorch"]
 # a timm NaFlexVit: mixres packed vs timm's padded sequence buckets on the same weights
 NAFLEX_METHODS = ["packed", "timm-naflex", "grouped", "padded", "oracle"]
+# default methods by family (others: METHODS + oracle)
+FAMILY_METHODS = {"navit": NAVIT_METHODS, "timm_naflex": NAFLEX_METHODS,
+                  "siglip2": ["packed", "hf-naflex", "padded", "grouped", "loop", "oracle"]}
 
 
 def time_methods(names, model, inputs, warm, repeats, device, patch_size):
@@ -177,9 +190,11 @@ def _ratio(x: float) -> str:
 
 
 def write_markdown(res: dict, path: Path) -> None:
+    side = res.get("oracle_side", 224)
     lines = [f"# Throughput: {res['model']} {res['dtype']} on {res['device_name']}", "",
-             f"mixed-{res['n']} workload: {res['tokens']} tokens in {res['n']} images "
-             f"({res['distinct_shapes']} distinct shapes); oracle: {res['oracle_images']} images of 224x224.",
+             f"{res['workload']} workload: {res['tokens']} tokens in {res['n']} images "
+             f"({res['distinct_shapes']} distinct shapes); oracle: {res['oracle_images']} images of "
+             f"{side}x{side}.",
              "", "| method | seconds | tokens/s | images/s | peak MiB | vs oracle | vs packed |",
              "|---|---|---|---|---|---|---|"]
     for name, r in res["methods"].items():
@@ -204,7 +219,7 @@ def plot(res: dict, path: Path) -> None:
                    label="oracle (224x224 dense)")
         ax.legend()
     ax.set_ylabel("tokens / s")
-    ax.set_title(f"{res['model']} {res['dtype']} {res['device_name']}, mixed-{res['n']}")
+    ax.set_title(f"{res['model']} {res['dtype']} {res['device_name']}, {res['workload']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -219,7 +234,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='create_model kwargs for timm: / open_clip: models, e.g. \'{"pretrained": false}\'')
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("-n", type=int, default=256, help="images in the mixed-N workload")
+    p.add_argument("-n", type=int, default=256, help="images in the workload")
+    p.add_argument("--workload", default="mixed", choices=["mixed", "words"],
+                   help="mixed-N (aspect 0.5-2, --tokens per image) or words-N (1-64 tokens)")
+    p.add_argument("--tokens", default="64-1024", metavar="LO-HI",
+                   help="mixed-N: tokens per image, uniform in [LO, HI] (default 64-1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", default=None,
@@ -229,8 +248,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/throughput")
 
 
+def parse_tokens(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split("-"))
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo <= hi:
+        raise ValueError(f"--tokens {text!r}: expected LO-HI with 1 <= LO <= HI, e.g. 64-1024")
+    return lo, hi
+
+
+def workload(kind: str, n: int, seed: int, patch_size: int, tokens: str):
+    """(images, name): mixed-N at `tokens` per image, or words-N."""
+    from mixres.workloads import grid_images, mixed_grids, word_grids
+
+    if kind == "words":
+        return grid_images(word_grids(n, seed, patch_size), seed, patch_size), f"words-{n}"
+    lo, hi = parse_tokens(tokens)
+    name = f"mixed-{n}" + ("" if (lo, hi) == (64, 1024) else f" ({lo}-{hi} tokens)")
+    return grid_images(mixed_grids(n, seed, lo, hi), seed, patch_size), name
+
+
 def run(args) -> int:
-    from mixres.workloads import mixed_images, oracle_images
+    from mixres.workloads import oracle_images
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -243,15 +283,19 @@ def run(args) -> int:
     family = vision_utils.family(model)
     p = vision_utils.patch_size(model)
     if args.methods is None:
-        args.methods = ",".join(NAVIT_METHODS if family == "navit" else NAFLEX_METHODS
-                                if family == "timm_naflex" else METHODS + ["oracle"])
-    images = [x.to(device, dtype) for x in mixed_images(n, seed=args.seed, patch_size=p)]
-    tokens = sum(x.shape[1] * x.shape[2] // p ** 2 for x in images)
-    oracle = [x.to(device, dtype) for x in oracle_images(tokens, patch_size=p, side=224 // 16 * p)]
-    oracle_tokens = len(oracle) * (224 // 16) ** 2
+        args.methods = ",".join(FAMILY_METHODS.get(family, METHODS + ["oracle"]))
+    images, workload_name = workload(args.workload, n, args.seed, p, args.tokens)
+    images = [x.to(device, dtype) for x in images]
+    counts = [x.shape[1] * x.shape[2] // p ** 2 for x in images]
+    tokens = sum(counts)
+    # 224x224 at patch 16, or the mean image where that is smaller: the dense limit for that size
+    side = min(224 // 16, max(1, round((tokens / len(images)) ** 0.5)))
+    oracle = [x.to(device, dtype) for x in oracle_images(tokens, patch_size=p, side=side * p)]
+    oracle_tokens = len(oracle) * side ** 2
     warm = [min(images, key=lambda x: x.numel())]  # one small image: warms kernels, costs little
     res = {"model": args.model, "model_kwargs": kwargs, "dtype": args.dtype, "device": str(device), "n": n,
-           "tokens": tokens, "distinct_shapes": len({tuple(x.shape) for x in images}),
+           "workload": workload_name, "tokens": tokens, "image_tokens": [min(counts), max(counts)],
+           "oracle_side": side * p, "distinct_shapes": len({tuple(x.shape) for x in images}),
            "oracle_images": len(oracle), "repeats": repeats,
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
            f"CPU ({torch.get_num_threads()} threads)",
@@ -267,6 +311,8 @@ def run(args) -> int:
             if name in ("masked", "grouped", "packed", "loop", "navit"):
                 from mixres.encoders import get_backend
                 get_backend(name)(model)
+            elif name == "hf-naflex" and family != "siglip2":
+                raise TypeError(f"HF's NaFlex forward is SigLIP2's, not {family!r}'s")
         except (TypeError, ValueError) as e:
             print(f"{name:8s} skipped: {str(e).splitlines()[0][:100]}")
             res.setdefault("skipped", {})[name] = str(e).splitlines()[0]

@@ -10,6 +10,10 @@ next-token loss:
             sample, samples padded to the longest with a (causal & key-padding) mask
             and dense SDPA in every LM layer
 
+With an HF causal LM (`--lm hf-llama`: a random Llama of the built-in decoder's shape) the
+padded samples run as equal rows of the longest sample's length, right-padded, causal:
+the real positions never see the padding and every row costs the longest sample.
+
 With an HF encoder the padded batch runs without masks, as most pipelines do, so its
 loss differs slightly (padding changes ViT features; see benchmarks/invariance.py).
 Tokens/s counts the real LM positions (the same for both), so the ratio is the time ratio.
@@ -19,6 +23,7 @@ The workload: B samples with 1-3 images each, grids of `mixed-N` scaled to
 
     python -m mixres.bench.vlm_throughput                      # CPU, random-stub encoder
     python -m mixres.bench.vlm_throughput --encoder tiny-vit   # a real HF ViT (packed backend)
+    mixres bench vlm --lm hf-llama --strategy mot              # an HF Llama, image experts
 """
 
 from __future__ import annotations
@@ -117,6 +122,22 @@ def padded_image_tokens(vlm, images: PackedImages) -> torch.Tensor:
     return torch.cat(real)
 
 
+def _is_hf(lm) -> bool:
+    return type(lm).__name__ == "HFCausalLM"
+
+
+def hf_llama(hidden: int, layers: int):
+    """A random HF Llama of the built-in decoder's shape (8 heads, 4 KV heads, SwiGLU 8/3 x)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=260, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192,
+            bos_token_id=257, eos_token_id=258, pad_token_id=256))
+
+
 def padded_loss(vlm, batch) -> torch.Tensor:
     """The same loss as `vlm(batch).loss`, computed on padded tensors (any of the strategies)."""
     batch = batch.to(vlm.device)
@@ -132,7 +153,10 @@ def padded_loss(vlm, batch) -> torch.Tensor:
     labels = torch.full((b * L,), IGNORE, dtype=torch.long, device=dev)
     labels[flat] = batch.labels
     pos = torch.arange(L, device=dev).repeat(b)
-    ctx = PaddedContext(mask, pos)
+    if _is_hf(vlm.lm):  # the HF layers take offsets: equal rows of L, causal (right padding unseen)
+        ctx = SeqContext(cu_q=torch.arange(b + 1, dtype=torch.int32, device=dev) * L, max_q=L, positions=pos)
+    else:
+        ctx = PaddedContext(mask, pos)
     mod = torch.zeros(b * L, dtype=torch.long, device=dev)
     mod[flat] = batch.modality_ids
     ctx.modality_ids = mod
@@ -168,6 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--encoder", default="random")
     ap.add_argument("--adapter", default="mlp2")
     ap.add_argument("--strategy", default="joint_decoder", choices=["joint_decoder", "mot"])
+    ap.add_argument("--lm", default="builtin", choices=["builtin", "hf-llama"],
+                    help="the built-in decoder, or a random HF Llama of its shape")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--min-image-tokens", type=int, default=16)
@@ -183,7 +209,8 @@ def main(argv=None) -> int:
     enc = ({"name": "random", "hidden": args.hidden, "patch_size": 16, "num_prefix": 1}
            if args.encoder == "random" else args.encoder)
     vlm = build_vlm({"encoder": enc, "adapter": args.adapter, "strategy": args.strategy,
-                     "lm": {"hidden": args.hidden, "layers": args.layers, "heads": 8, "kv_heads": 4},
+                     "lm": (hf_llama(args.hidden, args.layers) if args.lm == "hf-llama" else
+                            {"hidden": args.hidden, "layers": args.layers, "heads": 8, "kv_heads": 4}),
                      "max_seq_tokens": 4096, "max_image_tokens": args.max_image_tokens}).train()
     # grids in units of the adapter's merge (token bounds stay in encoder patches)
     m = vlm.adapter.grid_multiple
@@ -210,6 +237,7 @@ def main(argv=None) -> int:
     res = {
         "command": command_line() if argv is None else "mixres bench vlm " + " ".join(argv),
         "env": env_info(),
+        "lm": args.lm, "strategy": args.strategy, "encoder": args.encoder,
         "samples": args.samples, "images": int(grids.shape[0]), "lm_positions": batch.num_tokens,
         "lm_positions_padded": int(lens.max()) * args.samples,
         "image_patches": int(grids.prod(-1).sum()),

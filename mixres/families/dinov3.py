@@ -11,7 +11,7 @@ from mixres.families import Embedded, FamilySpec, Recipe, register_family
 from mixres.families.common import conv_patches, first_token, patch_call
 from mixres.families.dinov2 import cls_and_registers
 from mixres.families.spec import IMAGENET_DEFAULT
-from mixres.packing import interleave_prefix
+from mixres.packing import interleave_prefix, tensor_stamp
 
 
 def patch_centers(h: int, w: int, device) -> torch.Tensor:
@@ -61,8 +61,9 @@ def embed(tower, packed, cache) -> Embedded:
     augment = _rope_augmentation(rope)
     grids = [tuple(g) for g in packed.grid_hw.tolist()]
     if augment is None:  # eval: deterministic per (grid, dtype, device), cached
+        stamp = tensor_stamp(rope.inv_freq)
         rows = [cache.get(rope.inv_freq, f"dinov3-rope-{dtype}", g,
-                          lambda g=g: _rope(rope, g, dtype, None, x.device)) for g in grids]
+                          lambda g=g: _rope(rope, g, dtype, None, x.device), stamp) for g in grids]
     else:
         rows = [_rope(rope, g, dtype, augment, x.device) for g in grids]
     head_dim = rows[0].shape[-1] // 2

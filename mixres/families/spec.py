@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mixres.packing import tensor_stamp
+
 __all__ = ["FamilySpec", "Call", "Recipe", "Embedded", "PosCache", "UnknownImageEncoderError",
            "MeanStd", "IMAGENET_DEFAULT", "IMAGENET_STANDARD", "OPENAI_CLIP", "NO_NORMALIZATION",
            "no_prefix", "cls_only", "per_model"]
@@ -143,10 +145,11 @@ class Recipe:
 
 
 class PosCache:
-    """LRU of per-grid position codes, keyed by (what, grid, dtype, device, weight version).
+    """LRU of per-grid position codes, keyed by (what, table, grid) and the table's state.
 
-    One per encoder (never module-level). The weight's `_version` is part of the key, so an
-    optimizer step invalidates entries; nothing is cached while the table needs a gradient.
+    One per encoder (never module-level). The table's state (`tensor_stamp`) is part of the
+    key, so an optimizer step or a reload invalidates entries; nothing is cached while the
+    table needs a gradient.
     """
 
     def __init__(self, maxsize: int = 512):
@@ -154,11 +157,10 @@ class PosCache:
         self._data: OrderedDict = OrderedDict()
 
     def get(self, table: torch.Tensor, tag: str, grid: tuple[int, int],
-            compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+            compute: Callable[[], torch.Tensor], stamp: tuple | None = None) -> torch.Tensor:
         if torch.is_grad_enabled() and table.requires_grad:
             return compute()
-        key = (tag, id(table), table._version, grid, table.dtype, table.device,
-               torch.is_inference_mode_enabled())
+        key = (tag, grid, stamp or tensor_stamp(table))
         hit = self._data.get(key)
         if hit is not None:
             self._data.move_to_end(key)
@@ -173,7 +175,8 @@ class PosCache:
                  compute: Callable[[tuple[int, int]], torch.Tensor]) -> torch.Tensor:
         """(N, D) position codes of every packed patch, image after image."""
         grids = [tuple(g) for g in packed.grid_hw.tolist()]
-        return torch.cat([self.get(table, tag, g, lambda g=g: compute(g)) for g in grids])
+        stamp = tensor_stamp(table)
+        return torch.cat([self.get(table, tag, g, lambda g=g: compute(g), stamp) for g in grids])
 
 
 # the spec

@@ -27,7 +27,7 @@ from mixres.families.timm_vit import (
     timm_mean_std,
     whole_call,
 )
-from mixres.packing import interleave_prefix
+from mixres.packing import interleave_prefix, tensor_stamp
 
 __all__ = ["SPEC", "RECIPE", "rope_tables", "rope_kwargs"]
 
@@ -45,7 +45,8 @@ def rope_tables(rope, packed, cache, tag: str) -> list[torch.Tensor]:
     key = _rope_key(rope)
     if rope.training or key is None:
         return [rope.get_embed(shape=list(g)) for g in grids]
-    return [cache.get(key, tag, g, lambda g=g: rope.get_embed(shape=list(g))) for g in grids]
+    stamp = tensor_stamp(key)
+    return [cache.get(key, tag, g, lambda g=g: rope.get_embed(shape=list(g)), stamp) for g in grids]
 
 
 def rope_kwargs(rope, mixed: bool, packed, cache, prefix: int) -> dict:
