@@ -1,0 +1,107 @@
+"""A search server on its own: the encoder in this process embeds the queries.
+
+    python -m mixres.search.app --model tiny-clip --index out/photos [--port 8000] [--api-key K]
+
+The folder is checked and indexed before the port opens (a folder made with another model,
+layer or pooling, or one `mixres verify` fails, is refused in one line, exit status 2).
+Queries are decoded and resized exactly as `mixres embed` did the folder's images (its
+meta.json settings: token bounds, decoder) and encoded one request at a time under
+inference mode. `mixres serve --index` mounts the same router on the serving engine, which
+batches concurrent queries instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+
+from mixres.search.api import search_router
+from mixres.search.folder import model_identity, open_folder
+from mixres.search.kinds import EXACT_MAX, KINDS
+
+__all__ = ["LocalEmbedder", "make_app", "main"]
+
+
+class LocalEmbedder:
+    """async embed(list of image bytes) -> (n, D) pooled vectors, preprocessed as the folder was."""
+
+    def __init__(self, enc, settings: dict):
+        from mixres.embed.runner import make_prep
+
+        self.enc, self.pool = enc, settings["pool"]
+        self.prep = make_prep(SimpleNamespace(**settings))  # the folder's own preprocessing
+        self._lock = threading.Lock()  # one forward at a time on the one model
+
+    def _encode(self, images: list[bytes]) -> np.ndarray:
+        import torch
+
+        from mixres.embed.inputs import decode_one
+        from mixres.packing import pool_features
+
+        tensors = [decode_one(data, self.prep)[0] for data in images]  # ValueError(reason) on a bad one
+        with self._lock, torch.inference_mode():
+            return pool_features(self.enc.encode(tensors), self.pool).pooled.float().cpu().numpy()
+
+    async def __call__(self, images: list[bytes]) -> np.ndarray:
+        return await asyncio.to_thread(self._encode, images)
+
+
+def make_app(folder, embed, *, api_key: str | None = None):
+    from fastapi import FastAPI
+
+    app = FastAPI(title="mixres search", docs_url=None, redoc_url=None)
+    app.include_router(search_router(folder, embed, api_key=api_key))
+    return app
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the model the folder was embedded with")
+    p.add_argument("--index", required=True, metavar="FOLDER", help="an output folder of mixres embed")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key>")
+    p.add_argument("--select-layer", type=int, default=-1)
+    p.add_argument("--pool", default=None, help="default: as mixres embed's default for the layer")
+    p.add_argument("--device", default=None)
+    p.add_argument("--index-kind", default="auto", choices=["auto", *KINDS.names()],
+                   help=f"auto: flat (exact) up to --exact-max vectors, ivf above (default {EXACT_MAX})")
+    p.add_argument("--exact-max", type=int, default=EXACT_MAX)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from mixres.embed.runner import make_encoder, resolve_pool
+
+    t0 = time.perf_counter()
+    enc = make_encoder(args.model, select_layer=args.select_layer, device=args.device)
+    pool = resolve_pool(args.pool, enc)
+    folder = open_folder(args.index, expect=model_identity(enc, pool), kind=args.index_kind,
+                         exact_max=args.exact_max)
+    how = "loaded from its cache" if folder.from_cache else "built and cached"
+    print(f"mixres search: {len(folder.items)} items of {args.index}, {folder.index.kind.name} index "
+          f"({how}) in {time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}/", file=sys.stderr)
+    app = make_app(folder, LocalEmbedder(enc, folder.meta["settings"]), api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mixres.search.app", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mixres search: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
