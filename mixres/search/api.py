@@ -29,6 +29,9 @@ import re
 from importlib import resources
 
 import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from mixres.search.thumbnails import UnreadableItem
 
@@ -84,10 +87,6 @@ def _item_id(text: str, n: int) -> int:
 
 def search_router(folder, embed, *, model: str | None = None, api_key: str | None = None):
     """The routes above over an opened folder (`mixres.search.open_folder`)."""
-    from fastapi import APIRouter, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
-
     index, items, n = folder.index, folder.items, len(folder.items)
     model = model or folder.model
     page = resources.files("mixres.search").joinpath("page.html").read_text()
