@@ -14,9 +14,11 @@
 torch), raising ValueError(reason) for an image it cannot read. The server passes its
 packing engine's embed, so a burst of searches is batched like a burst of embeddings.
 
-Every error is one line, `{"detail": "..."}`, with its status: 400 unreadable JSON, base64
-or image; 401 no or wrong API key; 404 unknown key or id; 413 a body over the limit; 422 a
-field of the wrong type or out of range. Nothing a request names is opened as a path.
+Every error is one line in OpenAI's error shape, as the rest of the server answers,
+`{"error": {"message": "...", "type": "...", "code": <status>}}`: 400 unreadable JSON,
+base64 or image; 401 no or wrong API key; 404 unknown key or id; 410 an item whose source
+can no longer be read; 413 a body over the limit; 422 a field of the wrong type or out of
+range. Nothing a request names is opened as a path.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = ["search_router", "MAX_K", "MAX_BODY_BYTES"]
 
 MAX_K = 1000
 MAX_BODY_BYTES = 32 << 20
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 410: "not_found_error"}
 _DATA_URI = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,", re.ASCII)
 
 
@@ -85,8 +88,13 @@ def _item_id(text: str, n: int) -> int:
     return int(text)
 
 
-def search_router(folder, embed, *, model: str | None = None, api_key: str | None = None):
-    """The routes above over an opened folder (`mixres.search.open_folder`)."""
+def search_router(folder, embed, *, model: str | None = None, api_key: str | None = None,
+                  dependencies=()):
+    """The routes above over an opened folder (`mixres.search.open_folder`).
+
+    api_key       checked here (Bearer), for an app that has no key check of its own
+    dependencies  FastAPI dependencies of every /v1 route (the server's own API key check)
+    """
     index, items, n = folder.index, folder.items, len(folder.items)
     model = model or folder.model
     page = resources.files("mixres.search").joinpath("page.html").read_text()
@@ -100,7 +108,9 @@ def search_router(folder, embed, *, model: str | None = None, api_key: str | Non
 
     def error(e: BadRequest) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse({"detail": e.message}, status_code=e.status, headers=headers)
+        kind = _ERROR_TYPES.get(e.status, "invalid_request_error")
+        return JSONResponse({"error": {"message": e.message, "type": kind, "code": e.status}},
+                            status_code=e.status, headers=headers)
 
     def results(vector: np.ndarray, k: int) -> list[dict]:
         scores, ids = index.search(vector[None], k)
@@ -127,12 +137,13 @@ def search_router(folder, embed, *, model: str | None = None, api_key: str | Non
         return _as_matrix(vectors)[0]
 
     router = APIRouter()
+    v1 = APIRouter(dependencies=list(dependencies))
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def get_page():
         return HTMLResponse(page)
 
-    @router.get("/v1/index")
+    @v1.get("/v1/index")
     async def get_index(request: Request):
         try:
             check_key(request)
@@ -140,7 +151,7 @@ def search_router(folder, embed, *, model: str | None = None, api_key: str | Non
             return error(e)
         return {"object": "index", "model": model, "items": n, **index.describe()}
 
-    @router.post("/v1/search")
+    @v1.post("/v1/search")
     async def post_search(request: Request):
         try:
             check_key(request)
@@ -159,7 +170,7 @@ def search_router(folder, embed, *, model: str | None = None, api_key: str | Non
             return error(e)
         return {"object": "list", "data": await run_in_threadpool(results, vector, k), "model": model}
 
-    @router.get("/v1/items/{item_id}")
+    @v1.get("/v1/items/{item_id}")
     def get_item(item_id: str, request: Request):
         try:
             check_key(request)
@@ -167,7 +178,7 @@ def search_router(folder, embed, *, model: str | None = None, api_key: str | Non
         except BadRequest as e:
             return error(e)
 
-    @router.get("/v1/items/{item_id}/thumbnail")
+    @v1.get("/v1/items/{item_id}/thumbnail")
     def get_thumbnail(item_id: str, request: Request):
         try:
             check_key(request)
@@ -180,4 +191,5 @@ def search_router(folder, embed, *, model: str | None = None, api_key: str | Non
             return error(e)
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
+    router.include_router(v1)
     return router

@@ -54,9 +54,19 @@ class LocalEmbedder:
 
 def make_app(folder, embed, *, api_key: str | None = None):
     from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     app = FastAPI(title="mixres search", docs_url=None, redoc_url=None)
     app.include_router(search_router(folder, embed, api_key=api_key))
+
+    async def one_line(request, exc: HTTPException):  # unknown routes too: the routes' error shape
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = " ".join(f"{request.url.path}: {exc.detail}".split())
+        return JSONResponse({"error": {"message": message, "type": kind, "code": exc.status_code}},
+                            status_code=exc.status_code)
+
+    app.add_exception_handler(HTTPException, one_line)
     return app
 
 
