@@ -12,6 +12,7 @@ folder's meta.json says what it was made with).
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ def _check_folder(root: Path) -> dict:
         raise ValueError(f"--index {root}: `mixres verify` fails: {found[0]}{more}")
     if len(found) != len(problems):  # the cache alone: rebuilt below
         cache.clear(root)
-    meta = Features(root).meta
+    meta = json.loads((root / "meta.json").read_text())
     if meta.get("settings", {}).get("pool", "none") == "none":
         raise ValueError(f"--index {root}: made with --pool none, so it has no pooled vectors to search")
     return meta

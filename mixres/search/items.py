@@ -2,8 +2,9 @@
 
 An item's id is its row in index.jsonl (input order), which is also its row in the search
 index. Metadata comes from metadata/NNNNNN.parquet, the source's own columns (`url`,
-`caption`, a tar sample's `json` / `txt`, a parquet file's other columns); mixres' own columns
-(grid, tokens, sha256, ...) are left out. A few metadata files are held in memory at a time.
+`caption`, `key`, a tar sample's `.json` fields / `txt`, a parquet file's other columns);
+mixres' own columns (`mixres_key`, grid, tokens, sha256, ...) are left out. A few metadata
+files are held in memory at a time.
 """
 
 from __future__ import annotations
@@ -19,9 +20,20 @@ from mixres.embed.store import metadata_name
 
 __all__ = ["Items"]
 
-# what mixres writes into every metadata row (not the source's); a source column of the same
-# name is written as meta_<name> and is the source's again here
-_OWN = frozenset({"key", "source", "grid_h", "grid_w", "tokens", "sha256"})
+# what mixres writes into every metadata row (not the source's): mixres_* columns; folders made
+# before those names had these, and wrote a source column of the same name as meta_<name>
+_OLD_OWN = frozenset({"key", "source", "grid_h", "grid_w", "tokens", "sha256"})
+
+
+def source_columns(row: dict) -> dict:
+    """The source's own columns of a metadata row, under the source's names."""
+    if "mixres_key" in row:
+        return {k: v for k, v in row.items() if not k.startswith("mixres_")}
+    out = {}
+    for k, v in row.items():
+        if k not in _OLD_OWN:
+            out[k.removeprefix("meta_") if k.removeprefix("meta_") in _OLD_OWN else k] = v
+    return out
 
 
 def _plain(v):
@@ -77,12 +89,7 @@ class Items:
         if not isinstance(r.get("part"), int):
             return {}
         row = self._metadata_rows(r["part"])[r["row"]]
-        out = {}
-        for k, v in row.items():
-            if k in _OWN:
-                continue
-            out[k.removeprefix("meta_") if k.removeprefix("meta_") in _OWN else k] = _plain(v)
-        return out
+        return {k: _plain(v) for k, v in source_columns(row).items()}
 
     def describe(self, i: int) -> dict:
         return {"id": i, "key": self.key_of(i), "metadata": self.metadata(i)}
