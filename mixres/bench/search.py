@@ -84,6 +84,17 @@ def _time_batched(index: SearchIndex, queries: np.ndarray, k: int, batch: int) -
     return len(queries) / (time.perf_counter() - t0)
 
 
+def _measure(index: SearchIndex, queries: np.ndarray, truth, args) -> dict:
+    index.search(queries[:8], args.k)  # warm up
+    lat, qps = _time_single(index, queries, args.k)
+    qps_batch = _time_batched(index, queries, args.k, args.batch)
+    ids = index.search(queries, args.k)[1]
+    recall = None if truth is None else float(np.mean([len(set(a) & set(b)) / args.k
+                                                       for a, b in zip(ids, truth)]))
+    return {"p50_ms": 1e3 * float(np.percentile(lat, 50)), "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+            "qps_single": qps, "qps_batched": qps_batch, f"recall@{args.k}": recall, "ids": ids}
+
+
 def bench_size(n: int, args) -> list[dict]:
     space = Clusters.make(max(1, n // args.per_cluster), args.latent, args.dim, args.spread, args.seed)
     x, queries = space.draw(n, args.seed + 1), space.draw(args.queries, args.seed + 2)
@@ -96,23 +107,24 @@ def bench_size(n: int, args) -> list[dict]:
         index = SearchIndex.build(x, kind, normalize=False)
         build = time.perf_counter() - t
         faiss_module().omp_set_num_threads(args.query_threads)
-        index.search(queries[:8], args.k)  # warm up
-        lat, qps = _time_single(index, queries, args.k)
-        qps_batch = _time_batched(index, queries, args.k, args.batch)
-        ids = index.search(queries, args.k)[1]
-        if kind == "flat":
-            truth = ids
-        recall = None if truth is None else float(np.mean(
-            [len(set(a) & set(b)) / args.k for a, b in zip(ids, truth)]))
-        rows.append({"n": n, "kind": kind, "params": index.kind.describe(), "auto": choose_kind(
-            "auto", n).name == kind, "build_s": build, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
-            "p99_ms": 1e3 * float(np.percentile(lat, 99)), "qps_single": qps, "qps_batched": qps_batch,
-            f"recall@{args.k}": recall, "index_mb": index.index.ntotal * args.dim * 4 / 2**20})
-        print(f"n={n:,} {kind}: build {build:.1f} s, p50 {rows[-1]['p50_ms']:.2f} ms, "
-              f"p99 {rows[-1]['p99_ms']:.2f} ms, {qps:.0f} q/s single, {qps_batch:.0f} q/s batched, "
-              f"recall@{args.k} {recall}", flush=True)
-        if kind == "ivf":
-            rows[-1]["nlist"], rows[-1]["nprobe"] = int(index.index.nlist), int(index.index.nprobe)
+        # ivf: its default nprobe, then the others asked for on the same index (recall vs speed)
+        probes = [None] + ([p for p in args.ivf_nprobe if p != index.index.nprobe] if kind == "ivf" else [])
+        for probe in probes:
+            if probe is not None:
+                index.index.nprobe = probe
+            row = {"n": n, "kind": kind, "params": index.kind.describe(), "build_s": build,
+                   "auto": choose_kind("auto", n).name == kind and probe is None,
+                   "index_mb": index.index.ntotal * args.dim * 4 / 2**20,
+                   **_measure(index, queries, truth, args)}
+            if kind == "ivf":
+                row["nlist"], row["nprobe"] = int(index.index.nlist), int(index.index.nprobe)
+            truth = row.pop("ids") if kind == "flat" else truth
+            row.pop("ids", None)
+            rows.append(row)
+            print(f"n={n:,} {kind}{'' if probe is None else f' nprobe {probe}'}: build {build:.1f} s, "
+                  f"p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+                  f"{row['qps_single']:.0f} q/s single, {row['qps_batched']:.0f} q/s batched, "
+                  f"recall@{args.k} {row[f'recall@{args.k}']}", flush=True)
         del index
         gc.collect()
     return rows
@@ -135,11 +147,12 @@ def write_markdown(res: dict, path: Path) -> None:
     for n in sorted({r["n"] for r in res["rows"]}):
         rows = [r for r in res["rows"] if r["n"] == n]
         flat = next((r for r in rows if r["kind"] == "flat"), None)
-        for r in rows:
+        for j, r in enumerate(rows):
             ratio = f"{r['qps_single'] / flat['qps_single']:.1f}x" if flat else "-"
             rec = "exact" if r["kind"] == "flat" else f"{r[f'recall@{k}']:.3f}"
             name = r["kind"] + (f" (nlist {r['nlist']}, nprobe {r['nprobe']})" if r["kind"] == "ivf" else "")
-            lines.append(f"| {n:,} | {name} | {'yes' if r['auto'] else ''} | {r['build_s']:.1f} | "
+            build = "same" if j and r["kind"] == rows[j - 1]["kind"] else f"{r['build_s']:.1f}"
+            lines.append(f"| {n:,} | {name} | {'yes' if r['auto'] else ''} | {build} | "
                          f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['qps_single']:.0f} | "
                          f"{r['qps_batched']:.0f} | {ratio} | {rec} |")
     lines += ["", f"Machine: {res['machine']} ({res['cpu_count']} CPUs), faiss {res['faiss']}, numpy "
@@ -157,6 +170,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent", type=int, default=24, help="the vectors' intrinsic dimension")
     p.add_argument("--spread", type=float, default=0.5,
                    help="spread around a cluster centre, per latent dimension (centres: unit normal)")
+    p.add_argument("--ivf-nprobe", default="16,64",
+                   help="ivf: also search the same index with these nprobe (recall against speed)")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--k", type=int, default=10)
@@ -173,6 +188,7 @@ def run(args) -> int:
 
     faiss = faiss_module()
     args.kinds = ["flat", *[k for k in args.kinds.split(",") if k != "flat"]]
+    args.ivf_nprobe = [int(p) for p in args.ivf_nprobe.split(",") if p]
     load_before = [round(x, 2) for x in os.getloadavg()]
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from mixres.search.api import search_router
 from mixres.search.folder import model_identity, open_folder
-from mixres.search.kinds import EXACT_MAX, KINDS
+from mixres.search.kinds import EXACT_MAX, KINDS, faiss_module
 
 __all__ = ["LocalEmbedder", "make_app", "main"]
 
@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-kind", default="auto", choices=["auto", *KINDS.names()],
                    help=f"auto: flat (exact) up to --exact-max vectors, ivf above (default {EXACT_MAX})")
     p.add_argument("--exact-max", type=int, default=EXACT_MAX)
+    p.add_argument("--search-threads", type=int, default=1,
+                   help="faiss threads per query once built (default 1: a query is small work, and "
+                        "OpenMP threads that wait on each other beside the encoder's cost more than it)")
 
 
 def run(args) -> int:
@@ -94,6 +97,7 @@ def run(args) -> int:
     pool = resolve_pool(args.pool, enc)
     folder = open_folder(args.index, expect=model_identity(enc, pool), kind=args.index_kind,
                          exact_max=args.exact_max)
+    faiss_module().omp_set_num_threads(args.search_threads)
     how = "loaded from its cache" if folder.from_cache else "built and cached"
     print(f"mixres search: {len(folder.items)} items of {args.index}, {folder.index.kind.name} index "
           f"({how}) in {time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}/", file=sys.stderr)
