@@ -4,6 +4,7 @@
 import io
 import json
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +14,7 @@ from PIL import Image
 
 from mixres.embed.runner import embed, make_encoder, resolve_pool
 from mixres.embed.verify import verify
-from mixres.search.folder import model_identity, open_folder
+from mixres.search.folder import folder_prep, model_identity, open_folder
 from mixres.search.index import SearchIndex
 from mixres.search.kinds import choose_kind
 from mixres.workloads import write_photos
@@ -156,6 +157,10 @@ def test_a_folder_that_does_not_fit_is_refused_in_one_line(files_folder, tmp_pat
     refused(r"`mixres verify` fails: pooled/000000.npy: missing", broken, expect=identity)
 
     refused("not an output folder of mixres embed", tmp_path, expect=identity)
+
+    resized = replace(folder_prep(json.loads((files_folder / "meta.json").read_text())), max_image_tokens=256)
+    refused(r"resized otherwise than the server resizes queries: --max-image-tokens 1024 \(server: 256\)",
+            files_folder, expect=identity, prep=resized)
 
     meta = json.loads((files_folder / "meta.json").read_text())
     nopool = tmp_path / "nopool"

@@ -132,8 +132,8 @@ def search_router(folder, embed, *, model: str | None = None, api_key: str | Non
         data = decode_image_input(body["input"])
         try:
             vectors = await embed([data])
-        except ValueError as e:
-            raise BadRequest(400, f"input: {e}") from None
+        except ValueError as e:  # the engine's InputError names input[0]; this request has one
+            raise BadRequest(400, f"input: {getattr(e, 'reason', e)}") from None
         return _as_matrix(vectors)[0]
 
     router = APIRouter()

@@ -17,25 +17,22 @@ import asyncio
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import numpy as np
 
 from mixres.search.api import search_router
-from mixres.search.folder import model_identity, open_folder
+from mixres.search.folder import folder_prep, model_identity, open_folder
 from mixres.search.kinds import EXACT_MAX, KINDS, faiss_module
 
-__all__ = ["LocalEmbedder", "make_app", "main"]
+__all__ = ["LocalEmbedder", "EngineEmbedder", "make_app", "main"]
 
 
 class LocalEmbedder:
     """async embed(list of image bytes) -> (n, D) pooled vectors, preprocessed as the folder was."""
 
-    def __init__(self, enc, settings: dict):
-        from mixres.embed.runner import make_prep
-
-        self.enc, self.pool = enc, settings["pool"]
-        self.prep = make_prep(SimpleNamespace(**settings))  # the folder's own preprocessing
+    def __init__(self, enc, meta: dict):
+        self.enc, self.pool = enc, meta["settings"]["pool"]
+        self.prep = folder_prep(meta)  # the folder's own preprocessing
         self._lock = threading.Lock()  # one forward at a time on the one model
 
     def _encode(self, images: list[bytes]) -> np.ndarray:
@@ -50,6 +47,19 @@ class LocalEmbedder:
 
     async def __call__(self, images: list[bytes]) -> np.ndarray:
         return await asyncio.to_thread(self._encode, images)
+
+
+class EngineEmbedder:
+    """A serving engine's `await engine.embed(images)` as search's embed: a query is packed into
+    the engine's batches with every other request's images (mixres.serve.Engine)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    async def __call__(self, images: list[bytes]):
+        import torch
+
+        return torch.stack([r.pooled for r in await self.engine.embed(images)])
 
 
 def make_app(folder, embed, *, api_key: str | None = None):
@@ -101,7 +111,7 @@ def run(args) -> int:
     how = "loaded from its cache" if folder.from_cache else "built and cached"
     print(f"mixres search: {len(folder.items)} items of {args.index}, {folder.index.kind.name} index "
           f"({how}) in {time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}/", file=sys.stderr)
-    app = make_app(folder, LocalEmbedder(enc, folder.meta["settings"]), api_key=args.api_key)
+    app = make_app(folder, LocalEmbedder(enc, folder.meta), api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -7,7 +7,8 @@
 
 Refused in one line at start (ValueError): a folder `mixres verify` finds problems in, one
 made with --pool none, one whose model, layer or pooling differ from the server's (the
-folder's meta.json says what it was made with).
+folder's meta.json says what it was made with), or whose images were resized otherwise than
+the server resizes queries (then an image of the folder would not find itself).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 from mixres.embed.reader import Features
 from mixres.embed.state import Settings
@@ -26,7 +28,8 @@ from mixres.search.items import Items
 from mixres.search.kinds import EXACT_MAX, choose_kind
 from mixres.search.thumbnails import Thumbnails
 
-__all__ = ["SearchFolder", "open_folder", "model_identity", "check_model"]
+__all__ = ["SearchFolder", "open_folder", "model_identity", "check_model", "folder_prep",
+           "check_preprocessing"]
 
 # what must agree between the server's encoder and the folder for a query to land near its image
 _IDENTITY = ("model_class", "model_config", "weights", "select_layer", "pool")
@@ -46,6 +49,25 @@ def check_model(root: Path, meta: dict, identity: dict) -> None:
         raise ValueError(f"--index {root}: made with another model, layer or pooling: {'; '.join(diff)}; "
                          f"start the server with the folder's model ({made.get('model')}), "
                          f"--select-layer {made.get('select_layer')} and --pool {made.get('pool')}")
+
+
+def folder_prep(meta: dict):
+    """How the folder's images were decoded and resized (`mixres.embed.inputs.Prep`)."""
+    from mixres.embed.runner import make_prep
+
+    return make_prep(SimpleNamespace(**meta["settings"]))  # reads the settings' fields only
+
+
+_PREP = ("min_image_tokens", "max_image_tokens", "decode")
+
+
+def check_preprocessing(root: Path, meta: dict, prep) -> None:
+    want = folder_prep(meta)
+    diff = [f"--{k.replace('_', '-')} {getattr(want, k)} (server: {getattr(prep, k)})"
+            for k in _PREP if getattr(want, k) != getattr(prep, k)]
+    if diff:
+        raise ValueError(f"--index {root}: its images were resized otherwise than the server resizes "
+                         f"queries: {'; '.join(diff)}; start the server with the folder's values")
 
 
 def _check_folder(root: Path) -> dict:
@@ -78,11 +100,12 @@ class SearchFolder:
         return str(self.meta.get("model", ""))
 
 
-def open_folder(root, *, expect: dict | None = None, kind: str = "auto", params: dict | None = None,
-                exact_max: int = EXACT_MAX, log=None) -> SearchFolder:
+def open_folder(root, *, expect: dict | None = None, prep=None, kind: str = "auto",
+                params: dict | None = None, exact_max: int = EXACT_MAX, log=None) -> SearchFolder:
     """Check, index (or load the cached index) and open the items of an embed folder.
 
     expect  `model_identity(...)` of the server's encoder: refuse a folder made otherwise
+    prep    how the server decodes and resizes queries (a `Prep`): refuse a folder resized otherwise
     kind    auto | flat | ivf | hnsw (mixres.search.kinds); params override the kind's defaults
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -90,6 +113,8 @@ def open_folder(root, *, expect: dict | None = None, kind: str = "auto", params:
     meta = _check_folder(root)
     if expect is not None:
         check_model(root, meta, expect)
+    if prep is not None:
+        check_preprocessing(root, meta, prep)
     features = Features(root)
     _, vectors = features.pooled()
     normalize = not meta.get("settings", {}).get("normalize", False)
