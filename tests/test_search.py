@@ -126,6 +126,21 @@ def test_every_indexed_image_sent_as_a_query_comes_back_first(server, shards):
         assert all(a["score"] >= b["score"] for a, b in zip(res["data"], res["data"][1:]))
 
 
+def test_a_burst_of_concurrent_searches_each_finds_its_own_image(server, shards):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, images = shards
+
+    def first_key(data: bytes) -> tuple[str, float]:
+        r = httpx.post(f"{server}/v1/search", json={"input": data_uri(data), "k": 1}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]["key"], r.json()["data"][0]["score"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(zip(images, pool.map(first_key, images.values())))
+    assert all(key == found and score >= 0.999 for key, (found, score) in got.items()), got
+
+
 def test_a_key_query_returns_that_item_first(server, shards):
     _, images = shards
     for key in list(images)[::3]:

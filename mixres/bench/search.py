@@ -171,7 +171,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent", type=int, default=24, help="the vectors' intrinsic dimension")
     p.add_argument("--spread", type=float, default=0.5,
                    help="spread around a cluster centre, per latent dimension (centres: unit normal)")
-    p.add_argument("--ivf-nprobe", default="16,64",
+    p.add_argument("--ivf-nprobe", default="16,250",
                    help="ivf: also search the same index with these nprobe (recall against speed)")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
