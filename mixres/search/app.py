@@ -24,7 +24,7 @@ from mixres.search.api import search_router
 from mixres.search.folder import folder_prep, model_identity, open_folder
 from mixres.search.kinds import EXACT_MAX, KINDS, faiss_module
 
-__all__ = ["LocalEmbedder", "EngineEmbedder", "make_app", "main"]
+__all__ = ["LocalEmbedder", "EngineEmbedder", "engine_router", "make_app", "main"]
 
 
 class LocalEmbedder:
@@ -60,6 +60,26 @@ class EngineEmbedder:
         import torch
 
         return torch.stack([r.pooled for r in await self.engine.embed(images)])
+
+
+def engine_router(engine, index, *, kind: str = "auto", exact_max: int = EXACT_MAX, search_threads: int = 1,
+                  dependencies=()):
+    """`mixres serve --index FOLDER`: the search routes over FOLDER, queries embedded by `engine`.
+
+    The folder is checked against the engine's encoder, pooling and preprocessing (refused in
+    one line otherwise) and indexed before the server opens its port."""
+    t0 = time.perf_counter()
+    folder = open_folder(index, expect=model_identity(engine.encoder, engine.pool), prep=engine.prep,
+                         kind=kind, exact_max=exact_max)
+    faiss_module().omp_set_num_threads(search_threads)
+    _say_ready(folder, index, t0)
+    return search_router(folder, EngineEmbedder(engine), model=engine.model_name, dependencies=dependencies)
+
+
+def _say_ready(folder, index, t0: float) -> None:
+    how = "loaded from its cache" if folder.from_cache else "built and cached"
+    print(f"mixres search: {len(folder.items)} items of {index}, {folder.index.kind.name} index ({how}) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def make_app(folder, embed, *, api_key: str | None = None):
@@ -108,9 +128,8 @@ def run(args) -> int:
     folder = open_folder(args.index, expect=model_identity(enc, pool), kind=args.index_kind,
                          exact_max=args.exact_max)
     faiss_module().omp_set_num_threads(args.search_threads)
-    how = "loaded from its cache" if folder.from_cache else "built and cached"
-    print(f"mixres search: {len(folder.items)} items of {args.index}, {folder.index.kind.name} index "
-          f"({how}) in {time.perf_counter() - t0:.1f} s; http://{args.host}:{args.port}/", file=sys.stderr)
+    _say_ready(folder, args.index, t0)
+    print(f"mixres search: http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
     app = make_app(folder, LocalEmbedder(enc, folder.meta), api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
