@@ -206,7 +206,10 @@ def test_bad_searches_get_their_status_and_one_line(server, shards, what, body, 
 def test_thumbnails_of_ids_not_in_the_index_are_404(server, item):
     r = httpx.get(f"{server}/v1/items/{item}/thumbnail", timeout=60)
     assert r.status_code == 404, r.text
-    assert "not in the index" in one_line(r) or "Not Found" in one_line(r)  # %2F: no route at all
+    if "%2F" in item:  # the path has more segments: no route at all, the app's own 404
+        assert "\n" not in r.text
+    else:
+        assert "not in the index" in one_line(r)
 
 
 def test_a_body_over_the_limit_is_413(server):
