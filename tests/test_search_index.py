@@ -94,6 +94,14 @@ def test_the_index_is_cached_in_the_folder_and_verify_checks_it(files_folder, tm
     (folder / "search" / "stray.faiss").write_bytes(b"x")
     assert verify(folder) == ["search/stray.faiss: on disk but index.json does not name it"]
 
+    # what a save killed before its rename leaves: a temporary file, ignored, then removed
+    (folder / "search" / "stray.faiss").unlink()
+    (folder / "search" / ".index-0123.faiss.tmp999").write_bytes(b"torn")
+    assert verify(folder) == []
+    assert open_folder(folder, kind="flat").index.kind.name == "flat"
+    assert sorted(p.name for p in (folder / "search").iterdir()) == \
+        sorted(["index.json", next(folder.glob("search/index-*.faiss")).name])
+
 
 def test_vectors_are_normalized_at_load_when_the_folder_was_not(files_folder, identity):
     from mixres.embed.reader import read_features

@@ -75,9 +75,9 @@ def save(root: Path, index, fp: str, info: dict) -> None:
     _fsync_dir(folder)
     write_json(folder / _INFO, {**info, "fingerprint": fp, "file": name,
                                 "bytes": (folder / name).stat().st_size})
-    for old in folder.glob("index-*.faiss"):
-        if old.name != name:
-            old.unlink()
+    for old in [*folder.glob("index-*.faiss"), *folder.glob(".index-*.tmp*")]:
+        if old.name != name:  # older indexes, and what a killed save left
+            old.unlink(missing_ok=True)
 
 
 def check_cache(root) -> list[str]:
