@@ -236,9 +236,25 @@ def test_restart_loads_the_cached_index_and_the_api_key_covers_the_routes(folder
         r = httpx.post(f"{url}/v1/search", json={"key": key, "k": 1}, headers=ok, timeout=30)
         assert r.status_code == 200 and r.json()["data"][0]["key"] == key
         assert httpx.get(f"{url}/v1/items/0/thumbnail", headers=ok, timeout=30).status_code == 200
+        _the_page_asks_for_the_key_once(url, shards[1], folder.parent)
     r = subprocess.run([sys.executable, "-m", "mixres", "verify", str(folder)], env=ENV, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr  # verify expects search/
+
+
+def _the_page_asks_for_the_key_once(url: str, images: dict, tmp: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    key, upload = _query_file(images, 2, tmp)
+    other_key, other = _query_file(images, 7, tmp)
+    with sync_playwright() as pw:
+        browser, page, prompts = _open_page(pw, url, api_key="s3cret")
+        try:
+            _upload(page, upload, key)
+            _upload(page, other, other_key)
+            assert len(prompts) == 1 and "API key" in prompts[0]  # asked once, kept for the tab
+        finally:
+            browser.close()
 
 
 def test_a_folder_of_another_model_is_refused_in_one_line_at_start(folder):
@@ -251,31 +267,50 @@ def test_a_folder_of_another_model_is_refused_in_one_line_at_start(folder):
     assert "model_class" in lines[0] and MODEL in lines[0]
 
 
+def _open_page(pw, url: str, api_key: str | None = None):
+    """Headless Chromium on the page; answers the page's one prompt for the API key."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    prompts = []
+
+    def answer(dialog):
+        prompts.append(dialog.message)
+        dialog.accept(api_key) if api_key else dialog.dismiss()
+
+    page.on("dialog", answer)
+    page.goto(f"{url}/")
+    page.wait_for_function("document.getElementById('info').textContent.includes('items')")
+    return browser, page, prompts
+
+
+def _upload(page, path: Path, key: str) -> None:
+    page.set_input_files("#file", str(path))
+    page.wait_for_function(f"(document.querySelector('#results .item') || {{dataset: {{}}}}).dataset.key"
+                           f" === {key!r}", timeout=60_000)
+    assert float(page.locator("#results .item .score").first.inner_text()) >= 0.999
+    page.wait_for_function("() => { const im = [...document.querySelectorAll('#results .item img')];"
+                           " return im.length && im.every(i => i.complete && i.naturalWidth > 0); }",
+                           timeout=60_000)
+
+
+def _query_file(images: dict, n: int, folder: Path) -> tuple[str, Path]:
+    key, data = list(images.items())[n]
+    path = folder / f"{key.split('/')[1]}.{Image.open(io.BytesIO(data)).format.lower()}"
+    path.write_bytes(data)
+    return key, path
+
+
 def test_the_page_finds_an_uploaded_image_first(server, shards, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    _, images = shards
-    key, data = list(images.items())[6]
-    upload = tmp_path / f"{key.split('/')[1]}.{Image.open(io.BytesIO(data)).format.lower()}"
-    upload.write_bytes(data)
+    key, upload = _query_file(shards[1], 6, tmp_path)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser, page, prompts = _open_page(pw, server)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 760})
             other_hosts = []
             ours = (server, f"blob:{server}/", "data:")  # thumbnails are fetched, then shown as blobs
             page.on("request", lambda req: req.url.startswith(ours) or other_hosts.append(req.url))
-            page.goto(f"{server}/")
-            page.wait_for_function("document.getElementById('info').textContent.includes('items')")
-            page.set_input_files("#file", str(upload))
-            first = page.locator("#results .item").first
-            first.wait_for(timeout=60_000)
-            assert first.get_attribute("data-key") == key
-            assert float(first.locator(".score").inner_text()) >= 0.999
-            page.wait_for_function("() => { const i = document.querySelector('#results .item img');"
-                                   " return i && i.complete && i.naturalWidth > 0; }", timeout=60_000)
-            page.wait_for_function("() => [...document.querySelectorAll('#results .item img')]"
-                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=60_000)
+            _upload(page, upload, key)  # its own thumbnail first, every thumbnail shown
             page.screenshot(path=str(tmp_path / "search-page.png"), full_page=True)
             if os.environ.get("MIXRES_SCREENSHOT"):  # how docs/search.png is made
                 page.screenshot(path=os.environ["MIXRES_SCREENSHOT"], full_page=True)
@@ -285,7 +320,7 @@ def test_the_page_finds_an_uploaded_image_first(server, shards, tmp_path):
             second.click()
             page.wait_for_function(f"document.querySelector('#results .item').dataset.key === {second_key!r}",
                                    timeout=60_000)
-            assert other_hosts == []  # nothing loaded from another host
+            assert other_hosts == [] and prompts == []  # nothing from another host; no key asked
         finally:
             browser.close()
     assert (tmp_path / "search-page.png").stat().st_size > 10_000
