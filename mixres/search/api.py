@@ -88,6 +88,21 @@ def _item_id(text: str, n: int) -> int:
     return int(text)
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, refused (413) as soon as it passes MAX_BODY_BYTES: a huge upload is not held."""
+    too_large = BadRequest(413, f"request body: over the limit of {MAX_BODY_BYTES} bytes")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def search_router(folder, embed, *, model: str | None = None, api_key: str | None = None,
                   dependencies=()):
     """The routes above over an opened folder (`mixres.search.open_folder`).
@@ -155,9 +170,7 @@ def search_router(folder, embed, *, model: str | None = None, api_key: str | Non
     async def post_search(request: Request):
         try:
             check_key(request)
-            raw = await request.body()
-            if len(raw) > MAX_BODY_BYTES:
-                raise BadRequest(413, f"request body: {len(raw)} bytes, the limit is {MAX_BODY_BYTES}")
+            raw = await _read_body(request)
             try:
                 body = json.loads(raw)
             except ValueError as e:
