@@ -17,11 +17,12 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
+from mixres.embed.inputs import Prep
 from mixres.embed.reader import Features
-from mixres.embed.state import Settings
+from mixres.embed.state import _config_digest, _weights_probe  # what a folder records of its model
 from mixres.embed.verify import verify
+from mixres.images import DEFAULT_MAX_PIXELS
 from mixres.search import cache
 from mixres.search.index import SearchIndex
 from mixres.search.items import Items
@@ -37,9 +38,8 @@ _IDENTITY = ("model_class", "model_config", "weights", "select_layer", "pool")
 
 def model_identity(enc, pool: str) -> dict:
     """The encoder's identity as `mixres embed` records it in meta.json's settings."""
-    s = Settings.of(enc, None, "server", pool=pool, min_image_tokens=1, max_image_tokens=None,
-                    max_pixels=None, max_batch_tokens=None, store_dtype="auto", shard_size=1)
-    return {k: getattr(s, k) for k in _IDENTITY}
+    return {"model_class": type(enc.model).__name__, "model_config": _config_digest(enc.model),
+            "weights": _weights_probe(enc.model), "select_layer": enc.select_layer, "pool": pool}
 
 
 def check_model(root: Path, meta: dict, identity: dict) -> None:
@@ -51,11 +51,15 @@ def check_model(root: Path, meta: dict, identity: dict) -> None:
                          f"--select-layer {made.get('select_layer')} and --pool {made.get('pool')}")
 
 
-def folder_prep(meta: dict):
-    """How the folder's images were decoded and resized (`mixres.embed.inputs.Prep`)."""
-    from mixres.embed.runner import make_prep
-
-    return make_prep(SimpleNamespace(**meta["settings"]))  # reads the settings' fields only
+def folder_prep(meta: dict) -> Prep:
+    """How the folder's images were decoded and resized; a query is prepared the same way."""
+    s = meta["settings"]
+    resample = s.get("resample", "")  # folders made before `decode` was a setting kept it here
+    decode = s.get("decode") or (resample.split("--decode ")[1].rstrip(")") if "--decode" in resample
+                                 else "pil")
+    return Prep(s["patch_size"], tuple(s["mean"]), tuple(s["std"]), s["min_image_tokens"],
+                s["max_image_tokens"], s.get("max_pixels") or DEFAULT_MAX_PIXELS,  # queries keep the guard
+                decode=decode)
 
 
 _PREP = ("min_image_tokens", "max_image_tokens", "decode")
