@@ -5,6 +5,7 @@ metadata columns and thumbnails read from inside a tar all go through the runnin
 """
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -23,6 +24,9 @@ from PIL import Image
 from mixres.workloads import write_photos
 
 MODEL = "tiny-clip"
+# `mixres serve --index` where the server is (queries packed by its engine), else search's own server
+SERVER = (["-m", "mixres", "serve"] if importlib.util.find_spec("mixres.serve")
+          else ["-m", "mixres.search.app"])
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 CHROMIUM = "/usr/bin/chromium"
@@ -42,8 +46,8 @@ def serve(folder, *extra, model=MODEL):
     port = _free_port()
     log = folder.parent / f"server-{port}.log"
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "mixres.search.app", "--model", model, "--index",
-                                 str(folder), "--port", str(port), *extra],
+        proc = subprocess.Popen([sys.executable, *SERVER, "--model", model, "--index", str(folder),
+                                 "--port", str(port), *extra],
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -263,8 +267,8 @@ def _the_page_asks_for_the_key_once(url: str, images: dict, tmp: Path) -> None:
 
 
 def test_a_folder_of_another_model_is_refused_in_one_line_at_start(folder):
-    r = subprocess.run([sys.executable, "-m", "mixres.search.app", "--model", "tiny-vit", "--index",
-                        str(folder), "--port", str(_free_port())],
+    r = subprocess.run([sys.executable, *SERVER, "--model", "tiny-vit", "--index", str(folder),
+                        "--port", str(_free_port())],
                        env=ENV, capture_output=True, text=True, timeout=180)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
