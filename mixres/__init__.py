@@ -2,13 +2,14 @@
 
     enc = mixres.load_encoder(model, backend="packed")   # HF model | path | hub id | preset
     feats = enc.encode(images)                            # PackedFeatures
-    feats = mixres.encode(paths, model="tiny-vit")        # one call, pooled as asked
+    feats = mixres.encode(images, model="tiny-vit")       # one call, inference, pooled as asked
+    pre = mixres.Preprocessor(enc.facts, decode="fast")   # images -> normalized (C, H, W)
     report = mixres.check_invariance(model, images)       # verify a checkpoint
 
 Heavier parts (extraction, VLM) are imported on first use.
 """
 
-from mixres.encoders import list_backends, load_encoder
+from mixres.encoders import encode, list_backends, load_encoder
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
 
 __version__ = "0.1.0"
@@ -17,12 +18,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "ImageLoadError": "mixres.images",
     "load_image": "mixres.images",
-    "preprocess": "mixres.images",
-    "encode": "mixres.embed.runner",
+    "Preprocessor": "mixres.preprocess",
     "read_features": "mixres.embed.reader",
     "check_invariance": "mixres.invariance",
     "InvarianceReport": "mixres.invariance",
-    "load_model": "mixres.presets",
+    "load_model": "mixres.loading",
     "patch_vit": "mixres.masked_vit_patcher",
     "unpatch_vit": "mixres.masked_vit_patcher",
     "encode_images": "mixres.batch_image_encoder",
@@ -33,7 +33,7 @@ _LAZY = {
     "NaViTModel": "mixres.models.navit",
 }
 
-__all__ = ["PackedFeatures", "PackedImages", "pack_into_bins", "load_encoder", "list_backends",
+__all__ = ["PackedFeatures", "PackedImages", "pack_into_bins", "load_encoder", "encode", "list_backends",
            *_LAZY]
 
 

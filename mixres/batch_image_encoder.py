@@ -11,13 +11,12 @@ D is the image embedding: the model's `pooler_output` (flattened) when it has on
 else the mean of the last hidden state over its token / spatial positions.
 `encode_images` and `encode_images_group` take the fastest exact route of the model's
 family (`FamilySpec.route`: "packed" where the family has a packed recipe, "navit" for
-NaViT, else "grouped") and fall back to the grouped route when that backend does not take
-the model. Images are cropped as their family needs (see `mixres.encoders.grouped`).
+NaViT, else "grouped"); a backend that refuses the model, or a recipe that fails, raises
+(never a silent detour through another route). Images are cropped as their family needs
+(see `mixres.encoders.grouped`).
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 from torch import nn
@@ -29,13 +28,15 @@ from mixres.encoders.grouped import (
     GroupedEncoder,
     call_for,
     crop_for,
-    grad_or_inference,
     output_tokens,
     params_of,
     probe_tokens,
     run_grouped,
 )
+from mixres.encoders.whole import grad_or_inference
 from mixres.families import vision_tower
+from mixres.families.facts import model_facts
+from mixres.packing import mean_pool
 
 __all__ = ["encode_nested", "encode_images", "encode_images_group", "encode_images_sequentially",
            "encode_images_batch", "run_grouped", "crop_for", "route_for", "GroupedEncoder"]
@@ -114,39 +115,12 @@ def encode_nested(model_or_encoder, nested, image_sizes=None, max_batch_pixels: 
     return rebuild(structure)
 
 
-# model -> {route: does that backend take this model}; a pure fact of the model (weak keys,
-# so the entry goes with the model); encoders themselves are built per call
-_ROUTE_OK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _route_encoder(model: nn.Module, route: str, strict: bool, **kwargs) -> Encoder | None:
-    """The backend `route` for `model`, or None where it is not installed or not for it."""
-    try:
-        ok = _ROUTE_OK.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: ask every time
-        ok = {}
-    if ok.get(route) is False and not strict:
-        return None
-    try:
-        enc = load_encoder(model, route, **kwargs)
-    except (ImportError, ValueError, TypeError, NotImplementedError):
-        # backend module not on this install, or the backend refuses this family
-        if strict:
-            raise
-        ok[route] = False
-        return None
-    ok[route] = True
-    return enc
-
-
 def route_for(image_encoder) -> str:
-    """The route `encode_images` takes for this model: "packed", "navit" or "grouped"."""
-    model = _model_of(image_encoder)
-    spec = families.spec_of(model)
-    route = spec.route if spec is not None else "grouped"
-    if route != "grouped" and _route_encoder(model, route, strict=False) is None:
-        return "grouped"
-    return route
+    """The route `encode_images` takes for this model: its family's `FamilySpec.route`
+    ("packed", "navit", ...), "grouped" for a family mixres has no file for. A backend that
+    then refuses the model raises: a family is never silently rerouted."""
+    spec = families.spec_of(_model_of(image_encoder))
+    return spec.route if spec is not None else "grouped"
 
 
 def _as_list(images) -> list[torch.Tensor]:
@@ -159,16 +133,18 @@ def _as_list(images) -> list[torch.Tensor]:
 
 
 def _embedding(tokens: torch.Tensor, pooled: torch.Tensor | None) -> torch.Tensor:
-    # the mean over token / spatial positions equals vision_utils.pool_hidden_dim on the
-    # model's (1, n, D) or (1, C, h, w) last hidden state
-    return pooled if pooled is not None else tokens.mean(0)
+    # the mean over every token / spatial position (`mean_pool` with no skip) equals
+    # vision_utils.pool_hidden_dim on the model's (1, n, D) or (1, C, h, w) last hidden state
+    if pooled is not None:
+        return pooled
+    return mean_pool(tokens, torch.tensor([0, tokens.shape[0]]))[0]
 
 
 def _width(model: nn.Module) -> int:
     """D of the embeddings, for outputs where every image is empty."""
     try:
-        return vision_utils.image_encoder_size(model)
-    except vision_utils.UnknownImageEncoderError:
+        return model_facts(model).hidden_size
+    except families.UnknownImageEncoderError:
         return probe_tokens(model).shape[-1]
 
 
@@ -177,7 +153,7 @@ def encode_images_group(image_encoder, images, *, route: str | None = None,
     """(N, D) embeddings of `images` (list of (C, H, W), or (N, C, H, W)), exact.
 
     route  None: the family's fastest exact route (`FamilySpec.route`, else "grouped");
-           or "grouped" / "packed" / "navit" explicitly (then errors are not swallowed)
+           or "grouped" / "packed" / "navit" explicitly
     Images with a zero side get an all-zero embedding.
     """
     model = _model_of(image_encoder)
@@ -203,14 +179,14 @@ def _encode_crops(model, crops, route, max_batch_pixels) -> torch.Tensor | None:
     if name == "grouped":
         res = run_grouped(model, crops, max_batch_pixels=max_batch_pixels)
         return torch.stack([_embedding(t, p) for t, p, _ in res])
-    enc = _route_encoder(model, name, strict=True, max_batch_tokens=None)
+    enc = load_encoder(model, name, max_batch_tokens=None)
     p = enc.patch_size
     if max_batch_pixels is not None:  # a fresh encoder with the budget (encoders are not mutated)
-        enc = _route_encoder(model, name, strict=True, max_batch_tokens=max(1, max_batch_pixels // (p * p)))
+        enc = load_encoder(model, name, max_batch_tokens=max(1, max_batch_pixels // (p * p)))
     feats = enc.encode([img[:, :img.shape[1] // p * p, :img.shape[2] // p * p] for img in crops])
     if feats.pooled is not None:
         return feats.pooled.flatten(1)
-    return torch.stack([t.mean(0) for t in feats.unpack()])
+    return mean_pool(feats.tokens, feats.cu_seqlens)  # prefix tokens too, as _embedding
 
 
 def encode_images(image_encoder, input_images: torch.Tensor, input_images_dimensions: torch.Tensor,

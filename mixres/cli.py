@@ -1,4 +1,4 @@
-"""`mixres` command line: embed | verify | bench | train | generate | presets.
+"""`mixres` command line: embed | verify | serve | bench | train | generate | presets.
 
 Each subcommand lives in the module that does the work and exposes
 `add_arguments(parser)` and `run(args) -> int`; this file only routes, and imports a
@@ -17,8 +17,10 @@ SUBCOMMANDS = {
     "embed": ("mixres.embed.cli", "encode a folder / list of images to feature shards on disk"),
     "verify": ("mixres.embed.verify", "check an embed output folder (index, shards, pooled, metadata)"),
     "bench": ("mixres.bench.cli", "benchmarks: throughput | invariance | words | vlm | ..."),
-    "presets": ("mixres.presets", "list the model presets (random-init configs for demos and tests)"),
-    "train": ("mixres.vlm.training.train", "train a VLM on mixed-resolution images"),
+    "serve": ("mixres.serve.cli", "an HTTP embedding server (OpenAI /v1/embeddings) that packs concurrent "
+                                  "requests"),
+    "presets": ("mixres.presets_cli", "list the model presets (random-init configs for demos and tests)"),
+    "train": ("mixres.vlm.training.cli", "train a VLM on mixed-resolution images"),
     "generate": ("mixres.vlm.training.inference", "generate text with a trained VLM run"),
 }
 
@@ -31,6 +33,14 @@ def _top_parser() -> argparse.ArgumentParser:
     return p
 
 
+def subcommand_parser(name: str):
+    """(module, its argparse parser) of subcommand `name`; nothing runs."""
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"mixres {name}", description=SUBCOMMANDS[name][1])
+    module.add_arguments(parser)
+    return module, parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in SUBCOMMANDS:
@@ -40,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(SUBCOMMANDS)}")
     name, rest = argv[0], argv[1:]
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"mixres {name}", description=SUBCOMMANDS[name][1])
-    module.add_arguments(parser)
+    module, parser = subcommand_parser(name)
     args = parser.parse_args(rest)
     try:
         return int(module.run(args) or 0)

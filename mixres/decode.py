@@ -13,15 +13,17 @@
           one antialiased bicubic resize of the uint8 image in torch (the same kernel as PIL's:
           a = -0.5, support scaled by the reduction, rounded to 8 bits) and a fused normalize.
     cuda  the fast route's plan, with the JPEGs of a batch decoded together by nvJPEG
-          (`torchvision.io.decode_jpeg(list, device="cuda")`) and every resize on the GPU.
+          (TorchCodec's `decode_jpeg(list, device="cuda")`) and every resize on the GPU.
 
-Why simplejpeg and not `torchvision.io.decode_jpeg` on the CPU (measured, one core, the
-mixed 200-1000 px set at 256 tokens): the same libjpeg-turbo, but torchvision returns planar
-CHW, which the channels-last resize must copy back to HWC, and it cannot decode at reduced
-scale. Where fast's time goes there (per image): libjpeg-turbo 0.85 ms, of which entropy
-decoding alone is ~0.5 (what 1/8 DCT scale still costs), the resize 0.41, the rest 0.05;
-pil's whole path is ~4 ms. fastdct was rejected: its error is biased, a mean 0.5/255 that
-no resize averages away.
+Why simplejpeg and not TorchCodec's `decode_jpeg` on the CPU (benchmarks/torchcodec_decode.py,
+the `mixres bench embed` decode harness, one core; benchmarks/README.md): on the mixed
+200-1000 px set at 256 tokens the two are within the machine's noise (TorchCodec 0.75x to
+1.07x of simplejpeg across runs), but TorchCodec cannot decode at reduced DCT scale (0.65x on
+2400-4000 px JPEGs) and returns planar CHW, which the channels-last resize copies back to
+HWC (0.59x at 4096 tokens, where little is resized). Where fast's time goes (per image, the
+mixed set at 256 tokens): libjpeg-turbo 0.85 ms, of which entropy decoding alone is ~0.5
+(what 1/8 DCT scale still costs), the resize 0.41, the rest 0.05; pil's whole path is ~4 ms.
+fastdct was rejected: its error is biased, a mean 0.5/255 that no resize averages away.
 
 Every decoder resizes to the same `target_size` of the same upright image, so the patch
 grid of an image never depends on the decoder: features differ only by pixel differences.
@@ -219,16 +221,12 @@ def _hwc_to_nchw(img: Image.Image) -> torch.Tensor:
 
 
 @cache
-def _torchvision_io():
+def _torchcodec_jpeg():
     try:
-        import torchvision.io as tvio
-    except ImportError as e:
-        raise ValueError(f"the cuda decoder needs torchvision ({e}); pip install 'mixres[decode]'") from None
-    # torchvision 0.29 deprecates its image codecs in favour of torchcodec; they are still
-    # nvJPEG, which is what this decoder wants
-    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                            category=DeprecationWarning)
-    return tvio
+        from torchcodec.decoders import decode_jpeg
+    except ImportError as e:  # also a torchcodec built for another torch: it fails to load its ops
+        raise ValueError(f"the cuda decoder needs torchcodec ({e}); pip install 'mixres[decode]'") from None
+    return decode_jpeg
 
 
 @cache
@@ -340,7 +338,7 @@ class CudaDecoder(FastDecoder):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--decode cuda needs a CUDA GPU; this machine has none")
         super().__init__()
-        _torchvision_io()
+        _torchcodec_jpeg()
 
     def pixels(self, src, patch_size, **kw):
         out = self.pixels_many([src], patch_size, **kw)[0]
@@ -365,7 +363,7 @@ class CudaDecoder(FastDecoder):
 
     def _resized_many(self, srcs, patch_size, *, min_image_tokens=1, max_image_tokens=None,
                       background=_WHITE, max_pixels=DEFAULT_MAX_PIXELS) -> list:
-        tvio = _torchvision_io()
+        decode_jpeg = _torchcodec_jpeg()
         background = _check_background(background)
         out: list = [None] * len(srcs)
         plans = {}
@@ -379,8 +377,7 @@ class CudaDecoder(FastDecoder):
         if batch:
             bufs = [torch.frombuffer(bytearray(plans[i].data), dtype=torch.uint8) for i in batch]
             try:
-                decoded = dict(zip(batch, tvio.decode_jpeg(bufs, mode=tvio.ImageReadMode.RGB,
-                                                             device=self.device)))
+                decoded = dict(zip(batch, decode_jpeg(bufs, mode="RGB", device=self.device)))
             except RuntimeError:
                 decoded = {}  # one bad file fails the batch: decode one by one below
         for i, plan in plans.items():

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mixres.formats import decode_unidentified
+
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "ImageSource", "load_image", "normalize", "preprocess",
            "target_size", "to_tensor"]
 
@@ -77,16 +79,6 @@ def _check_background(background) -> tuple[int, int, int]:
         raise ValueError(f"background must be an RGB triple of ints in [0, 255], "
                          f"got {background!r}")
     return tuple(int(c) for c in bg)
-
-
-def _sniff(data: bytes) -> str:
-    """Why PIL could not identify `data`, in words a user can act on."""
-    head = data[:512]
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "not an image, or a corrupt one (PIL cannot identify the format)"
-    return "not an image (the file holds text)"
 
 
 _bomb_lock = threading.Lock()
@@ -239,8 +231,11 @@ def load_image(
     with _pil_bomb_check_off():
         try:
             img = opened if isinstance(opened, Image.Image) else Image.open(opened)
-        except UnidentifiedImageError as e:
-            raise ImageLoadError(name, _sniff(opened.getvalue())) from e
+        except UnidentifiedImageError:
+            try:  # PIL reads AVIF; HEIC goes to TorchCodec
+                img = decode_unidentified(opened.getvalue())
+            except ValueError as e:
+                raise ImageLoadError(name, str(e)) from None
         except Image.DecompressionBombError as e:
             raise ImageLoadError(name, f"too large ({e})") from e
         except Exception as e:

@@ -104,7 +104,7 @@ def check_invariance(model, images, backend: str = "packed", tol: float = 1e-5,
     reference    the backend that runs the unmodified model one image at a time
     """
     from mixres.encoders import load_encoder
-    from mixres.presets import load_model
+    from mixres.loading import load_model
 
     images = list(images)
     if not images:

@@ -80,13 +80,6 @@ from mixres.packing import resample_table
 __all__ = ["patch_vit", "unpatch_vit", "is_patched", "patched", "content_grid"]
 
 
-def __getattr__(name: str):  # the backend moved to mixres.encoders.masked (importing it here: a cycle)
-    if name == "MaskedViTEncoder":
-        from mixres.encoders.masked import MaskedViTEncoder
-        return MaskedViTEncoder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 _ATTR = "_mixres_masked_patch"  # the only attribute a patch adds to each module it touches
 
 

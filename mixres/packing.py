@@ -361,9 +361,20 @@ def _pool_cls(f: PackedFeatures) -> torch.Tensor:
     return f.tokens[f.cu_seqlens[:-1].long()]
 
 
+def mean_pool(tokens: torch.Tensor, cu_seqlens: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """(B, D): the mean of each image's tokens after its first `skip` (the one "mean" of mixres).
+
+    `pool="mean"` skips the prefix tokens: CLS and registers are not part of the image's
+    area. The seed toolkit's `encode_images` keeps them (skip 0): its embedding of a model
+    without a pooler is `vision_utils.pool_hidden_dim` of last_hidden_state, the mean over
+    every position.
+    """
+    cu = cu_seqlens.tolist()
+    return torch.stack([tokens[a + skip:b].mean(0) for a, b in zip(cu[:-1], cu[1:])])
+
+
 def _pool_mean(f: PackedFeatures) -> torch.Tensor:
-    # over patch tokens only: CLS / register tokens are not part of the image's area
-    return torch.stack([t[f.num_prefix:].mean(0) for t in f.unpack()])
+    return mean_pool(f.tokens, f.cu_seqlens, f.num_prefix)
 
 
 POOLERS = {"model": _pool_model, "cls": _pool_cls, "mean": _pool_mean, "none": None}
@@ -374,6 +385,8 @@ def pool_features(feats: PackedFeatures, how: str) -> PackedFeatures:
     if how not in POOLERS:
         raise ValueError(f"pool={how!r}: choose one of {sorted(POOLERS)}")
     fn = POOLERS[how]
+    if fn is not None and feats.num_images == 0:  # no images: no rows, whatever the pooling
+        return replace(feats, pooled=feats.tokens.new_zeros(0, feats.tokens.shape[1]))
     return replace(feats, pooled=None if fn is None else fn(feats))
 
 

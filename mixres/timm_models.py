@@ -24,6 +24,8 @@ import os
 
 from torch import nn
 
+from mixres.presets import UnknownModelError
+
 __all__ = ["is_library_spec", "load_library_model"]
 
 _PREFIXES = ("timm:", "hf-hub:timm/", "open_clip:")
@@ -47,8 +49,6 @@ def _timm_name(name: str) -> str:
 
 def load_timm(name: str, **kwargs) -> nn.Module:
     import timm
-
-    from mixres.presets import UnknownModelError
 
     model_name = _timm_name(name)
     kwargs.setdefault("pretrained", True)
@@ -75,8 +75,6 @@ def _open_clip_args(rest: str) -> tuple[str, str | None]:
 
 def load_open_clip(name: str, **kwargs) -> nn.Module:
     import open_clip
-
-    from mixres.presets import UnknownModelError
 
     arch, pretrained = _open_clip_args(name.removeprefix("open_clip:"))
     if pretrained is not None:

@@ -350,17 +350,37 @@ def test_select_layer_penultimate():
     assert feats.pooled is None
 
 
-def test_route_falls_back_to_grouped_where_the_backend_refuses(monkeypatch):
-    # a family the packed backend has no recipe for (windowed Swin) goes grouped by itself,
-    # even when its spec asks for the packed route
+def test_a_backend_that_refuses_the_model_raises_instead_of_rerouting(monkeypatch):
+    # a spec that asks for the packed route without a recipe (windowed Swin) is an error to
+    # see, not a silent detour through the grouped route
     import dataclasses
 
     from mixres.families import FAMILIES
     spec = FAMILIES.get("swinv2")
     monkeypatch.setitem(FAMILIES._items, "swinv2", dataclasses.replace(spec, backend="packed"))
-    assert bie.route_for(build("swinv2")) == "grouped"
+    assert bie.route_for(build("swinv2")) == "packed"
+    x, dims = torch.randn(1, 1, 3, 16, 16), torch.tensor([[[16, 16]]])
+    with pytest.raises(ValueError, match="packed backend"):
+        encode_images(build("swinv2"), x, dims)
     with pytest.raises(ValueError, match="packed backend"):
         encode_images_group(build("swinv2"), [torch.randn(3, 16, 16)], route="packed")
+
+
+@pytest.mark.parametrize("broken", ["layers", "embed"])
+def test_a_recipe_that_raises_makes_encode_images_raise(monkeypatch, broken):
+    import dataclasses
+
+    from mixres.families import FAMILIES
+
+    def fail(*args, **kwargs):
+        raise ValueError(f"broken recipe {broken}")
+
+    spec = FAMILIES.get("vit")
+    recipe = dataclasses.replace(spec.recipe, **{broken: fail})
+    monkeypatch.setitem(FAMILIES._items, "vit", dataclasses.replace(spec, recipe=recipe))
+    x, dims = padded_batch()
+    with pytest.raises(ValueError, match=f"broken recipe {broken}"):
+        encode_images(build("vit"), x, dims)
 
 
 def test_gradients_flow_like_one_at_a_time():

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixres.bench.gpu import SECTIONS, Context, Skip, TimeBudget, run_section, run_suite
+from mixres.bench.gpu import SECTIONS, run_section, run_suite
+from mixres.bench.gpu_common import Context, Skip, TimeBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 

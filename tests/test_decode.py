@@ -239,7 +239,8 @@ def test_embed_fast_features_agree_with_pil_within_the_pixel_tolerance(photos, t
     kw = dict(max_image_tokens=64, shard_size=3, num_workers=0, progress=False)
     embed(folder, tmp_path / "pil", "tiny-vit", **kw)
     embed(folder, tmp_path / "fast", "tiny-vit", decode="fast", **kw)
-    with pytest.raises(ValueError, match="--decode fast"):  # a resume must keep the decoder
+    # a resume must keep the decoder (now its own setting, no longer inside `resample`)
+    with pytest.raises(ValueError, match="other settings \\(decode: 'fast' -> 'pil'\\)"):
         embed(folder, tmp_path / "fast", "tiny-vit", **kw)
     ref, got = read_features(tmp_path / "pil"), read_features(tmp_path / "fast")
     assert ref.paths == got.paths and len(ref) == 7

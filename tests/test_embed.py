@@ -68,17 +68,21 @@ def assert_same_features(out, ref, exact=True):
             assert rel_err(x.tokens, y.tokens) <= 1e-5 and rel_err(x.pooled, y.pooled) <= 1e-5, x.path
 
 
-def mixres_cmd(inp, out, *, launcher=(sys.executable,)):
-    return [*launcher, "-m", "mixres", "embed", str(inp), "--out", str(out), *CLI]
+def mixres_cmd(inp, out, *, launcher=(sys.executable,), kill=None):
+    """The command line of a child run; kill=(stage, n) kills it after its nth shard reaches stage."""
+    how = ["-m", "mixres", "embed"] if kill is None else [str(ROOT / "tests" / "embed_child.py"), kill[0],
+                                                          str(kill[1])]
+    return [*launcher, *how, str(inp), "--out", str(out), *CLI]
 
 
-def run_child(inp, out, env=None, wait=True):
-    """`python -m mixres embed` in a child process (so that it can be SIGKILLed)."""
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
+def run_child(inp, out, kill=None, wait=True):
+    """`mixres embed` in a child process (so that it can be SIGKILLed)."""
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     if not wait:
         return subprocess.Popen(mixres_cmd(inp, out), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-    return subprocess.run(mixres_cmd(inp, out), env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(mixres_cmd(inp, out, kill=kill), env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 # inputs
@@ -218,7 +222,7 @@ def test_changed_settings_are_refused(model, photos, reference, tmp_path):
 
 
 def test_out_of_memory_halves_the_batch_and_goes_on(model, photos, reference, tmp_path, monkeypatch):
-    from mixres.embed.runner import make_encoder
+    from mixres.encoders import make_encoder
 
     enc = make_encoder(model, backend="packed", max_image_tokens=16)
     real, calls = enc.forward, []
@@ -242,11 +246,11 @@ def test_out_of_memory_halves_the_batch_and_goes_on(model, photos, reference, tm
 def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(photos, reference, tmp_path):
     out = tmp_path / "out"
     # killed right after its 2nd shard is durable, before that shard's journal line: an orphan
-    r = run_child(photos, out, env={"MIXRES_TEST_KILL_AFTER": "2"})
+    r = run_child(photos, out, kill=("written", 2))
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     assert len(list(out.glob("shard-*.safetensors"))) == 2
     # resumes (drops the orphan, redoes shard 1), killed right after its first journal line
-    r = run_child(photos, out, env={"MIXRES_TEST_KILL_AFTER": "1:journal"})
+    r = run_child(photos, out, kill=("journaled", 1))
     assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
     # killed at a random moment (during start-up, a shard write, a journal append, ...)
     p = run_child(photos, out, wait=False)
@@ -259,6 +263,27 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(photos, re
     assert sorted(p.name for p in out.glob("shard-*")) == sorted(p.name for p in reference.glob("shard-*"))
     assert not list(out.glob(".*tmp*"))
     assert_same_features(out, reference)
+
+
+def test_a_resume_may_change_the_batch_budget_and_the_workers(photos, reference, tmp_path):
+    # after an out-of-memory a user resumes with a smaller --max-batch-tokens, on another machine
+    # with other --num-workers: batching never changes a feature, so the folder is the same
+    out = tmp_path / "out"
+    r = run_child(photos, out, kill=("journaled", 1))  # --max-batch-tokens 8192, 0 workers
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    fingerprint = json.loads((out / "meta.json").read_text())["fingerprint"]
+    s = embed(photos, out, "tiny-vit", **{**KW, "max_batch_tokens": 20, "num_workers": 1})
+    assert s["done_before"] == 1 and s["images"] == 7
+    assert json.loads((out / "meta.json").read_text())["fingerprint"] == fingerprint
+    assert index_of(out) == index_of(reference)
+    assert_same_features(out, reference, exact=False)  # one image per forward: fp32 rounding only
+
+
+def test_the_summary_rate_is_over_the_runs_wall_time(photos, tmp_path):
+    s = embed(photos, tmp_path / "out", "tiny-vit", **KW)
+    assert s["images_per_s"] == pytest.approx(s["images"] / s["seconds"])
+    assert 0 < s["encoder_seconds"] <= s["stream_seconds"] <= s["seconds"]
+    assert s["encoder_images_per_s"] == pytest.approx(s["images"] / s["encoder_seconds"])
 
 
 def test_torchrun_two_processes_equal_one(photos, reference, tmp_path):

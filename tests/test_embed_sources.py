@@ -114,9 +114,10 @@ def test_tar_shards_by_brace_pattern_and_file_url_equal_files(photos, reference,
     assert_same_as_files(tmp_path / "url", reference, keys)
     # the .json / .txt members are the metadata of each row
     meta = pq.read_table(tmp_path / "url" / "metadata").to_pylist()
-    assert [m["key"] for m in meta] == list(keys)
-    assert meta[5]["txt"] == "photo 5" and json.loads(meta[5]["json"]) == {"i": 5}
-    assert meta[5]["source"] == "file://" + str(shards[1])
+    assert [m["mixres_key"] for m in meta] == list(keys)
+    # the sample's own fields are columns: __key__, the .json member's keys, the .txt as caption
+    assert (meta[5]["__key__"], meta[5]["i"], meta[5]["caption"]) == ("sample005", 5, "photo 5")
+    assert meta[5]["mixres_source"] == "file://" + str(shards[1])
     # encode() reads the same source in memory (other batches: equal up to fp32 rounding)
     mem = encode(pattern, "tiny-vit", max_image_tokens=16)
     files = torch.stack([read_features(reference)[p].pooled for p in keys.values()])
@@ -134,7 +135,7 @@ def test_parquet_with_bytes_or_image_structs_equals_files(photos, reference, tmp
     embed(str(tmp_path / "pq" / "part-*.parquet"), tmp_path / "ids", "tiny-vit", id_column="uid", **KW)
     assert_same_as_files(tmp_path / "ids", reference, {p.stem: str(p) for p in photos})
     meta = pq.read_table(tmp_path / "ids" / "metadata").to_pylist()
-    assert [(m["key"], m["uid"], m["caption"]) for m in meta] == [(p.stem, p.stem, f"photo {p.stem}")
+    assert [(m["mixres_key"], m["uid"], m["caption"]) for m in meta] == [(p.stem, p.stem, f"photo {p.stem}")
                                                                      for p in photos]
 
 
@@ -201,9 +202,12 @@ def test_bad_members_land_in_errors_jsonl_and_the_run_goes_on(photos, tmp_path):
 
 # crashes and resume
 
-def run_child(inp, out, env=None, wait=True, extra=()):
-    env = {**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}
-    cmd = [sys.executable, "-m", "mixres", "embed", str(inp), "--out", str(out), *CLI, *extra]
+def run_child(inp, out, kill=None, wait=True, extra=()):
+    """`mixres embed` in a child process; kill=(stage, n) kills it after its nth shard reaches stage."""
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    how = ["-m", "mixres", "embed"] if kill is None else [str(ROOT / "tests" / "embed_child.py"), kill[0],
+                                                          str(kill[1])]
+    cmd = [sys.executable, *how, str(inp), "--out", str(out), *CLI, *extra]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -220,9 +224,9 @@ def test_kill_9_at_any_moment_then_resume_is_exact(photos, tmp_path, kind):
     ref = tmp_path / "ref"
     embed(inp, ref, "tiny-vit", **KW)
     out = tmp_path / "out"
-    r = run_child(inp, out, env={"MIXRES_TEST_KILL_AFTER": "2"})  # shard 1 durable, not journaled
+    r = run_child(inp, out, kill=("written", 2))  # shard 1 durable, not journaled
     assert r.returncode == -signal.SIGKILL, r.stderr
-    r = run_child(inp, out, env={"MIXRES_TEST_KILL_AFTER": "1:journal"})
+    r = run_child(inp, out, kill=("journaled", 1))
     assert r.returncode == -signal.SIGKILL, r.stderr
     p = run_child(inp, out, wait=False)
     time.sleep(random.Random().uniform(0.5, 8.0))
@@ -281,12 +285,12 @@ def test_pooled_and_metadata_agree_row_for_row_with_read_features(photos, refere
     keys, vectors = feats.pooled()
     assert keys == list(feats) and vectors.shape == (N, feats[0].pooled.shape[0])
     meta = pq.read_table(reference / "metadata").to_pylist()
-    assert [m["key"] for m in meta] == keys
+    assert [m["mixres_key"] for m in meta] == keys
     for i, (key, m) in enumerate(zip(keys, meta)):
         rec = feats[key]
         assert np.array_equal(vectors[i], rec.pooled.numpy())
-        assert (m["grid_h"], m["grid_w"], m["tokens"], m["sha256"]) == (*rec.grid_hw, rec.tokens.shape[0],
-                                                                         rec.sha256)
+        assert (m["mixres_grid_h"], m["mixres_grid_w"], m["mixres_tokens"], m["mixres_sha256"]) == (
+            *rec.grid_hw, rec.tokens.shape[0], rec.sha256)
     parts = sorted(reference.glob("pooled/*.npy"))
     assert [f.name for f in parts] == [f"{s:06d}.npy" for s in range(4)]
     assert np.array_equal(np.concatenate([np.load(f) for f in parts]), np.asarray(vectors))

@@ -1,13 +1,24 @@
-"""The package's shape: every module imports on its own, no top-level import cycle among
-mixres modules, and files stay small enough to read."""
+"""The package's shape: every module imports on its own, no import cycle among mixres
+modules (imports inside functions count: they only move a cycle to call time), and
+files stay small enough to read."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "mixres"
+REPO = Path(__file__).resolve().parents[1]
+ROOT = REPO / "mixres"
 MAX_LINES = 460  # "about 450": small files named for what they do
+
+# Cycles still being taken apart on another branch, each with who removes it. Nothing
+# else may be added here: a new cycle is a failure.
+KNOWN_CYCLES = {
+    frozenset({"mixres.families", "mixres.families.spec"}): "h24: families/spec (Call's default "
+                                                           "call reads families.forward_kwargs)",
+}
+# Files over MAX_LINES that another branch is reworking, with who.
+KNOWN_LONG = {"tests/test_images.py": "h24: images.py and its tests"}
 
 
 def _modules() -> dict[str, Path]:
@@ -19,42 +30,85 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _top_level_imports(path: Path, modules: dict[str, Path], package: str) -> set[str]:
-    """mixres modules imported by statements at module level (not inside functions)."""
+def _imports(path: Path, modules: dict[str, Path], package: str) -> set[str]:
+    """mixres modules imported anywhere in the file (module level, functions, classes).
+
+    `from pkg import name` is an import of the module pkg.name where there is one, else
+    of pkg itself."""
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative import
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base])
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            subs = {f"{base}.{a.name}" for a in node.names} & set(modules)
+            found |= subs if len(subs) == len(node.names) else subs | {base}
     return {m for m in found if m in modules}
 
 
-def test_no_top_level_import_cycle():
+def _graph() -> dict[str, set[str]]:
     modules = _modules()
     graph = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        graph[name] = _top_level_imports(path, modules, package) - {name}
-    state: dict[str, int] = {}  # 1 visiting, 2 done
+        graph[name] = _imports(path, modules, package) - {name}
+    return graph
 
-    def visit(node, stack):
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
-                visit(nxt, stack + [nxt])
-        state[node] = 2
 
-    for name in graph:
-        if name not in state:
-            visit(name, [name])
+def _cycles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(frozenset(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_sees_function_level_imports(tmp_path):
+    graph = {"a": {"b"}, "b": set(), "c": {"d"}, "d": {"c"}}
+    assert _cycles(graph) == [frozenset({"c", "d"})]
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from mixres.packing import pack_into_bins\n")
+    assert _imports(f, _modules(), "mixres") == {"mixres.packing"}
+
+
+def test_no_import_cycle_counting_function_level_imports():
+    graph = _graph()
+    found = _cycles(graph)
+    new = []
+    for comp in found:
+        if comp not in KNOWN_CYCLES:
+            edges = [f"{a} -> {b}" for a in sorted(comp) for b in sorted(graph[a] & comp)]
+            new.append("; ".join(edges))
+    assert not new, "import cycles: " + " | ".join(new)
+    # a known cycle that is gone must leave the list, so it cannot come back unnoticed
+    gone = [sorted(c) for c in KNOWN_CYCLES if c not in found]
+    assert not gone, f"remove from KNOWN_CYCLES, the cycle is gone: {gone}"
 
 
 def test_every_module_imports_in_a_fresh_interpreter():
@@ -65,6 +119,10 @@ def test_every_module_imports_in_a_fresh_interpreter():
 
 
 def test_files_are_small():
-    long = {str(p.relative_to(ROOT.parent)): n for p in ROOT.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    files = [p for d in ("mixres", "tests", "benchmarks", "examples") for p in (REPO / d).rglob("*.py")]
+    long = {rel: n for p in files
+            if (n := len(p.read_text().splitlines())) > MAX_LINES
+            and (rel := str(p.relative_to(REPO))) not in KNOWN_LONG}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+    fixed = [f for f in KNOWN_LONG if len((REPO / f).read_text().splitlines()) <= MAX_LINES]
+    assert not fixed, f"remove from KNOWN_LONG, the file is short now: {fixed}"

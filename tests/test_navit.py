@@ -61,6 +61,17 @@ def test_each_image_in_mixed_batch_equals_image_alone(navit):
 
 
 @torch.no_grad()
+def test_the_packed_backend_runs_navit_through_its_family_recipe(navit):
+    # NaViT is a family with a Recipe (its own layer runner), so the packed backend takes it too
+    from mixres.encoders import load_encoder
+
+    images = _images()
+    feats = load_encoder(navit, backend="packed").encode(images)
+    for i, img in enumerate(images):
+        tokens, pooled, _ = _alone(navit, img)
+        assert rel_err(feats.unpack()[i], tokens) <= 1e-5 and rel_err(feats.pooled[i], pooled) <= 1e-5
+
+
 def test_logits_equal_vit_pytorch_batched_forward(navit):
     images = _images()
     logits = navit.mlp_head(_encode(navit, images).pooled)

@@ -22,7 +22,7 @@ from test_timm import assert_unchanged, snapshot
 from mixres import vision_utils
 from mixres.encoders import load_encoder
 from mixres.families import OPENAI_CLIP
-from mixres.presets import load_model
+from mixres.loading import load_model
 
 BASE = dict(image_size=64, patch_size=16, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=32,
             output_tokens=True)

@@ -134,7 +134,7 @@ def test_chunking_and_order_do_not_change_results(family):
 def gradients(model, imgs, backend):
     """Parameter gradients of a fixed random projection of the features (tokens + pooled)."""
     model.zero_grad()
-    feats = encoder(model, backend=backend).encode(imgs)
+    feats = encoder(model, backend=backend).encode(imgs, grad=True)  # an eval-mode model asks
     # random weights: a plain sum through a layernorm cancels to ~0 and measures only noise
     g = torch.Generator().manual_seed(1)
     loss = (feats.tokens * torch.randn(feats.tokens.shape, generator=g)).sum() \

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from mixres import presets
+from mixres import loading, presets
 from mixres import vision_utils as vu
-from mixres.presets import UnknownModelError, build, list_presets, load_model, state_digest
+from mixres.loading import load_model
+from mixres.presets import UnknownModelError, build, list_presets, state_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["tiny-vit", "tiny-clip", "tiny-siglip", "tiny-siglip2", "tiny-dinov2"]
@@ -98,8 +99,8 @@ def test_unknown_name_fails_at_once_with_one_clear_line(monkeypatch):
 def test_near_miss_of_a_preset_fails_before_asking_the_hub(monkeypatch):
     def no_hub(*a, **k):
         raise AssertionError("the Hub was asked about a preset typo")
-    monkeypatch.setattr(presets.tf.AutoModel, "from_pretrained", no_hub)
-    monkeypatch.setattr(presets, "_hub_unreachable", no_hub)
+    monkeypatch.setattr(loading.tf.AutoModel, "from_pretrained", no_hub)
+    monkeypatch.setattr(loading, "_hub_unreachable", no_hub)
     with pytest.raises(UnknownModelError, match=r"Did you mean 'tiny-vit'\?") as info:
         load_model("tiny-vitt")
     assert "\n" not in str(info.value)
@@ -109,12 +110,12 @@ def test_unreachable_hub_is_said_once_at_once(monkeypatch):
     import time
 
     calls = []
-    monkeypatch.setattr(presets, "_hub_unreachable", lambda: "huggingface.co:443: no route")
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: "huggingface.co:443: no route")
 
     def cache_only(name, **kw):
         calls.append(kw.get("local_files_only"))
         raise OSError("not in cache")
-    monkeypatch.setattr(presets.tf.AutoModel, "from_pretrained", cache_only)
+    monkeypatch.setattr(loading.tf.AutoModel, "from_pretrained", cache_only)
     t0 = time.perf_counter()
     with pytest.raises(UnknownModelError, match="the Hub is unreachable .*no route.* not in the local cache"):
         load_model("someorg/some-vision-model")

@@ -16,7 +16,7 @@ from conftest import rel_err
 
 from mixres import vision_utils
 from mixres.encoders import load_encoder
-from mixres.presets import UnknownModelError, load_model
+from mixres.loading import UnknownModelError, load_model
 
 SMALL = dict(pretrained=False, num_classes=0, depth=2, embed_dim=64, num_heads=2)
 VIT = dict(SMALL, img_size=64, dynamic_img_size=True)

@@ -78,6 +78,19 @@ def test_resume_continues_exactly(tmp_path):
     torch.load(latest_checkpoint(cut) / "train_state.pt", weights_only=True)
 
 
+def test_activation_checkpointing_of_the_named_blocks_changes_no_loss(tmp_path):
+    manifest = _write_manifest(tmp_path)
+    vit = {"name": "vit", "hidden": 32, "layers": 2, "heads": 4, "patch_size": 8}
+    cfg = _config(manifest, steps=3)
+    cfg["vlm"]["encoder"] = vit
+    assert len(build_vlm(cfg["vlm"]).blocks()) == 3  # the ViT tower, the LM's 2 blocks
+    train(cfg, tmp_path / "plain")
+    train(_config(manifest, steps=3, activation_checkpointing=True) | {"vlm": cfg["vlm"]}, tmp_path / "ckpt")
+    plain, ckpt = _losses(tmp_path / "plain"), _losses(tmp_path / "ckpt")
+    assert [s for s, _ in ckpt] == [s for s, _ in plain] == [1, 2, 3]
+    assert [x for _, x in ckpt] == pytest.approx([x for _, x in plain], rel=1e-6)
+
+
 # freeze stages
 
 def test_freeze_stages_adapter_then_lm(tmp_path):
@@ -164,7 +177,10 @@ def _worker(rank, world, port, manifest, outs):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for how, out in outs.items():
-            train(_config(manifest, steps=4, parallel=how), out)
+            if how == "fsdp_bf16":
+                train(_config(manifest, steps=3, parallel="fsdp", precision="bf16"), out)
+            else:
+                train(_config(manifest, steps=4, parallel=how), out)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -174,10 +190,18 @@ def test_ddp_and_fsdp_on_two_processes_match_one(tmp_path):
 
     manifest = _write_manifest(tmp_path, n=16)
     ref = train(_config(manifest, steps=4, accum=2), tmp_path / "one")  # same global batch
-    outs = {"ddp": str(tmp_path / "ddp"), "fsdp": str(tmp_path / "fsdp")}
+    outs = {"ddp": str(tmp_path / "ddp"), "fsdp": str(tmp_path / "fsdp"),
+            "fsdp_bf16": str(tmp_path / "fsdp_bf16")}
     # fork: the children reuse the imported modules (spawn re-imports torch: seconds each)
     mp.start_processes(_worker, args=(2, _free_port(), str(manifest), outs), nprocs=2, join=True,
                        start_method="fork")
+    # FSDP2 with bf16 on: parameters gathered in bf16 (its mixed-precision policy), gradients
+    # reduced in fp32; the same steps as one process under bf16 autocast, to bf16's precision
+    train(_config(manifest, steps=3, accum=2, precision="bf16"), tmp_path / "one_bf16")
+    got, want = _losses(tmp_path / "fsdp_bf16"), _losses(tmp_path / "one_bf16")
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3]
+    assert [x for _, x in got] == pytest.approx([x for _, x in want], rel=1e-3)
+    del outs["fsdp_bf16"]
     want = _losses(tmp_path / "one")
     w_ref = load_weights(latest_checkpoint(tmp_path / "one") / "model.safetensors")
     for how in outs:
@@ -199,7 +223,7 @@ def test_ddp_and_fsdp_on_two_processes_match_one(tmp_path):
 def test_synthetic_run_beats_blank_images(tmp_path):
     """A short run of the synthetic task (its ViT encoder trained from scratch) reads the colour
     and more off the image; the same run on blank images cannot do better than chance."""
-    from mixres.vlm.training.train import synthetic_config
+    from mixres.vlm.training.synthetic import synthetic_config
 
     results = {}
     for blank in (False, True):

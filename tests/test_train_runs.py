@@ -79,6 +79,17 @@ def test_resume_reads_the_run_config_and_refuses_changes(tmp_path):
         train(cfg, out, resume=True)
 
 
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path):
+    manifest = _write_manifest(tmp_path)
+    out = tmp_path / "done"
+    train(_config(manifest, steps=2), out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = _cli("train", "--resume", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "already at step 2 of 2\n"
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_a_run_loads_for_inference(tmp_path):
     from mixres.vlm import load_run
 
@@ -142,7 +153,7 @@ def test_llava_records_with_one_or_several_images(tmp_path):
     lab = batch.labels
     trained = vlm.tokenizer.decode(lab[lab != -100].tolist())
     assert trained == "a boxsame\nyes"  # assistant turns (and <eos>s) only
-    from mixres.vlm.training.train import sample_length
+    from mixres.vlm.training.data import sample_length
 
     for i in range(2):  # planned lengths equal collated ones
         assert sample_length(vlm, ds[i], ds.image_sizes(i)) == vlm.collator.num_positions(ds[i])

@@ -257,7 +257,7 @@ def test_loss_is_next_token_cross_entropy_within_each_sample():
     losses = []
     for s in ss:
         bi = vlm.collate([s])
-        full = vlm.lm.head(vlm.strategy.forward(vlm.lm, bi, vlm.encode_images(bi)))
+        full = vlm.lm.head(vlm.strategy.forward(vlm.lm, bi, vlm.image_tokens(bi)))
         lab = bi.labels
         keep = lab[1:] != IGNORE
         losses.append(torch.nn.functional.cross_entropy(full[:-1][keep], lab[1:][keep], reduction="sum"))
@@ -337,7 +337,7 @@ def test_hf_lm_packed_equals_the_unmodified_model_on_each_sample(which, request)
     out = vlm(vlm.collate(ss)).unpack()
     for s, got in zip(ss, out):
         b = vlm.collate([s])
-        x = vlm.strategy.embed(vlm.lm, b, vlm.encode_images(b))
+        x = vlm.strategy.embed(vlm.lm, b, vlm.image_tokens(b))
         ref = ref_model(inputs_embeds=x[None]).logits[0][b.text_positions]
         assert rel_err(got, ref) <= 1e-5
 
@@ -390,6 +390,18 @@ def test_encoder_specs_name_backends_and_models():
     s = samples()[1]
     s = dict(s, images=[img(2, 3, 1, p=16), img(1, 5, 2, p=16)])
     assert rel_err(alone(packed, s), alone(loop, s)) <= 1e-5
+
+
+def test_a_tower_of_your_own_names_its_blocks():
+    from mixres.vlm import RandomTower
+
+    tower = RandomTower(hidden=32, patch_size=8)
+    del tower.blocks  # a tower written before `blocks` was part of the interface
+    with pytest.raises(TypeError, match="tower RandomTower lacks `blocks`"):
+        build_vlm({"encoder": tower, "lm": LM})
+    tower.blocks = ()
+    vlm = build_vlm({"encoder": tower, "lm": LM})
+    assert vlm.blocks() == list(vlm.lm.blocks) and len(vlm.blocks()) == LM["layers"]
 
 
 def test_mot_routes_each_token_to_its_modality_weights():

@@ -50,6 +50,25 @@ def test_cross_attention_at_init_is_the_bare_lm(lm_dir, every, blocks):
         assert torch.equal(vlm.lm.model.state_dict()[k], v)
 
 
+def test_an_lm_passed_in_is_left_as_it_was_given():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    # 258 ids: the byte tokenizer needs 260, so the VLM grows its vocabulary, not the user's
+    mine = tf.LlamaForCausalLM(tf.LlamaConfig(**{**LLAMA, "vocab_size": 258}, attn_implementation="sdpa"))
+    mine.eval()
+    vlm = build_vlm({"encoder": ENC, "adapter": "mlp2", "lm": mine, "tokenizer": "bytes",
+                     "max_seq_tokens": 512, "max_image_tokens": 256}).eval()
+    assert mine.config._attn_implementation == "sdpa"
+    assert mine.get_input_embeddings().num_embeddings == mine.config.vocab_size == 258
+    assert vlm.lm.vocab_size == 260
+    # the VLM runs the very same layer weights, through its varlen attention
+    assert vlm.lm.model.model.layers[0].mlp.up_proj.weight is mine.model.layers[0].mlp.up_proj.weight
+    batch = vlm.collate([{"text": "Hi there"}], add_eos=False)
+    got = vlm(batch).logits[:, :258]
+    assert rel_err(got, mine(input_ids=batch.input_ids[None]).logits[0]) <= 1e-5
+
+
 def test_mot_at_init_is_joint_decoder(lm_dir):
     mot, joint = make(lm_dir, "mot"), make(lm_dir, "joint_decoder")
     joint.adapter.load_state_dict(mot.adapter.state_dict())
@@ -136,21 +155,20 @@ def test_conversations_train_only_assistant_turns(tmp_path, template):
 def test_content_accuracy_with_a_bpe_tokenizer(tmp_path):
     """Perfect predictions score 1: word spans come from one tokenization's offsets (encoding
     prefixes separately gave an empty span to every word after a space)."""
-    from mixres.vlm.training.metrics import content_hits, token_spans
-    from mixres.vlm.training.synthetic import content_spans
+    from mixres.vlm.training.metrics import content_hits, token_spans, word_spans
 
     tok = _bpe_tokenizer(tmp_path / "tok")
     vlm = build_vlm({"encoder": ENC, "tokenizer": str(tok), "lm": {"hidden": 32, "layers": 1, "heads": 4,
                                                                      "kv_heads": 2}})
     response = "a green circle top left"
-    spans = token_spans(vlm.tokenizer, response, content_spans(response))
+    spans = token_spans(vlm.tokenizer, response, word_spans(response))
     assert all(b > a for a, b in spans) and spans[0] == (0, 1)
     batch = vlm.collate([{"images": [img(2, 2, 1)], "prompt": "picture:", "response": response}])
     # logits that predict every next token exactly
     V = vlm.lm.vocab_size
     nxt = torch.cat([batch.labels[1:], batch.labels[:1]])
     logits = torch.nn.functional.one_hot(nxt.clamp_min(0), V).float()[batch.text_positions]
-    meta = [{"response": response, "content_spans": content_spans(response)}]
+    meta = [{"response": response, "content_spans": word_spans(response)}]
     assert content_hits(batch, logits, meta, vlm.tokenizer) == (5, 5)
 
 

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "embed": "mixres.bench.embed",
     "gpu": "mixres.bench.gpu",
     "search": "mixres.bench.search",
+    "serve": "mixres.bench.serve",
 }
 
 
@@ -28,11 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments (see --help after the name)")
 
 
-def run(args) -> int:
-    module = importlib.import_module(BENCHMARKS[args.benchmark])
-    if not hasattr(module, "add_arguments"):  # a benchmark with its own main(argv)
-        return int(module.main(args.args) or 0)
-    parser = argparse.ArgumentParser(prog=f"mixres bench {args.benchmark}",
+def benchmark_parser(name: str):
+    """(module, its argparse parser, or None for a benchmark that parses in its own main)."""
+    module = importlib.import_module(BENCHMARKS[name])
+    if not hasattr(module, "add_arguments"):
+        return module, None
+    parser = argparse.ArgumentParser(prog=f"mixres bench {name}",
                                      description=(module.__doc__ or "").splitlines()[0])
     module.add_arguments(parser)
+    return module, parser
+
+
+def run(args) -> int:
+    module, parser = benchmark_parser(args.benchmark)
+    if parser is None:  # a benchmark with its own main(argv)
+        return int(module.main(args.args) or 0)
     return int(module.run(parser.parse_args(args.args)) or 0)

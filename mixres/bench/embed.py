@@ -171,17 +171,19 @@ def time_pipeline(enc, model_name, folder, decode, workers, args, engine="local"
         shutil.rmtree(out, ignore_errors=True)
     if s["errors"]:
         raise RuntimeError(f"mixres embed --engine {engine} --decode {decode}: {s['errors']} inputs failed")
+    # the stream: from the first loaded model to the last shard (start-up is not the pipeline)
     row = {"engine": engine, "decode": decode, "workers": workers if engine == "local" else None,
-           "images_per_s": s["images_per_s"], "seconds": s["encode_seconds"], "images": s["images"]}
+           "images_per_s": s["images"] / max(s["stream_seconds"], 1e-9), "seconds": s["stream_seconds"],
+           "images": s["images"]}
     if engine == "ray":
-        row.update(ray_actors=s["ray_actors"], ray_cpus_per_actor=args.ray_cpus_per_actor)
+        row.update(ray_actors=s["encoders"], ray_cpus_per_actor=args.ray_cpus_per_actor)
     return row
 
 
 def _start_local_ray():
     """(ray, started by us, why not): the Ray engine's own local Ray for the Ray rows (a running
     session is used and left running), or the reason there is none."""
-    from mixres.embed.ray_engine import import_ray, start_ray
+    from mixres.embed.engines.ray_data import import_ray, start_ray
 
     try:
         ray = import_ray()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mixres.bench.gpu import Context, Skip, needs
+from mixres.bench.gpu_common import Context, Skip, needs
 
 OPTIONAL = ("vit_pytorch", "ray", "webdataset", "timm", "pyarrow", "open_clip", "matplotlib")
 

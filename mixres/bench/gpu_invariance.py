@@ -16,7 +16,7 @@ import copy
 
 import torch
 
-from mixres.bench.gpu import Context
+from mixres.bench.gpu_common import Context
 
 FP32_TOL = 1e-5
 BF16_BAR = 1.5

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mixres.bench.gpu import Context
+from mixres.bench.gpu_common import Context
 
 ENCODER_METHODS = ("packed", "grouped", "loop", "masked")
 
@@ -254,7 +254,7 @@ def embed_check(model, folder: Path, out: Path, device, dtype, budget: int, work
         t_enc = time.perf_counter() - t0
     return {"files": len(paths), "images": s["images"], "errors": s["errors"], "tokens": s["tokens"],
             "embed_wall_seconds": wall, "embed_images_per_s": s["images"] / wall,
-            "embed_encode_images_per_s": s["images_per_s"],
+            "embed_encode_images_per_s": s["images"] / max(s["stream_seconds"], 1e-9),
             "encoder_images_per_s": len(tensors) / t_enc, "decode_seconds_one_process": decode,
             "embed_vs_encoder": (s["images"] / wall) / (len(tensors) / t_enc),
             "max_batch_tokens": budget, "num_workers": workers, "decode": decode}

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from mixres.bench.gpu import Context
+from mixres.bench.gpu_common import Context
 
 STRATEGIES = ("joint_decoder", "cross_attention", "mot")
 

@@ -94,9 +94,9 @@ def build_model(spec: str):
     if spec in EXTRA_BUILDERS:
         return EXTRA_BUILDERS[spec]()
     if spec.startswith(("timm:", "open_clip:")):
-        from mixres.presets import load_model
+        from mixres.loading import load_model
         return load_model(spec, model_kwargs={"pretrained": False} if spec.startswith("timm:") else None)
-    from mixres.presets import load_model
+    from mixres.loading import load_model
     return load_model(spec)
 
 

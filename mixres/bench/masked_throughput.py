@@ -30,19 +30,20 @@ def _loop(model, images):
         return [model(img[None], interpolate_pos_encoding=True).last_hidden_state[0] for img in images]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-vit", help="preset name (a ViT)")
-    ap.add_argument("--n", type=int, default=32, help="images in the mixed-N workload")
-    ap.add_argument("--min-image-tokens", type=int, default=64)
-    ap.add_argument("--max-image-tokens", type=int, default=256)
-    ap.add_argument("--max-batch-tokens", type=int, default=None,
-                    help="token budget of one masked forward (default: all images at once)")
-    ap.add_argument("--max-padding", type=float, default=1.25, help="r of the masked-r variant")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=None, help="write JSON here")
-    args = ap.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-vit", help="preset name (a ViT)")
+    p.add_argument("--n", type=int, default=32, help="images in the mixed-N workload")
+    p.add_argument("--min-image-tokens", type=int, default=64)
+    p.add_argument("--max-image-tokens", type=int, default=256)
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="token budget of one masked forward (default: all images at once)")
+    p.add_argument("--max-padding", type=float, default=1.25, help="r of the masked-r variant")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="write JSON here")
+
+
+def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -81,6 +82,12 @@ def main(argv=None) -> int:
         write_json({"args": vars(args), "env": env_info(), "tokens": tokens, "padded_tokens": padded,
                     "seconds": best, "tokens_per_s": tps, "over_loop": ratios}, args.out)
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

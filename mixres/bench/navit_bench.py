@@ -83,18 +83,19 @@ def navit_rows(model="tiny-navit", n: int = 32, seed: int = 0, device="cpu",
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny-navit")
-    ap.add_argument("--n", type=int, default=32, help="images in the mixed-N workload")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--token-budget", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (1 gives stable numbers on an oversubscribed machine)")
-    args = ap.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny-navit")
+    p.add_argument("--n", type=int, default=32, help="images in the mixed-N workload")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--token-budget", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives stable numbers on an oversubscribed machine)")
+
+
+def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = navit_rows(args.model, args.n, args.seed, args.device, getattr(torch, args.dtype),
@@ -106,6 +107,12 @@ def main(argv=None) -> int:
         print(f"| {r['method']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | "
               f"{r['ratio_vs_vit_pytorch']:.2f} |")
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def _fallback(name: str):
 
 def load_model(name: str, model_kwargs: dict | None = None):
     try:
-        from mixres.presets import load_model as load
+        from mixres.loading import load_model as load
     except ImportError:
         return _fallback(name).eval()
     return load(name, model_kwargs=model_kwargs).eval()

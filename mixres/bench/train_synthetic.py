@@ -40,7 +40,8 @@ BAR = {"joint_decoder": 0.95, "cross_attention": 0.90, "mot": 0.90}
 def _one(strategy: str, blank: bool, minutes: float, reserve: float, steps: int, threads: int,
          out: Path, lm: str | None = None) -> dict:
     """Run one training in-process (called in the child)."""
-    from mixres.vlm.training.train import synthetic_config, train
+    from mixres.vlm.training.synthetic import synthetic_config
+    from mixres.vlm.training.train import train
 
     cfg = synthetic_config(strategy, blank=blank, lm=lm, **({"steps": steps} if steps else {}))
     cfg["train"].update(time_limit=minutes * 60 - reserve, progress=False, threads=threads)
@@ -83,8 +84,7 @@ def _cores(v) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results/train_synthetic")
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     p.add_argument("--minutes", type=float, default=5.0, help="wall-time budget of each run")
@@ -104,7 +104,9 @@ def main(argv=None) -> int:
                    help="first save a tiny random HF Llama (the built-in decoder's size) to --lm if it "
                         "is not there (mixres.vlm.training.synthetic.save_tiny_llama)")
     p.add_argument("--child", nargs=2, metavar=("STRATEGY", "BLANK"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+
+
+def run(args) -> int:
     out = Path(args.out)
     if args.child:
         strategy, blank = args.child[0], args.child[1] == "1"
@@ -198,6 +200,12 @@ def main(argv=None) -> int:
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def load(spec: str):
         return _seeded(LOCAL[spec])
     if spec.endswith("navit"):
         import mixres.models.navit  # noqa: F401  (registers the NaViT presets)
-    from mixres.presets import load_model
+    from mixres.loading import load_model
     return load_model(spec).eval()
 
 

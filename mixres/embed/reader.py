@@ -99,6 +99,7 @@ class Features(Mapping):
             raise FileNotFoundError(f"{index}: no index; is {self.root} the --out folder of a "
                                     "finished `mixres embed` run? (rerun the command to finish it)")
         self.meta = json.loads((self.root / "meta.json").read_text())
+        self.layout = self.meta.get("settings", {}).get("layout", "mixres")
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{self.root}/meta.json: format {self.meta.get('format')!r}, "
                              f"expected {FORMAT!r}")
@@ -172,8 +173,8 @@ class Features(Mapping):
             a, b = int(t["cu_seqlens"][r]), int(t["cu_seqlens"][r + 1])
             tokens = t["tokens"][a:b]
             pooled = t["pooled"][r] if "pooled" in t else None
-        elif (self.root / pooled_name(row["part"])).is_file():  # --no-tokens
-            pooled = torch.from_numpy(np.array(np.load(self.root / pooled_name(row["part"]),
+        elif (self.root / pooled_name(row["part"], self.layout)).is_file():  # --no-tokens
+            pooled = torch.from_numpy(np.array(np.load(self.root / pooled_name(row["part"], self.layout),
                                                        mmap_mode="r")[r]))
         return FeatureRecord(row["key"], tokens, pooled, tuple(row["grid"]), int(self.meta["num_prefix"]),
                              row["sha256"], row.get("source", ""), row)
@@ -186,7 +187,7 @@ class Features(Mapping):
                 order.append(r["part"])
             keys.append(r["key"])
         for part in order:
-            path = self.root / pooled_name(part)
+            path = self.root / pooled_name(part, self.layout)
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no pooled vectors (made with --pool none, or by a "
                                         "version before pooled/; `mixres verify` checks a folder)")

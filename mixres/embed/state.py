@@ -1,12 +1,14 @@
-"""The state of a `mixres embed` output folder: its settings, and repair after a crash.
+"""The state of a `mixres embed` output folder: what it was made with, and repair after a crash.
 
-`Settings` is everything that changes the features on disk (model, backend, layer,
-pooling, preprocessing, dtypes, batching, shard size). Its fingerprint is stored in
-meta.json; a rerun in the same folder with other settings is refused, naming what
-changed, because mixing features of two configurations in one index would be silent
-corruption. `prepare_out_dir` (rank 0, before any rank writes) applies the journal
-rules of `mixres.embed.store`: torn journal lines and records whose shard is missing
-are dropped, shards no record points at are deleted.
+What a folder's features depend on is the model (`ModelFacts`: its class, config, weights,
+dtype, patch size, mean/std, prefix tokens) and the feature fields of `EmbedConfig`
+(layer, pooling, preprocessing, decoder, dtypes, shard size, layout). Together they are
+the folder's `settings` in meta.json and its fingerprint; a rerun in the same folder with
+other settings is refused, naming what changed, because mixing features of two
+configurations in one index would be silent corruption. How fast a run goes (batch
+budget, workers, device, engine) is not part of it. `prepare_out_dir` (rank 0, before any
+rank writes) applies the journal rules of `mixres.embed.store`: torn journal lines and
+records whose shard is missing are dropped, shards no record points at are deleted.
 """
 
 from __future__ import annotations
@@ -21,20 +23,28 @@ from pathlib import Path
 
 import torch
 
+from mixres.embed.config import EmbedConfig
 from mixres.embed.store import (
     FORMAT,
     JOURNAL_GLOB,
+    LAYOUTS,
     _fsync_dir,
     item_key,
     read_journals,
+    schema_from_json,
+    schema_to_json,
     unique_records,
     write_json,
     write_jsonl,
 )
+from mixres.encoders import resolve_pool
+from mixres.images import DEFAULT_MAX_PIXELS
 
-_PREPROCESSING = ("patch_size", "mean", "std", "resample", "min_image_tokens", "max_image_tokens",
+__all__ = ["ModelFacts", "RunSettings", "prepare_out_dir", "done_shards", "finish_meta"]
+
+_PREPROCESSING = ("patch_size", "mean", "std", "decode", "min_image_tokens", "max_image_tokens",
                   "max_pixels")
-_STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def _weights_probe(model: torch.nn.Module) -> str:
@@ -62,60 +72,65 @@ def _config_digest(model: torch.nn.Module) -> str:
 
 
 @dataclass
-class Settings:
+class ModelFacts:
+    """What the loaded model is, as far as its features go."""
+
     model: str
     model_class: str
     model_config: str
     weights: str
-    backend: str
-    select_layer: int
-    pool: str
     dtype: str
-    store_dtype: str
     patch_size: int
     mean: list
     std: list
-    resample: str
-    min_image_tokens: int
-    max_image_tokens: int | None
-    max_pixels: int | None
-    max_batch_tokens: int | None
-    shard_size: int
     num_prefix: int
-    write_tokens: bool = True  # False: --no-tokens (pooled/ + metadata/ only)
 
     @classmethod
-    def of(cls, enc, model, model_name=None, *, pool, min_image_tokens, max_image_tokens, max_pixels,
-           max_batch_tokens, store_dtype, shard_size, write_tokens=True) -> Settings:
+    def of(cls, enc, model, model_name: str | None = None) -> ModelFacts:
         if model_name is None:
             if isinstance(model, (str, os.PathLike)):
                 model_name = os.path.abspath(model) if Path(model).exists() else os.fspath(model)
             else:
                 model_name = type(enc.model).__name__
-        if store_dtype == "auto":
-            # bf16 has no numpy dtype; float32 holds it exactly
-            store_dtype = "float16" if enc.dtype == torch.float16 else "float32"
-        if store_dtype not in _STORE_DTYPES:
-            raise ValueError(f"store_dtype={store_dtype!r}: choose auto, {', '.join(_STORE_DTYPES)}")
         mean, std = enc.mean_std
         return cls(model=model_name, model_class=type(enc.model).__name__,
                    model_config=_config_digest(enc.model), weights=_weights_probe(enc.model),
-                   backend=enc.backend, select_layer=enc.select_layer, pool=pool,
-                   dtype=str(enc.dtype).removeprefix("torch."), store_dtype=store_dtype,
-                   patch_size=enc.patch_size, mean=[float(x) for x in mean], std=[float(x) for x in std],
-                   resample="bicubic", min_image_tokens=min_image_tokens, max_image_tokens=max_image_tokens,
-                   max_pixels=max_pixels, max_batch_tokens=max_batch_tokens, shard_size=shard_size,
-                   num_prefix=enc.num_prefix, write_tokens=write_tokens)
+                   dtype=str(enc.dtype).removeprefix("torch."), patch_size=enc.patch_size,
+                   mean=[float(x) for x in mean], std=[float(x) for x in std], num_prefix=enc.num_prefix)
 
-    @property
-    def torch_store_dtype(self) -> torch.dtype:
-        return _STORE_DTYPES[self.store_dtype]
+
+@dataclass
+class RunSettings:
+    """A run's config (pool and dtypes resolved against the encoder) with the model's facts:
+    what meta.json records as "settings" and fingerprints."""
+
+    config: EmbedConfig
+    facts: ModelFacts
+
+    @classmethod
+    def of(cls, config: EmbedConfig, enc, model) -> RunSettings:
+        store = config.store_dtype
+        if store == "auto":  # bf16 has no numpy dtype; float32 holds it exactly
+            store = "float16" if enc.dtype == torch.float16 else "float32"
+        pooled = store if config.pooled_dtype == "auto" else config.pooled_dtype
+        max_pixels = DEFAULT_MAX_PIXELS if config.max_pixels is None else config.max_pixels
+        resolved = EmbedConfig.of(config, pool=resolve_pool(config.pool, enc), store_dtype=store,
+                                  pooled_dtype=pooled, backend=enc.backend, max_pixels=max_pixels)
+        return cls(resolved, ModelFacts.of(enc, model, config.model_name))
+
+    def record(self) -> dict:
+        return {**asdict(self.facts), **self.config.features()}
 
     def fingerprint(self) -> str:
-        d = asdict(self)
-        if d["write_tokens"]:
-            del d["write_tokens"]  # folders made before --no-tokens existed keep their fingerprint
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        return STORE_DTYPES[self.config.store_dtype]
+
+    @property
+    def pooled_dtype(self) -> torch.dtype:
+        return STORE_DTYPES[self.config.pooled_dtype]
 
 
 def _versions() -> dict:
@@ -130,14 +145,29 @@ def _versions() -> dict:
             "pillow": PIL.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
 
 
-def _check_settings(root: Path, meta: dict, settings: Settings) -> None:
+def _upgraded(old: dict) -> dict:
+    """Settings of a folder written by an earlier version, in today's names: the decoder was
+    kept inside `resample`, the newer fields had their defaults, max_batch_tokens is no
+    longer a setting of the features."""
+    old = dict(old)
+    resample = old.pop("resample", "bicubic")
+    old.setdefault("decode", resample.removeprefix("bicubic (--decode ").removesuffix(")")
+                   if "--decode" in resample else "pil")
+    old.setdefault("write_tokens", True)
+    old.setdefault("normalize", False)
+    old.setdefault("layout", "mixres")
+    old.setdefault("pooled_dtype", old.get("store_dtype"))
+    return old
+
+
+def _check_settings(root: Path, meta: dict, settings: RunSettings) -> None:
     if meta.get("fingerprint") == settings.fingerprint():
         return
-    old = meta.get("settings", {})
-    new = asdict(settings)
+    old, new = _upgraded(meta.get("settings", {})), settings.record()
     diff = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
-    raise ValueError(f"{root} holds features made with other settings ({'; '.join(diff) or 'format'}); "
-                     "use another --out, or delete the folder to start over")
+    if diff:
+        raise ValueError(f"{root} holds features made with other settings ({'; '.join(diff)}); "
+                         "use another --out, or delete the folder to start over")
 
 
 def _expected(paths: list[str], shard: int, size: int) -> list[tuple[int, str]]:
@@ -187,17 +217,19 @@ def _check_source(root: Path, meta: dict, source: dict) -> None:
                      f"({'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}); use another --out")
 
 
-_OUTPUT_GLOBS = ("shard-*.safetensors", "pooled/*.npy", "metadata/*.parquet")
+_OUTPUT_GLOBS = ("shard-*.safetensors", "pooled/*.npy", "img_emb/*.npy", "metadata/*.parquet")
 
 
-def prepare_out_dir(root: Path, settings: Settings, paths: list[str], source: dict | None = None) -> None:
-    """Create or check `root` and repair what an interrupted run left (rank 0 only).
+def prepare_out_dir(root: Path, settings: RunSettings, paths: list[str], source: dict, schema):
+    """Create or check `root` and repair what an interrupted run left (rank 0 only). Returns the
+    folder's metadata schema (the one recorded at its start).
 
     paths   the keys of the items, in order; source  the source's `describe()`
+    schema  the metadata schema this source gives (a resumed folder keeps its recorded one)
     """
-    source = source or {"kind": "files"}
     root.mkdir(parents=True, exist_ok=True)
-    for sub in ("pooled", "metadata"):
+    layout = LAYOUTS[settings.config.layout]
+    for sub in {layout.pooled.split("/")[0], layout.metadata.split("/")[0]}:
         if not (root / sub).is_dir():
             (root / sub).mkdir()
             _fsync_dir(root)
@@ -207,21 +239,24 @@ def prepare_out_dir(root: Path, settings: Settings, paths: list[str], source: di
         meta = json.loads(meta_path.read_text())
         _check_settings(root, meta, settings)
         _check_source(root, meta, source)
+        if "metadata_schema" in meta:
+            schema = schema_from_json(meta["metadata_schema"])
     elif journals or any(f for g in _OUTPUT_GLOBS for f in root.glob(g)):
         raise ValueError(f"{root} holds shards or journals but no meta.json; use another --out")
     else:
+        record = settings.record()
         write_json(meta_path, {"format": FORMAT, "fingerprint": settings.fingerprint(), "source": source,
-                               "model": settings.model, "backend": settings.backend,
-                               "num_prefix": settings.num_prefix, "store_dtype": settings.store_dtype,
-                               "preprocessing": {k: asdict(settings)[k] for k in _PREPROCESSING},
-                               "settings": asdict(settings), "versions": _versions(),
-                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "model": record["model"], "backend": record["backend"],
+                               "num_prefix": record["num_prefix"], "store_dtype": record["store_dtype"],
+                               "preprocessing": {k: record[k] for k in _PREPROCESSING},
+                               "settings": record, "metadata_schema": schema_to_json(schema),
+                               "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                "status": {"complete": False}})
     keep_files, seen = set(), set()
     for path, (records, clean) in journals.items():
         kept = []
         for rec in records:
-            if rec["shard"] in seen or not _check_record(root, rec, paths, settings.shard_size):
+            if rec["shard"] in seen or not _check_record(root, rec, paths, settings.config.shard_size):
                 continue
             seen.add(rec["shard"])
             kept.append(rec)
@@ -232,9 +267,10 @@ def prepare_out_dir(root: Path, settings: Settings, paths: list[str], source: di
         for f in root.glob(g):
             if f.relative_to(root).as_posix() not in keep_files:
                 f.unlink()
-    for g in (".*.tmp*", "pooled/.*.tmp*", "metadata/.*.tmp*"):
+    for g in (".*.tmp*", "pooled/.*.tmp*", "img_emb/.*.tmp*", "metadata/.*.tmp*"):
         for f in root.glob(g):
             f.unlink()
+    return schema
 
 
 def done_shards(root: Path) -> set[int]:

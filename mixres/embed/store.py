@@ -4,9 +4,12 @@
       meta.json                   settings (+ their fingerprint), preprocessing, versions, status
       shard-000000.safetensors    the features of inputs [0, S), S = shard_size; one per shard
       shard-000001.safetensors    ...
-      pooled/000000.npy           (B, D') pooled vectors of shard 0's rows (pool != "none")
-      metadata/000000.parquet     shard 0's rows in the same order: key, source, grid_h, grid_w,
-                                  tokens, sha256 and the source's metadata fields
+      pooled/000000.npy           (B, D') pooled vectors of shard 0's rows (pool != "none"), in the
+                                  --pooled-dtype, L2-normalized under --normalize
+      metadata/000000.parquet     shard 0's rows in the same order: mixres_key, mixres_source,
+                                  mixres_grid_h, mixres_grid_w, mixres_tokens, mixres_sha256, then
+                                  the source's own fields under their own names, with one schema
+                                  for every file of the folder (meta.json "metadata_schema")
       progress-r{rank}.jsonl      journal: one line per finished shard (its rows and errors)
       index.jsonl                 one line per embedded item, in input order: key, source, shard
                                   (token file, null with --no-tokens), part (shard number), row,
@@ -14,8 +17,10 @@
       errors.jsonl                one line per rejected item: key, source, reason (+ path)
       .lock                       the lock of the run writing here (host, pid, start time)
 
-pooled/ + metadata/ are the clip-retrieval layout: `np.load` + faiss or
-`autofaiss build_index --embeddings=DIR/pooled` read them as they are.
+With --layout clip-retrieval the pooled vectors are img_emb/img_emb_NNNNNN.npy and the
+metadata metadata/metadata_NNNNNN.parquet, the names clip-retrieval writes (zero-padded, so
+that name order is shard order), so `clip-retrieval index` and `autofaiss build_index` read
+the folder as their own.
 
 A shard holds plain tensors, so `safetensors.numpy.load_file` reads it with numpy alone:
 
@@ -37,16 +42,18 @@ are derived from the journals (in input order) when a run ends.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["FORMAT", "shard_name", "pooled_name", "metadata_name", "write_shard", "write_pooled",
-           "write_metadata", "append_journal", "read_journals", "unique_records", "write_jsonl", "write_json",
-           "merge_index"]
+__all__ = ["FORMAT", "LAYOUTS", "MIXRES_COLUMNS", "shard_name", "pooled_name", "metadata_name", "write_shard",
+           "write_pooled", "write_metadata", "metadata_schema", "schema_to_json", "schema_from_json",
+           "append_journal", "read_journals", "unique_records", "write_jsonl", "write_json", "merge_index"]
 
 FORMAT = "mixres-features-1"
 JOURNAL_GLOB = "progress-r*.jsonl"
@@ -65,11 +72,15 @@ def _fsync_dir(folder: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` so that `path` is either absent/old or complete: temp name, fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
     _fsync_dir(path.parent)
 
 
@@ -85,43 +96,102 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}.safetensors"
 
 
-def pooled_name(shard: int) -> str:
-    return f"pooled/{shard:06d}.npy"
+@dataclass(frozen=True)
+class Layout:
+    """Where a shard's pooled vectors and metadata go (str.format patterns of the shard number)."""
+
+    pooled: str
+    metadata: str
 
 
-def metadata_name(shard: int) -> str:
-    return f"metadata/{shard:06d}.parquet"
+LAYOUTS = {
+    "mixres": Layout("pooled/{:06d}.npy", "metadata/{:06d}.parquet"),
+    "clip-retrieval": Layout("img_emb/img_emb_{:06d}.npy", "metadata/metadata_{:06d}.parquet"),
+}
 
 
-def write_pooled(root: Path, shard: int, pooled: torch.Tensor) -> str:
-    """pooled/NNNNNN.npy: (B, D') in the store dtype, rows in shard order."""
+def pooled_name(shard: int, layout: str = "mixres") -> str:
+    return LAYOUTS[layout].pooled.format(shard)
+
+
+def metadata_name(shard: int, layout: str = "mixres") -> str:
+    return LAYOUTS[layout].metadata.format(shard)
+
+
+def write_pooled(root: Path, shard: int, pooled: torch.Tensor, layout: str = "mixres") -> str:
+    """The (B, D') pooled vectors of a shard as .npy, rows in shard order."""
     import numpy as np
 
     buf = io.BytesIO()
     np.save(buf, pooled.contiguous().numpy())
-    name = pooled_name(shard)
+    name = pooled_name(shard, layout)
     write_atomic(root / name, buf.getvalue())
     return name
 
 
-_META_BASE = ("key", "source", "grid_h", "grid_w", "tokens", "sha256")
+# metadata: mixres' own columns carry a prefix no source field may use, so a source's own
+# `key`, `sha256`, `url`, `caption` ... keep their names and join with the source's tables
+MIXRES_COLUMNS = ("mixres_key", "mixres_source", "mixres_grid_h", "mixres_grid_w", "mixres_tokens",
+                  "mixres_sha256")
 
 
-def write_metadata(root: Path, shard: int, rows: list[dict], metas: list[dict]) -> str:
-    """metadata/NNNNNN.parquet: one row per shard row; source fields that clash get a `meta_` prefix."""
+def metadata_schema(source_fields):
+    """The one schema of every metadata file of a folder: mixres' columns, then the source's."""
+    import pyarrow as pa
+
+    ints = ("mixres_grid_h", "mixres_grid_w", "mixres_tokens")
+    own = [pa.field(n, pa.int32() if n in ints else pa.string()) for n in MIXRES_COLUMNS]
+    return pa.schema(own + list(source_fields))
+
+
+def schema_to_json(schema) -> dict:
+    """How meta.json records a schema: readable names and types, and Arrow's own bytes."""
+    return {"fields": [[f.name, str(f.type)] for f in schema],
+            "arrow": base64.b64encode(schema.serialize().to_pybytes()).decode()}
+
+
+def schema_from_json(d: dict):
+    import pyarrow as pa
+
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["arrow"])))
+
+
+def _column(values: list, t):
+    """`values` as an Arrow array of type `t`; a value that does not fit becomes text (string
+    columns) or null, so one odd sample never changes the folder's schema."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, type=t)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        pass
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v, default=str)
+                         for v in values], type=t)
+    out = []
+    for v in values:
+        try:
+            pa.array([v], type=t)
+            out.append(v)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+            out.append(None)
+    return pa.array(out, type=t)
+
+
+def write_metadata(root: Path, shard: int, rows: list[dict], metas: list[dict], schema,
+                   layout: str = "mixres") -> str:
+    """The metadata parquet of a shard: one row per shard row, written with the folder's schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = []
-    for r, m in zip(rows, metas):
-        row = {"key": r["key"], "source": r["source"], "grid_h": r["grid"][0], "grid_w": r["grid"][1],
-               "tokens": r["tokens"], "sha256": r["sha256"]}
-        for k, v in m.items():
-            row[f"meta_{k}" if k in _META_BASE else k] = v
-        table.append(row)
+    own = {"mixres_key": [r["key"] for r in rows], "mixres_source": [r["source"] for r in rows],
+           "mixres_grid_h": [r["grid"][0] for r in rows], "mixres_grid_w": [r["grid"][1] for r in rows],
+           "mixres_tokens": [r["tokens"] for r in rows], "mixres_sha256": [r["sha256"] for r in rows]}
+    cols = [_column(own[f.name] if f.name in own else [m.get(f.name) for m in metas], f.type)
+            for f in schema]
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(table), buf)
-    name = metadata_name(shard)
+    pq.write_table(pa.Table.from_arrays(cols, schema=schema), buf)
+    name = metadata_name(shard, layout)
     write_atomic(root / name, buf.getvalue())
     return name
 

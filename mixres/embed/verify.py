@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from mixres.embed.store import FORMAT, item_key, metadata_name, pooled_name, unique_records
+from mixres.embed.store import FORMAT, item_key, metadata_name, pooled_name, schema_from_json, unique_records
 from mixres.search.cache import check_cache
 
 __all__ = ["verify", "add_arguments", "run"]
@@ -63,10 +63,10 @@ def _check_tokens(root: Path, name: str, rows: list[dict], problems: list[str]) 
             problems.append(f"index.jsonl line {r['_line']}: grid/tokens differ from {name} row {i}")
 
 
-def _check_pooled(root: Path, part: int, rows: list[dict], problems: list[str]) -> None:
+def _check_pooled(root: Path, part: int, rows: list[dict], problems: list[str], layout: str) -> None:
     import numpy as np
 
-    name = pooled_name(part)
+    name = pooled_name(part, layout)
     try:
         a = np.load(root / name, mmap_mode="r")
     except FileNotFoundError:
@@ -79,15 +79,20 @@ def _check_pooled(root: Path, part: int, rows: list[dict], problems: list[str]) 
         problems.append(f"{name}: shape {a.shape}, index.jsonl has {len(rows)} rows of shard {part}")
 
 
-def _check_metadata(root: Path, part: int, rows: list[dict], problems: list[str]) -> None:
+def _check_metadata(root: Path, part: int, rows: list[dict], problems: list[str], layout: str,
+                    schema) -> None:
     import pyarrow.parquet as pq
 
-    name = metadata_name(part)
+    name = metadata_name(part, layout)
     if not (root / name).is_file():
         problems.append(f"{name}: missing (index rows {_lines(rows)} point at it)")
         return
     try:
-        keys = pq.read_table(root / name, columns=["key"]).column("key").to_pylist()
+        got = pq.read_schema(root / name)
+        if schema is not None and not got.remove_metadata().equals(schema):
+            problems.append(f"{name}: its schema differs from the folder's (meta.json metadata_schema)")
+        column = "mixres_key" if "mixres_key" in got.names else "key"  # folders before mixres_ columns
+        keys = pq.read_table(root / name, columns=[column]).column(column).to_pylist()
     except Exception as e:
         problems.append(f"{name}: unreadable or incomplete ({type(e).__name__}: {e})")
         return
@@ -127,6 +132,8 @@ def verify(root) -> list[str]:
         r["key"] = key
         by_part[r.get("part", r.get("shard"))].append(r)
     pooled = meta.get("settings", {}).get("pool", "none") != "none"
+    layout = meta.get("settings", {}).get("layout", "mixres")
+    schema = schema_from_json(meta["metadata_schema"]) if "metadata_schema" in meta else None
     known = set()
     for part, prows in sorted(by_part.items(), key=lambda kv: str(kv[0])):
         shards = {r.get("shard") for r in prows}
@@ -139,11 +146,11 @@ def verify(root) -> list[str]:
             _check_tokens(root, name, prows, problems)
         if isinstance(part, int):
             if pooled:
-                known.add(pooled_name(part))
-                _check_pooled(root, part, prows, problems)
-            known.add(metadata_name(part))
-            _check_metadata(root, part, prows, problems)
-    for pattern in ("shard-*.safetensors", "pooled/*.npy", "metadata/*.parquet"):
+                known.add(pooled_name(part, layout))
+                _check_pooled(root, part, prows, problems, layout)
+            known.add(metadata_name(part, layout))
+            _check_metadata(root, part, prows, problems, layout, schema)
+    for pattern in ("shard-*.safetensors", "pooled/*.npy", "img_emb/*.npy", "metadata/*.parquet"):
         for f in sorted(root.glob(pattern)):
             if f.relative_to(root).as_posix() not in known:
                 problems.append(f"{f.relative_to(root)}: on disk but no index row points at it")

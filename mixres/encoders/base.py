@@ -1,25 +1,27 @@
-"""What every encoder backend shares: preprocessing, token-budget chunking, ordering.
+"""What every encoder backend shares: preprocessing, token-budget chunking, ordering, autograd.
 
 A backend implements `forward(packed: PackedImages) -> PackedFeatures` for one chunk;
-`encode` turns user inputs into PackedImages, cuts them into `max_batch_tokens` bins
-with `pack_into_bins`, runs the chunks and puts the images back in input order, so
-results never depend on the chunking or on the order of the images.
+`encode` turns user inputs into PackedImages through the encoder's `Preprocessor`, cuts
+them into `max_batch_tokens` bins with `pack_into_bins` (halving the budget when the device
+runs out of memory), runs the chunks and puts the images back in input order, so results
+never depend on the chunking or on the order of the images.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from functools import cached_property
 
 import torch
 from torch import nn
 
+from mixres.families.facts import ModelFacts, model_facts
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
+from mixres.preprocess import DEFAULT_MAX_IMAGE_TOKENS, Preprocessor
 from mixres.renamed import IMAGE_TOKENS, resolve_renamed
 
 __all__ = ["Encoder", "resolve_layer", "DEFAULT_MAX_IMAGE_TOKENS"]
-
-DEFAULT_MAX_IMAGE_TOKENS = 1024
 
 
 def resolve_layer(select_layer: int, num_layers: int) -> int:
@@ -41,11 +43,14 @@ class Encoder:
     max_batch_tokens  token budget of one forward; None runs everything at once; "auto"
                       (the default) is None on accelerators and `cpu_chunk_tokens` on the
                       CPU for backends that set it: one 14k-token GEMM falls out of the CPU
-                      caches and runs slower than 2k-token chunks (measured: vit-b16,
-                      mixed-24, 2 cores: 11.1 s in one chunk, 9.5 s in 2048-token chunks)
+                      caches and runs slower than 2k-token chunks (benchmarks/README.md).
+                      A chunk that runs out of device memory halves the budget (kept for
+                      later calls, with a warning) and runs again.
     dtype, device     move the model there first (explicitly asked for by the caller)
-    min_image_tokens, max_image_tokens  resize policy for PIL images and paths (tensors are used
-                      as given and only validated)
+    decode, min_image_tokens, max_image_tokens  the `Preprocessor` of everything that is not
+                      a ready tensor (paths, bytes, PIL images, arrays, pixel tensors)
+
+    `facts` is the model's `ModelFacts`; `preprocessor` its `Preprocessor` (built on first use).
     """
 
     backend = "base"
@@ -54,7 +59,9 @@ class Encoder:
     def __init__(self, model: nn.Module, *, select_layer: int = -1,
                  max_batch_tokens: int | str | None = "auto", dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, min_image_tokens: int = 1,
-                 max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS, **renamed):
+                 max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS, decode: str = "pil", **renamed):
+        from mixres.decode import get_decoder
+
         min_image_tokens, max_image_tokens = resolve_renamed(
             renamed, IMAGE_TOKENS, type(self).__name__, min_image_tokens=min_image_tokens,
             max_image_tokens=max_image_tokens)
@@ -70,10 +77,13 @@ class Encoder:
         if max_batch_tokens is not None and (not isinstance(max_batch_tokens, int) or max_batch_tokens <= 0):
             raise ValueError(f"max_batch_tokens must be a positive int, None or 'auto', "
                              f"got {max_batch_tokens!r}")
+        get_decoder(decode)  # an unknown decoder, or cuda without a GPU: one line, at load
         self.model = model
+        self.facts: ModelFacts = model_facts(model)
         self.select_layer = select_layer
         self.max_batch_tokens = max_batch_tokens
         self.min_image_tokens, self.max_image_tokens = min_image_tokens, max_image_tokens
+        self.decode = decode
         self._check_select_layer()
 
     def _check_select_layer(self) -> None:
@@ -83,7 +93,7 @@ class Encoder:
         if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int):
             raise TypeError(f"select_layer must be an int, got {self.select_layer!r}")
         try:
-            layers = families.num_layers(self.model)
+            layers = self.facts.num_layers
         except families.UnknownImageEncoderError:  # a family mixres has no file for
             return
         try:
@@ -91,11 +101,11 @@ class Encoder:
         except ValueError as e:
             raise ValueError(f"backend {self.backend!r}, {type(self.model).__name__}: {e}") from None
 
-    # what the model expects, as its family says (mixres.families via vision_utils)
+    # what the model expects, from its facts
+
     @property
     def patch_size(self) -> int:
-        from mixres import vision_utils
-        return vision_utils.patch_size(self.model)
+        return self.facts.patch_size
 
     @property
     def grid_unit(self) -> int:
@@ -104,13 +114,13 @@ class Encoder:
 
     @property
     def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        from mixres import vision_utils
-        return vision_utils.image_mean_std(self.model)
+        return self.facts.mean_std
 
     @property
     def num_prefix(self) -> int:
-        from mixres import vision_utils
-        return vision_utils.num_prefix_tokens(self.model)
+        return self.facts.num_prefix
+
+    max_grid: tuple[int, int] | None = None  # the largest grid the model takes (NaViT's tables)
 
     @property
     def device(self) -> torch.device:
@@ -124,23 +134,31 @@ class Encoder:
 
     # inputs
 
-    def prepare(self, images) -> list[torch.Tensor]:
-        """User inputs -> list of normalized (C, H, W) tensors on the grid of the patch size."""
-        if isinstance(images, (str, Path, torch.Tensor)) or hasattr(images, "mode"):
-            images = [images]
-        if all(isinstance(img, torch.Tensor) for img in images):
-            return list(images)  # already resized and normalized; validated when packed
-        from mixres.images import preprocess
+    @cached_property
+    def preprocessor(self) -> Preprocessor:
+        # ready tensors are checked where they are packed (or cropped, by grouped and loop)
+        return Preprocessor(self, decode=self.decode, min_image_tokens=self.min_image_tokens,
+                            max_image_tokens=self.max_image_tokens, unit=self.grid_unit,
+                            max_grid=self.max_grid, check_ready=False)
 
-        mean, std = self.mean_std
-        out = []
-        for img in images:
-            if isinstance(img, torch.Tensor):
-                out.append(img)
-            else:
-                out.append(preprocess(img, self.grid_unit, min_image_tokens=self.min_image_tokens,
-                                      max_image_tokens=self.max_image_tokens, mean=mean, std=std))
-        return out
+    def prepare(self, images) -> list[torch.Tensor]:
+        """User inputs -> list of normalized (C, H, W) tensors (`Preprocessor`)."""
+        if not _is_list(images):
+            images = [images]
+        if self._all_ready(images):
+            return list(images)  # used as given; no preprocessor needed (CNNs have no resize unit)
+        return self.preprocessor.many(images)
+
+    def _all_ready(self, images) -> bool:
+        """Only float (C, H, W) tensors with the model's channels: normalized already."""
+        from mixres.families import UnknownImageEncoderError
+
+        try:
+            channels = len(self.mean_std[0])
+        except UnknownImageEncoderError:  # a family mixres has no file for
+            channels = None
+        return all(isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == 3
+                   and channels in (None, t.shape[0]) for t in images)
 
     def pack(self, images) -> PackedImages:
         if isinstance(images, PackedImages):
@@ -149,18 +167,67 @@ class Encoder:
 
     # execution
 
-    def encode(self, images: Sequence | PackedImages) -> PackedFeatures:
-        """Encode a list of images (CHW tensors, PIL images or paths) or PackedImages."""
-        packed = self.pack(images)
-        ctx = torch.enable_grad() if torch.is_grad_enabled() else torch.inference_mode()
-        with ctx:
-            return self._run_chunks(packed.to(self.device, self.dtype))
+    def encode(self, images: Sequence | PackedImages, *, grad: bool | None = None) -> PackedFeatures:
+        """Encode images (anything the `Preprocessor` takes, a list of them, or PackedImages).
+
+        grad  track gradients: None (the default) does when the model is in training mode and
+              autograd is on; True / False force it. Without gradients the call runs under
+              inference mode, or under no_grad when the caller's autograd is on (then the
+              features may still feed a trainable module, which inference tensors cannot).
+        An empty list gives empty features.
+        """
+        if not isinstance(images, PackedImages):
+            images = self.prepare(images)
+            if not images:
+                return self.empty_features()
+        with self.autograd(grad):
+            return self.run(images)
 
     __call__ = encode
 
-    def _run_chunks(self, packed: PackedImages) -> PackedFeatures:
+    def autograd(self, grad: bool | None = None):
+        if grad is None:
+            grad = self.model.training and torch.is_grad_enabled()
+        if grad:
+            return torch.enable_grad()
+        return torch.no_grad() if torch.is_grad_enabled() else torch.inference_mode()
+
+    def run(self, images: list[torch.Tensor] | PackedImages) -> PackedFeatures:
+        """The prepared images through the model, in token-budget chunks (under `autograd`)."""
+        if not isinstance(images, PackedImages):
+            images = PackedImages.from_images(images, self.patch_size)
+        packed = images.to(self.device, self.dtype)
         bins = pack_into_bins(packed.seqlens.tolist(), self.chunk_budget(packed.patches.device))
-        return self.run_groups(packed, bins, self.forward)
+        return self.run_groups(packed, bins, self._forward_or_halve)
+
+    def _forward_or_halve(self, packed: PackedImages) -> PackedFeatures:
+        """`forward`; on device out-of-memory, halve the token budget and run the chunk in parts."""
+        try:
+            return self.forward(packed)
+        except torch.OutOfMemoryError:
+            pass  # recover outside the except block: its traceback still holds the chunk's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        lens = packed.seqlens.tolist()
+        if len(lens) == 1:
+            raise torch.OutOfMemoryError(f"backend {self.backend!r}: out of device memory on one image of "
+                                         f"{lens[0]} tokens alone; lower max_image_tokens")
+        self.max_batch_tokens, self._auto_chunks = max(1, sum(lens) // 2), False
+        warnings.warn(f"backend {self.backend!r}: out of device memory on {len(lens)} images of "
+                      f"{sum(lens)} tokens; max_batch_tokens halved to {self.max_batch_tokens}", stacklevel=2)
+        return self.run_groups(packed, pack_into_bins(lens, self.max_batch_tokens), self._forward_or_halve)
+
+    def empty_features(self) -> PackedFeatures:
+        """The features of no images: (0, D) tokens."""
+        from mixres.families import UnknownImageEncoderError
+
+        try:
+            width, prefix = self.facts.hidden_size, self.num_prefix
+        except UnknownImageEncoderError:
+            width, prefix = 0, 0
+        return PackedFeatures(torch.zeros(0, width, device=self.device, dtype=self.dtype),
+                              torch.zeros(1, dtype=torch.int32, device=self.device),
+                              torch.zeros(0, 2, dtype=torch.long, device=self.device), prefix)
 
     @staticmethod
     def run_groups(packed: PackedImages, groups: list[list[int]], run) -> PackedFeatures:
@@ -184,3 +251,8 @@ class Encoder:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(backend={self.backend!r}, model={type(self.model).__name__}, "
                 f"select_layer={self.select_layer}, max_batch_tokens={self.max_batch_tokens})")
+
+
+def _is_list(images) -> bool:
+    return isinstance(images, (list, tuple)) or (isinstance(images, torch.Tensor) and images.ndim == 4)
+

@@ -26,7 +26,6 @@ from mixres.encoders.whole import (
     _family_name,
     call_for,
     crop_for,
-    grad_or_inference,
     output_tokens,
     params_of,
     tower_config,
@@ -140,20 +139,15 @@ class GroupedEncoder(Encoder):
                              f"(C, H, W) tensors instead of PIL images or paths")
         return self.stride
 
-    def encode(self, images) -> PackedFeatures:
-        """Encode a list of images (CHW tensors, PIL images or paths) or PackedImages."""
-        imgs = images.unpack() if isinstance(images, PackedImages) else self.prepare(images)
-        if not imgs:
-            raise ValueError("backend 'grouped': got an empty list of images")
+    def run(self, images) -> PackedFeatures:
+        """The images (a list, or PackedImages) cropped as the family needs, run whole per shape."""
+        imgs = images.unpack() if isinstance(images, PackedImages) else images
         imgs = [crop_for(self.model, img, f"image {i}") for i, img in enumerate(imgs)]
         budget = None
         if self.max_batch_tokens is not None:
             budget = self.max_batch_tokens * (self.stride or 1) ** 2
-        with grad_or_inference():
-            return self._features(run_grouped(self.model, imgs, max_batch_pixels=budget,
-                                              select_layer=self.select_layer))
-
-    __call__ = encode
+        return self._features(run_grouped(self.model, imgs, max_batch_pixels=budget,
+                                          select_layer=self.select_layer))
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
         return self._features(run_grouped(self.model, packed.unpack(), select_layer=self.select_layer))

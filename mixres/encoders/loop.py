@@ -19,7 +19,7 @@ import torch
 from mixres import families
 from mixres.encoders import register_encoder_backend
 from mixres.encoders.base import Encoder
-from mixres.encoders.whole import call_for, crop_for, grad_or_inference, output_tokens, tower_config
+from mixres.encoders.whole import call_for, crop_for, output_tokens, tower_config
 from mixres.packing import PackedFeatures, PackedImages, seqlens_to_cu
 
 __all__ = ["LoopEncoder"]
@@ -45,15 +45,10 @@ class LoopEncoder(Encoder):
                              f"(unknown output stride); pass normalized (C, H, W) tensors")
         return unit
 
-    def encode(self, images) -> PackedFeatures:
-        """Encode a list of images (CHW tensors, PIL images or paths) or PackedImages."""
-        imgs = images.unpack() if isinstance(images, PackedImages) else self.prepare(images)
-        if not imgs:
-            raise ValueError("backend 'loop': got an empty list of images")
-        with grad_or_inference():
-            return self.run_images([crop_for(self.model, img, f"image {i}") for i, img in enumerate(imgs)])
-
-    __call__ = encode
+    def run(self, images) -> PackedFeatures:
+        """Each image (a list, or PackedImages) cropped as its family needs, run alone."""
+        imgs = images.unpack() if isinstance(images, PackedImages) else images
+        return self.run_images([crop_for(self.model, img, f"image {i}") for i, img in enumerate(imgs)])
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
         return self.run_images(packed.unpack())

@@ -32,10 +32,10 @@ from mixres.encoders.base import Encoder, resolve_layer
 from mixres.families import PosCache, Recipe
 from mixres.packing import PackedFeatures, PackedImages
 
-__all__ = ["PackedEncoder", "recipe_for", "run_hf_layers", "varlen_attention_impl"]
+__all__ = ["PackedEncoder", "packed_recipe", "run_hf_layers", "varlen_attention_impl"]
 
 
-def recipe_for(tower: nn.Module) -> Recipe:
+def packed_recipe(tower: nn.Module) -> Recipe:
     spec = families.spec_of(tower)
     if spec is None or spec.recipe is None:
         try:
@@ -53,20 +53,26 @@ def recipe_for(tower: nn.Module) -> Recipe:
 
 @contextlib.contextmanager
 def varlen_attention_impl(tower: nn.Module):
-    """Switch the tower's configs to "mixres_varlen" and restore them exactly afterwards."""
-    from transformers import PretrainedConfig
+    """Switch the tower to "mixres_varlen" and restore each of its models' implementation afterwards.
+
+    Through transformers' public `set_attn_implementation`, which checks the name against the
+    AttentionInterface and reaches every sub-model and sub-config the way HF itself does.
+    """
+    from transformers import PreTrainedModel
 
     name = register_hf_attention()
-    configs = {id(c): c for m in tower.modules()
-               if isinstance(c := getattr(m, "config", None), PretrainedConfig)}
-    saved = {k: c._attn_implementation_internal for k, c in configs.items()}
+    models = [m for m in tower.modules() if isinstance(m, PreTrainedModel)]
+    saved = [(m, m.config._attn_implementation) for m in models]
     try:
-        for c in configs.values():
-            c._attn_implementation_internal = name
+        for m in models[:1]:  # the outermost: HF carries it down to the rest
+            m.set_attn_implementation(name)
         yield
     finally:
-        for k, c in configs.items():
-            c._attn_implementation_internal = saved[k]
+        # outermost first: its call carries its value down, then an inner model with a value
+        # of its own gets it back
+        for m, impl in saved:
+            if m.config._attn_implementation != impl:
+                m.set_attn_implementation(impl)
 
 
 # layer class -> (takes attention_mask, takes **kwargs): a pure fact of the class (weak keys)
@@ -107,7 +113,7 @@ class PackedEncoder(Encoder):
     def __init__(self, model: nn.Module, **kwargs):
         super().__init__(model, **kwargs)
         self.tower = families.vision_tower(self.model)
-        self.recipe = recipe_for(self.tower)
+        self.recipe = packed_recipe(self.tower)
         resolve_layer(self.select_layer, len(self.recipe.layers(self.tower)))  # fail early
         self.cache = PosCache()
 

@@ -9,7 +9,7 @@ image's tokens and pooled latent equal vit-pytorch's forward (fp32 rel err ~1e-7
 model (`mixres.models.navit`) and the backend (`mixres.encoders.navit`) call it; this file
 imports neither.
 
-Supported classes (a table of recipes, one per class): `vit_pytorch.na_vit.NaViT`,
+Supported classes (a table of attention spellings, one per class): `vit_pytorch.na_vit.NaViT`,
 `vit_pytorch.na_vit_nested_tensor.NaViT` (where it imports) and `NaViTModel` (unwrapped to
 its `.navit`). Token dropout is never applied here (it subsamples patches at random);
 attention dropout > 0 in training mode is refused, as varlen attention has none.
@@ -27,17 +27,17 @@ from einops import rearrange, repeat
 from torch import nn
 
 from mixres.attention import varlen_attention
-from mixres.families import FamilySpec, register_family
+from mixres.families import Embedded, FamilySpec, Recipe, register_family
 from mixres.families.common import patch_call
 from mixres.packing import PackedImages, local_positions, segment_ids
 
-__all__ = ["SPEC", "unwrap_navit", "packed_forward", "recipe_for", "NaViTRecipe"]
+__all__ = ["SPEC", "RECIPE", "unwrap_navit", "packed_forward", "spelling_of", "Spelling"]
 
 
-# recipes: how each NaViT class spells q/k/v, the softmax scale and the pooling residual
+# spellings: how each NaViT class spells q/k/v, the softmax scale and the pooling residual
 
 @dataclass(frozen=True)
-class NaViTRecipe:
+class Spelling:
     qkv: Callable  # (attn, x (Tq, D), context (Tk, D)) -> q (Tq, h, d), k, v (Tk, h, d), q/k normed
     scale: float | None  # None: SDPA's default 1/sqrt(d)
     pool_residual: bool  # na_vit adds the queries back after attention pooling
@@ -60,33 +60,33 @@ def _qkv_nested(attn, x, context):
 
 
 @lru_cache(maxsize=1)
-def _recipes() -> dict[type, NaViTRecipe]:
+def _spellings() -> dict[type, Spelling]:
     from vit_pytorch import na_vit
 
     # na_vit's q/k RMSNorm already multiplies by sqrt(d), so SDPA runs with scale 1
-    table = {na_vit.NaViT: NaViTRecipe(_qkv_navit, 1.0, True, lambda a: a.dropout_p)}
+    table = {na_vit.NaViT: Spelling(_qkv_navit, 1.0, True, lambda a: a.dropout_p)}
     try:
         from vit_pytorch import na_vit_nested_tensor
     except ImportError:  # needs torch.nested; older vit-pytorch releases lack the file
         return table
-    table[na_vit_nested_tensor.NaViT] = NaViTRecipe(_qkv_nested, None, False, lambda a: a.dropout)
+    table[na_vit_nested_tensor.NaViT] = Spelling(_qkv_nested, None, False, lambda a: a.dropout)
     return table
 
 
 def unwrap_navit(model: nn.Module) -> nn.Module:
     """The vit-pytorch NaViT inside `model` (a bare NaViT or the transformers NaViTModel)."""
-    if type(model) in _recipes():
+    if type(model) in _spellings():
         return model
     inner = getattr(model, "navit", None)  # mixres.models.navit.NaViTModel keeps it there
-    if type(inner) in _recipes() and getattr(getattr(model, "config", None), "model_type", None) == "navit":
+    if type(inner) in _spellings() and getattr(getattr(model, "config", None), "model_type", None) == "navit":
         return inner
     raise TypeError(f"navit backend: expected a vit_pytorch NaViT or mixres NaViTModel, got "
                     f"{type(model).__module__}.{type(model).__name__}; supported: "
-                    f"{sorted(f'{c.__module__}.{c.__name__}' for c in _recipes())}")
+                    f"{sorted(f'{c.__module__}.{c.__name__}' for c in _spellings())}")
 
 
-def recipe_for(navit: nn.Module) -> NaViTRecipe:
-    return _recipes()[type(unwrap_navit(navit))]
+def spelling_of(navit: nn.Module) -> Spelling:
+    return _spellings()[type(unwrap_navit(navit))]
 
 
 # blocks
@@ -113,7 +113,7 @@ def embed(navit: nn.Module, packed: PackedImages) -> torch.Tensor:
     return navit.dropout(x)
 
 
-def attention(attn: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu_q, cu_k, max_q: int, max_k: int,
+def attention(attn: nn.Module, recipe: Spelling, x: torch.Tensor, cu_q, cu_k, max_q: int, max_k: int,
               context: torch.Tensor | None = None) -> torch.Tensor:
     """One NaViT attention block on packed tokens: x (Tq, D), context (Tk, D) -> (Tq, D).
 
@@ -129,7 +129,7 @@ def attention(attn: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu_q, cu_k,
     return attn.to_out(rearrange(out, 't h d -> t (h d)'))
 
 
-def transformer(navit: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu: torch.Tensor, max_len: int,
+def transformer(navit: nn.Module, recipe: Spelling, x: torch.Tensor, cu: torch.Tensor, max_len: int,
                 num_layers: int, final_norm: bool, collect: list | None = None) -> torch.Tensor:
     """The first `num_layers` pre-norm blocks on packed tokens (N, D), then the final norm if asked.
 
@@ -137,15 +137,22 @@ def transformer(navit: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu: torc
     """
     if collect is not None:
         collect.append(x)
-    for attn, ff in navit.transformer.layers[:num_layers]:
-        x = attention(attn, recipe, x, cu, cu, max_len, max_len) + x
-        x = ff(x) + x
-        if collect is not None:
-            collect.append(x)
+    x = blocks(navit.transformer.layers[:num_layers], recipe, x, cu, max_len, collect)
     return navit.transformer.norm(x) if final_norm else x
 
 
-def attention_pool(navit: nn.Module, recipe: NaViTRecipe, x: torch.Tensor, cu: torch.Tensor,
+def blocks(layers, spelling: Spelling, x: torch.Tensor, cu: torch.Tensor, max_len: int,
+           collect: list | None = None) -> torch.Tensor:
+    """NaViT's (attention, feed-forward) pairs on packed tokens (N, D), pre-norm residuals."""
+    for attn, ff in layers:
+        x = attention(attn, spelling, x, cu, cu, max_len, max_len) + x
+        x = ff(x) + x
+        if collect is not None:
+            collect.append(x)
+    return x
+
+
+def attention_pool(navit: nn.Module, recipe: Spelling, x: torch.Tensor, cu: torch.Tensor,
                    max_len: int) -> torch.Tensor:
     """One learned query per image attends to that image's tokens: (N, D) -> (B, D) latents."""
     b = cu.numel() - 1
@@ -166,10 +173,8 @@ def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -
     `hidden_states`, when given, receives the packed (N, D) hidden states computed.
     """
     navit = unwrap_navit(model)
-    recipe = recipe_for(navit)
-    if packed.channels != navit.channels or packed.patch_size != navit.patch_size:
-        raise ValueError(f"navit backend: the model takes {navit.channels}-channel images at patch "
-                         f"{navit.patch_size}, got {packed.channels} channels at patch {packed.patch_size}")
+    recipe = spelling_of(navit)
+    _check_input(navit, packed)
     depth = len(navit.transformer.layers)
     if not -(depth + 1) <= select_layer <= depth:
         raise ValueError(f"navit backend: select_layer {select_layer} out of range for {depth} blocks "
@@ -182,6 +187,36 @@ def packed_forward(model: nn.Module, packed: PackedImages, select_layer: int = -
                            hidden_states), None
     x = transformer(navit, recipe, x, cu, max_len, depth, True, hidden_states)
     return x, attention_pool(navit, recipe, x, cu, max_len)
+
+
+def _check_input(navit: nn.Module, packed: PackedImages) -> None:
+    if packed.channels != navit.channels or packed.patch_size != navit.patch_size:
+        raise ValueError(f"navit backend: the model takes {navit.channels}-channel images at patch "
+                         f"{navit.patch_size}, got {packed.channels} channels at patch {packed.patch_size}")
+
+
+# the packed recipe: the packed backend runs NaViT like any family whose blocks HF cannot reach
+
+def _embed(tower: nn.Module, packed: PackedImages, cache) -> Embedded:
+    navit = unwrap_navit(tower)
+    _check_input(navit, packed)
+    cu = packed.cu_seqlens.to(torch.int32)
+    return Embedded(embed(navit, packed), cu, {"spelling": spelling_of(navit), "max_len": packed.max_seqlen})
+
+
+def _run(layers, hidden: torch.Tensor, cu: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+    """`blocks` on the packed sequence (1, N, D): the Recipe's runner."""
+    return blocks(layers, layer_kwargs["spelling"], hidden[0], cu, layer_kwargs["max_len"])[None]
+
+
+def _pool(tower: nn.Module, tokens: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    navit = unwrap_navit(tower)
+    max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    return attention_pool(navit, spelling_of(navit), tokens, cu, max_len)
+
+
+RECIPE = Recipe(embed=_embed, layers=lambda tower: unwrap_navit(tower).transformer.layers,
+                final_norm=lambda tower: unwrap_navit(tower).transformer.norm, pool=_pool, run=_run)
 
 
 # the whole-model call (loop, grouped): vit-pytorch's own forward, read back with hooks
@@ -217,16 +252,18 @@ def call_whole(tower: nn.Module, pixels: torch.Tensor, output_hidden_states: boo
                            hidden_states=tuple(map(per_image, hidden)) or None, logits=logits)
 
 
-# the spec: encode_images goes to the "navit" backend
+# the spec: a Recipe with its own runner; encode_images goes to the "navit" backend (the
+# packed backend with the shrink-to-fit of the position tables)
 
 def _mean_std(tower):
     # NaViT defines no pixel normalization: mean = std = 0.5 per channel (pixels to [-1, 1])
-    return (0.5,) * 3, (0.5,) * 3
+    c = unwrap_navit(tower).channels if tower is not None else 3
+    return (0.5,) * c, (0.5,) * c
 
 
 SPEC = register_family(FamilySpec(
     "navit", _mean_std(None), classes=("vit_pytorch.na_vit.NaViT", "vit_pytorch.na_vit_nested_tensor.NaViT"),
     tower=lambda model: model, patch_size=lambda tower: unwrap_navit(tower).patch_size,
     hidden_size=lambda tower: int(unwrap_navit(tower).pos_embed_height.shape[-1]),
-    num_layers=lambda tower: len(unwrap_navit(tower).transformer.layers),
-    call=patch_call(call=call_whole, whole_patches=True), backend="navit"))
+    num_layers=lambda tower: len(unwrap_navit(tower).transformer.layers), mean_std_of=_mean_std,
+    call=patch_call(call=call_whole, whole_patches=True), recipe=RECIPE, backend="navit"))

@@ -22,7 +22,7 @@ padding); `model.navit(images)` is still vit-pytorch's own forward (logits only)
 NaViT defines no pixel normalization: mixres uses mean = std = 0.5 per channel.
 
 Presets `navit-b16` and `tiny-navit` (random init from a fixed seed, eval mode) are
-registered with mixres.presets when that module exists.
+registered with mixres.presets, and the model type with mixres.loading, on import.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from vit_pytorch import na_vit
 
 from mixres.families.navit import packed_forward
+from mixres.loading import MODEL_TYPES
 from mixres.packing import PackedImages
+from mixres.presets import register_preset
 
 __all__ = ["NaViTConfig", "NaViTModel", "NaViTModelOutput", "navit_b16", "tiny_navit", "PRESETS"]
 
@@ -209,14 +211,6 @@ def tiny_navit() -> NaViTModel:
     return _build("tiny-navit")
 
 
-def _register_presets():
-    try:
-        from mixres.presets import MODEL_TYPES, register_preset
-    except ImportError:  # presets land separately; the builders above work without them
-        return
-    MODEL_TYPES.register("navit", NaViTConfig)
-    register_preset("navit-b16")(navit_b16)
-    register_preset("tiny-navit")(tiny_navit)
-
-
-_register_presets()
+MODEL_TYPES.register("navit", NaViTConfig)
+register_preset("navit-b16")(navit_b16)
+register_preset("tiny-navit")(tiny_navit)

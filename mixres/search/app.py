@@ -120,7 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import uvicorn
 
-    from mixres.embed.runner import make_encoder, resolve_pool
+    from mixres.encoders import make_encoder, resolve_pool
 
     t0 = time.perf_counter()
     enc = make_encoder(args.model, select_layer=args.select_layer, device=args.device)

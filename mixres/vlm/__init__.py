@@ -2,7 +2,7 @@
 
 Every image brings as many tokens as its grid has (a quarter with merge2x2), samples
 hold any number of images, and the tokens flow encoder -> adapter -> LM as one packed
-sequence with offsets. Parts come from registries (encoders, adapters, strategies,
+sequence with offsets. Parts come from registries (vision towers, adapters, strategies,
 decoder blocks); `VLMConfig` documents the knobs.
 
     from mixres.vlm import build_vlm
@@ -24,28 +24,28 @@ from mixres.vlm.build import build_lm, build_vlm
 from mixres.vlm.config import VLMConfig
 from mixres.vlm.data import Collator, VLMBatch
 from mixres.vlm.layout import IGNORE, IMAGE, IMAGE_TOKEN, TEXT, ImageLayout
-from mixres.vlm.lm import Decoder, DecoderConfig, KVCache, SeqContext
+from mixres.vlm.lm import CausalLM, KVCache, LMConfig, SeqContext
 from mixres.vlm.model import VLM, VLMOutput, apply_freeze
 from mixres.vlm.registry import (
-           ADAPTERS,
-           BLOCKS,
-           ENCODERS,
-           STRATEGIES,
-           register_adapter,
-           register_block,
-           register_encoder,
-           register_strategy,
+    ADAPTERS,
+    BLOCKS,
+    STRATEGIES,
+    TOWERS,
+    register_adapter,
+    register_block,
+    register_strategy,
+    register_tower,
 )
 from mixres.vlm.strategies import ModalityStrategy, build_strategy
 from mixres.vlm.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
-from mixres.vlm.vision import MixresEncoder, RandomEncoder, build_tower
+from mixres.vlm.vision import EncoderTower, RandomTower, build_tower
 
 __all__ = ["build_vlm", "VLMConfig", "VLM", "VLMOutput", "VLMBatch", "Collator", "apply_freeze",
-           "Adapter", "build_adapter", "build_lm", "Decoder", "DecoderConfig", "KVCache", "SeqContext",
+           "Adapter", "build_adapter", "build_lm", "CausalLM", "LMConfig", "KVCache", "SeqContext",
            "ModalityStrategy", "build_strategy", "ImageLayout",
            "ByteTokenizer", "HFTokenizer", "load_tokenizer",
-           "MixresEncoder", "RandomEncoder", "build_tower", "ENCODERS", "ADAPTERS", "STRATEGIES",
-           "BLOCKS", "register_encoder", "register_adapter", "register_strategy", "register_block",
+           "EncoderTower", "RandomTower", "build_tower", "TOWERS", "ADAPTERS", "STRATEGIES",
+           "BLOCKS", "register_tower", "register_adapter", "register_strategy", "register_block",
            "IGNORE", "TEXT", "IMAGE", "IMAGE_TOKEN", "load_run"]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from mixres.vlm.adapters import build_adapter
 from mixres.vlm.config import VLMConfig
-from mixres.vlm.lm import LM_PRESETS, Decoder, DecoderConfig
+from mixres.vlm.lm import LM_PRESETS, CausalLM, LMConfig
 from mixres.vlm.model import VLM, apply_freeze
 from mixres.vlm.strategies import build_strategy
 from mixres.vlm.tokenizer import load_tokenizer
@@ -30,11 +30,11 @@ def build_lm(spec, strategy, vocab_size: int):
         if given < vocab_size:
             raise ValueError(f"lm.vocab_size {given} is smaller than the tokenizer's {vocab_size}")
         try:
-            cfg = DecoderConfig(**kwargs)
+            cfg = LMConfig(**kwargs)
         except TypeError as e:
-            raise ValueError(f"lm: {e}; DecoderConfig fields: "
-                             f"{list(DecoderConfig.__dataclass_fields__)}") from e
-        return Decoder(cfg, strategy.decoder_plan(cfg))
+            raise ValueError(f"lm: {e}; LMConfig fields: "
+                             f"{list(LMConfig.__dataclass_fields__)}") from e
+        return CausalLM(cfg, strategy.decoder_plan(cfg))
     if isinstance(spec, (str, Path)):
         from mixres.vlm.hf_lm import HFCausalLM
 

@@ -5,12 +5,13 @@ A sample is `{"images": [...], "text": "..."}` (loss on every text token),
 final <eos> only) or `{"images": [...], "conversations": [{"from": "human", "value":
 ...}, {"from": "gpt", "value": ...}, ...]}` (LLaVA; loss on the assistant turns only,
 rendered with the tokenizer's chat template where it has one: mixres.vlm.chat).
-Images are (C, H, W) float tensors already resized and normalized
-(validated), PIL images or paths (loaded and resized with `mixres.images.preprocess`
-to the encoder's patch size, mean and std). With a grid-merging adapter the resize unit
-is `grid_multiple` patches, so every grid side stays even. The collator holds plain
-values only (`mixres.vlm.layout.ImageLayout` and the tokenizer), so it pickles cheaply
-into DataLoader workers.
+Images are anything `mixres.preprocess.Preprocessor` takes: (C, H, W) float tensors
+already resized and normalized (validated), PIL images, paths, bytes, numpy arrays or
+tensors of pixels (decoded by the chosen decoder, `decode` = the training TOML's
+`data.decode`, and resized to the encoder's patch size, mean and std). With a grid-merging
+adapter the resize unit is `grid_multiple` patches, so every grid side stays even. The
+collator holds plain values only (`mixres.vlm.layout.ImageLayout`, its Preprocessor and
+the tokenizer), so it pickles cheaply into DataLoader workers.
 
 Layout of sample i in the packed sequence: <bos>, its text with each `<image>`
 placeholder expanded to the tokens its image brings (or, with no placeholder, the
@@ -88,11 +89,27 @@ class Collator:
     whether image tokens take LM positions (`expands_images`, from the strategy)."""
 
     def __init__(self, tokenizer, layout: ImageLayout, expands_images: bool, *,
-                 max_seq_tokens: int | None = None, adapter_name: str = "adapter"):
+                 max_seq_tokens: int | None = None, adapter_name: str = "adapter", decode: str = "pil"):
         self.tok, self.layout = tokenizer, layout
         self.expands_images = expands_images
         self.max_seq_tokens = max_seq_tokens
         self.adapter_name = adapter_name
+        self.decode = decode
+
+    @property
+    def decode(self) -> str:
+        """The decoder of images given as files, bytes or PIL images ("pil" | "fast" | "cuda")."""
+        return self.preprocessor.decode
+
+    @decode.setter
+    def decode(self, name: str) -> None:
+        from mixres.preprocess import Preprocessor
+
+        lay = self.layout
+        lo, hi = lay.unit_bounds()  # the token bounds in resize units
+        self.preprocessor = Preprocessor(patch_size=lay.patch_size, unit=lay.unit,
+                                         mean_std=(lay.mean, lay.std), min_image_tokens=lo,
+                                         max_image_tokens=hi, decode=name, ready_bounds=True)
 
     @property
     def min_image_tokens(self) -> int:
@@ -107,13 +124,9 @@ class Collator:
     def prepare_image(self, image, where: str) -> torch.Tensor:
         """One image -> a normalized (C, H, W) tensor whose grid sides are multiples of the
         layout's grid_multiple (token bounds are in encoder patches)."""
-        from mixres.images import preprocess
-
         lay = self.layout
-        lo, hi = lay.unit_bounds()
         try:
-            return preprocess(image, lay.unit, min_image_tokens=lo, max_image_tokens=hi,
-                              mean=lay.mean, std=lay.std)
+            return self.preprocessor(image)
         except ValueError as e:
             # the grid hint only where the grid rule is what failed: a ready tensor whose
             # sides are not multiples of the resize unit

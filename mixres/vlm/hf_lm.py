@@ -5,7 +5,10 @@ sequence detection from position ids only happens on its flash-attention path; e
 (CPU, sdpa, eager) the samples would attend to each other. So the model is loaded with
 attention implementation "mixres_varlen" (`mixres.attention.register_hf_attention`) and
 the segment offsets travel to every attention layer as the `cu_seq_lens_q/k` kwargs:
-causal attention within each sample, no mask, no padding, on any device.
+causal attention within each sample, no mask, no padding, on any device. An LM passed in
+as a module is left as it was given: mixres runs a twin of it, the same parameter tensors
+in modules built on a copy of its config (so its own attention implementation, and a
+vocabulary grown for `<image>`, stay the twin's business).
 
 For the Llama, Qwen2 and Mistral families mixres runs the decoder itself, layer by layer,
 as their `Model.forward` does (rotary `position_embeddings` once, each HF layer's own
@@ -26,6 +29,7 @@ through the `update` call they make on any cache. Other HF families run whole (t
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +39,7 @@ from torch import nn
 from mixres.attention import HF_ATTN_NAME, register_hf_attention
 from mixres.vlm.hf_mot import mot_layer
 from mixres.vlm.layout import IMAGE
-from mixres.vlm.lm import DecoderConfig, GatedCrossAttentionBlock, KVCache
+from mixres.vlm.lm import GatedCrossAttentionBlock, KVCache, LMConfig
 
 __all__ = ["HFCausalLM", "LAYERWISE"]
 
@@ -96,7 +100,7 @@ class HFCausalLM(nn.Module):
         if isinstance(model, (str, Path)):
             model = load_hf_lm(model)
         else:
-            model.set_attn_implementation(HF_ATTN_NAME)
+            model = _twin(model, HF_ATTN_NAME)
         self.model_type = model.config.get_text_config().model_type
         _check_causal(model, f"HF LM {type(model).__name__}")
         if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
@@ -125,7 +129,7 @@ class HFCausalLM(nn.Module):
 
     def _new_xattn(self, gate_init: float = 0.0) -> GatedCrossAttentionBlock:
         c = self.model.config.get_text_config()
-        cfg = DecoderConfig(vocab_size=self.vocab_size, hidden=c.hidden_size, layers=1,
+        cfg = LMConfig(vocab_size=self.vocab_size, hidden=c.hidden_size, layers=1,
                             heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
                             mlp=c.intermediate_size, norm_eps=c.rms_norm_eps)
         block = GatedCrossAttentionBlock(cfg, 0, gate_init=gate_init)
@@ -133,6 +137,18 @@ class HFCausalLM(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=getattr(c, "initializer_range", 0.02))
         return block
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """Every cross-attention block, HF layer and image expert, in the order they run."""
+        out = []
+        for i, layer in enumerate(self.model.base_model.layers):
+            if str(i) in self.xattn:
+                out.append(self.xattn[str(i)])
+            out.append(layer)
+            if self.image_experts is not None:
+                out.append(self.image_experts[i])
+        return out
 
     @property
     def hidden_size(self) -> int:
@@ -207,6 +223,24 @@ class HFCausalLM(nn.Module):
 
 
 def _copy(module: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(module)
+
+
+def _twin(model: nn.Module, attn_implementation: str) -> nn.Module:
+    """`model` as another module tree on a copy of its config that runs `attn_implementation`:
+    its parameters and buffers are the very tensors of `model` (nothing is copied, the
+    weights train as one), and `model` itself, its config included, is left as it was."""
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        twin = type(model)(config)
+    for name, tensor in [*model.named_parameters(remove_duplicate=False),
+                         *model.named_buffers(remove_duplicate=False)]:
+        owner, _, leaf = name.rpartition(".")
+        setattr(twin.get_submodule(owner), leaf, tensor)
+    for twin_module, module in zip(twin.modules(), model.modules()):
+        # plain tensor attributes (a rotary embedding's original frequencies) come along too
+        for key, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and not key.startswith("_"):
+                twin_module.__dict__[key] = value
+    return twin.train(model.training)

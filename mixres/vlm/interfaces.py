@@ -5,13 +5,15 @@ A part is anything with these members; nothing needs to inherit from mixres clas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 from mixres.packing import PackedFeatures, PackedImages
 
-__all__ = ["Tower", "Tokenizer", "LanguageModel", "CaptionSource", "missing_members"]
+__all__ = ["Tower", "Tokenizer", "LanguageModel", "missing_members"]
 
 
 def missing_members(obj, proto) -> list[str]:
@@ -25,12 +27,16 @@ def missing_members(obj, proto) -> list[str]:
 
 @runtime_checkable
 class Tower(Protocol):
-    """A vision tower: PackedImages -> PackedFeatures, and what preprocessing needs."""
+    """A vision tower: PackedImages -> PackedFeatures, and what preprocessing needs.
+
+    `blocks`: its transformer blocks in order (empty for a tower without any), the units
+    that activation checkpointing recomputes, torch.compile compiles and FSDP2 shards."""
 
     patch_size: int
     num_prefix: int
     hidden_size: int
     mean_std: tuple
+    blocks: Sequence[nn.Module]
 
     def __call__(self, packed: PackedImages) -> PackedFeatures: ...
 
@@ -55,11 +61,14 @@ class Tokenizer(Protocol):
 
 @runtime_checkable
 class LanguageModel(Protocol):
-    """What a strategy drives: embeddings in, packed hidden states out, a head, a cache."""
+    """What a strategy drives: embeddings in, packed hidden states out, a head, a cache.
+
+    `blocks`: its layers in order (the units checkpointing, compile and FSDP2 wrap)."""
 
     hidden_size: int
     vocab_size: int
     max_positions: int
+    blocks: Sequence[nn.Module]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -68,10 +77,3 @@ class LanguageModel(Protocol):
     def run(self, x: torch.Tensor, ctx) -> torch.Tensor: ...
 
     def new_cache(self): ...
-
-
-@runtime_checkable
-class CaptionSource(Protocol):
-    """A dataset that knows an item's text without rendering its images (synthetic)."""
-
-    def text_of(self, index: int) -> dict: ...

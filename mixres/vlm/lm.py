@@ -1,4 +1,4 @@
-"""The built-in compact decoder: RMSNorm, RoPE, SwiGLU, GQA, optional tied embeddings.
+"""`CausalLM`, the built-in compact decoder-only LM: RMSNorm, RoPE, SwiGLU, GQA, optional tied embeddings.
 
 It runs on packed sequences: all samples' tokens in one (T, D) tensor, segments given
 by `cu_seqlens`, position ids restarting per sample, and causal varlen attention
@@ -28,11 +28,11 @@ from mixres.attention import varlen_attention
 from mixres.packing import seqlens_to_cu
 from mixres.vlm.registry import BLOCKS, register_block
 
-__all__ = ["DecoderConfig", "Decoder", "SeqContext", "KVCache", "LM_PRESETS"]
+__all__ = ["LMConfig", "CausalLM", "SeqContext", "KVCache", "LM_PRESETS"]
 
 
 @dataclass
-class DecoderConfig:
+class LMConfig:
     vocab_size: int = 260
     hidden: int = 64
     layers: int = 2
@@ -47,10 +47,10 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"DecoderConfig: hidden {self.hidden} must split into {self.heads} heads "
+            raise ValueError(f"LMConfig: hidden {self.hidden} must split into {self.heads} heads "
                              f"and heads into {self.kv_heads} kv groups")
         if (self.hidden // self.heads) % 2:
-            raise ValueError(f"DecoderConfig: head dim {self.hidden // self.heads} must be even for RoPE")
+            raise ValueError(f"LMConfig: head dim {self.hidden // self.heads} must be even for RoPE")
         if self.mlp is None:
             self.mlp = -(-8 * self.hidden // 3 // 16) * 16
 
@@ -179,7 +179,7 @@ class SwiGLU(nn.Module):
 class QKV(nn.Module):
     """Grouped-query projections; returns q (T, H, d), k and v (T, H_kv, d) before RoPE."""
 
-    def __init__(self, cfg: DecoderConfig, kv_dim: int | None = None):
+    def __init__(self, cfg: LMConfig, kv_dim: int | None = None):
         super().__init__()
         d = cfg.head_dim
         self.heads, self.kv_heads, self.d = cfg.heads, cfg.kv_heads, d
@@ -198,7 +198,7 @@ class QKV(nn.Module):
 class DecoderBlock(nn.Module):
     uses_cache = True
 
-    def __init__(self, cfg: DecoderConfig, slot: int):
+    def __init__(self, cfg: LMConfig, slot: int):
         super().__init__()
         self.slot = slot
         self.norm1, self.norm2 = RMSNorm(cfg.hidden, cfg.norm_eps), RMSNorm(cfg.hidden, cfg.norm_eps)
@@ -216,7 +216,7 @@ class DecoderBlock(nn.Module):
 class _Expert(nn.Module):
     """One modality's weights of a mixture-of-transformers block."""
 
-    def __init__(self, cfg: DecoderConfig):
+    def __init__(self, cfg: LMConfig):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(cfg.hidden, cfg.norm_eps), RMSNorm(cfg.hidden, cfg.norm_eps)
         self.qkv = QKV(cfg)
@@ -248,7 +248,7 @@ class MoTBlock(nn.Module):
 
     uses_cache = True
 
-    def __init__(self, cfg: DecoderConfig, slot: int, modalities: int = 2):
+    def __init__(self, cfg: LMConfig, slot: int, modalities: int = 2):
         super().__init__()
         self.slot = slot
         self.experts = nn.ModuleList(_Expert(cfg) for _ in range(modalities))
@@ -276,7 +276,7 @@ class GatedCrossAttentionBlock(nn.Module):
 
     uses_cache = False
 
-    def __init__(self, cfg: DecoderConfig, slot: int, gate_init: float = 0.0):
+    def __init__(self, cfg: LMConfig, slot: int, gate_init: float = 0.0):
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(cfg.hidden, cfg.norm_eps), RMSNorm(cfg.hidden, cfg.norm_eps)
         self.qkv = QKV(cfg)
@@ -296,13 +296,13 @@ class GatedCrossAttentionBlock(nn.Module):
 
 # the model
 
-class Decoder(nn.Module):
+class CausalLM(nn.Module):
     """Token embedding, a plan of blocks, final RMSNorm and the LM head (tied by option).
 
     plan: [(block name, kwargs), ...] from the strategy, e.g. [("self", {}), ("self", {})].
     """
 
-    def __init__(self, cfg: DecoderConfig, plan: list[tuple[str, dict]] | None = None):
+    def __init__(self, cfg: LMConfig, plan: list[tuple[str, dict]] | None = None):
         super().__init__()
         self.cfg = cfg
         plan = plan or [("self", {})] * cfg.layers

@@ -89,8 +89,13 @@ class VLM(nn.Module):
     def collate(self, samples, add_eos: bool = True) -> VLMBatch:
         return self.collator(samples, add_eos=add_eos)
 
-    def encode_images(self, batch: VLMBatch) -> torch.Tensor | None:
-        """(N, D_lm) image tokens of all images of the batch, in order (encoder + adapter)."""
+    def blocks(self) -> list[nn.Module]:
+        """The tower's and the LM's blocks, as each names them: what activation
+        checkpointing recomputes, torch.compile compiles and FSDP2 shards one by one."""
+        return [*self.encoder.blocks, *self.lm.blocks]
+
+    def image_tokens(self, batch: VLMBatch) -> torch.Tensor | None:
+        """(N, D_lm) LM tokens of all images of the batch, in order (tower + adapter)."""
         if batch.images is None:
             return None
         feats = self.adapter(self.encoder(batch.images.to(self.device)))
@@ -102,14 +107,20 @@ class VLM(nn.Module):
 
     def forward(self, batch: VLMBatch) -> VLMOutput:
         batch = batch.to(self.device)
-        h = self.strategy.forward(self.lm, batch, self.encode_images(batch))
-        logits = self.lm.head(h[batch.text_positions])
-        loss = None
+        h = self.strategy.forward(self.lm, batch, self.image_tokens(batch))
+        rows = batch.text_positions
+        tgt = None
         if batch.labels is not None:
             tgt = target_mask(batch.labels, batch.position_ids).nonzero().squeeze(1)
-            if tgt.numel():
-                loss = F.cross_entropy(self.lm.head(h[tgt - 1]).float(), batch.labels[tgt])
-        return VLMOutput(logits, batch.text_cu_seqlens, loss)
+        if tgt is None or not tgt.numel():
+            return VLMOutput(self.lm.head(h[rows]), batch.text_cu_seqlens, None)
+        # one head call over every row either output needs: the text rows (logits) and the
+        # rows that predict a target (the loss), which are mostly the same rows
+        needed, where = torch.unique(torch.cat([rows, tgt - 1]), return_inverse=True)
+        out = self.lm.head(h[needed])
+        n = rows.numel()
+        loss = F.cross_entropy(out[where[n:]].float(), batch.labels[tgt])
+        return VLMOutput(out[where[:n]], batch.text_cu_seqlens, loss)
 
     # generation
 
@@ -147,7 +158,7 @@ class VLM(nn.Module):
         images = list(images) if images is not None else []
         batch = self.collate([{"images": images, "prompt": prompt, "response": ""}],
                              add_eos=False).to(self.device)
-        img = self.encode_images(batch)
+        img = self.image_tokens(batch)
         eos = self.tokenizer.eos_id
         cache = self.lm.new_cache() if use_cache else None
         use_cache = cache is not None

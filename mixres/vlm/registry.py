@@ -1,4 +1,4 @@
-"""The VLM's part tables: encoders, adapters, strategies, decoder blocks.
+"""The VLM's part tables: vision towers, adapters, strategies, decoder blocks.
 
 Each part registers itself with a decorator next to its definition, so adding an
 adapter or a strategy is one new class and no edit elsewhere (no isinstance ladders).
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from mixres.registry import Registry
 
-__all__ = ["Registry", "ENCODERS", "ADAPTERS", "STRATEGIES", "BLOCKS", "register_encoder",
+__all__ = ["Registry", "TOWERS", "ADAPTERS", "STRATEGIES", "BLOCKS", "register_tower",
            "register_adapter", "register_strategy", "register_block"]
 
-ENCODERS = Registry("VLM encoder")
+TOWERS = Registry("vision tower")
 ADAPTERS = Registry("adapter")
 STRATEGIES = Registry("strategy")
 BLOCKS = Registry("decoder block")
 
-register_encoder = ENCODERS.register
+register_tower = TOWERS.register
 register_adapter = ADAPTERS.register
 register_strategy = STRATEGIES.register
 register_block = BLOCKS.register

@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from mixres.packing import PackedFeatures, PackedImages
-from mixres.vlm.interfaces import Tower
-from mixres.vlm.registry import ENCODERS, register_encoder
+from mixres.vlm.interfaces import Tower, missing_members
+from mixres.vlm.registry import TOWERS, register_tower
 
-__all__ = ["RandomEncoder", "MixresEncoder", "build_tower", "scratch_vit"]
+__all__ = ["RandomTower", "EncoderTower", "build_tower", "scratch_vit"]
 
 
-@register_encoder("random")
-class RandomEncoder(nn.Module):
+@register_tower("random")
+class RandomTower(nn.Module):
     """A deterministic stand-in for a ViT: each patch becomes one token, grid-many per image.
 
     token = sin(patch @ W + position code of its (row, col)) with W drawn from `seed`, so
@@ -43,6 +43,7 @@ class RandomEncoder(nn.Module):
         self.prefix = nn.Parameter(torch.randn(num_prefix, hidden, generator=g))
         self.patch_size, self.num_prefix, self.hidden_size = patch_size, num_prefix, hidden
         self.mean_std = ((mean,) * channels, (std,) * channels)
+        self.blocks = ()  # no transformer blocks: nothing for checkpointing or FSDP to wrap
 
     def _positions(self, grid_hw: torch.Tensor) -> torch.Tensor:
         rows = [torch.arange(h).repeat_interleave(w) for h, w in grid_hw.tolist()]
@@ -62,7 +63,7 @@ class RandomEncoder(nn.Module):
                               packed.grid_hw, self.num_prefix)
 
 
-class MixresEncoder(nn.Module):
+class EncoderTower(nn.Module):
     """A mixres encoder backend as a module: `.model` is the HF model (what freeze specs
     like "encoder.model.encoder.layer.1" name); the backend object runs it packed."""
 
@@ -90,17 +91,26 @@ class MixresEncoder(nn.Module):
 
     @property
     def hidden_size(self) -> int:
-        from mixres import vision_utils
+        return self.runner.facts.hidden_size
 
-        return vision_utils.hidden_size(self.model)
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The tower is one block: its layers run inside the backend's packed context
+        (varlen attention implementation, segment offsets), which a layer recomputed alone
+        in backward (activation checkpointing) would not see; the whole tower recomputes
+        inside it."""
+        return [self]
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
-        return self.runner.encode(packed)
+        # the trainable-encoder path asks for gradients explicitly: an encoder runs without
+        # them by default, and a VLM may train a layer of a tower that is in eval mode
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.model.parameters())
+        return self.runner.encode(packed, grad=grad)
 
 
 def _backend_builder(backend: str):
-    def build(model, **kwargs) -> MixresEncoder:
-        return MixresEncoder(model, backend=backend, **kwargs)
+    def build(model, **kwargs) -> EncoderTower:
+        return EncoderTower(model, backend=backend, **kwargs)
     build.__doc__ = f"The mixres {backend!r} encoder backend on `model`."
     return build
 
@@ -109,17 +119,17 @@ def _register_backends() -> None:
     from mixres.encoders import list_backends
 
     for name in list_backends():
-        if name not in ENCODERS:
-            register_encoder(name)(_backend_builder(name))
+        if name not in TOWERS:
+            register_tower(name)(_backend_builder(name))
 
 
 _register_backends()
 
 
-@register_encoder("vit")
+@register_tower("vit")
 def scratch_vit(hidden: int = 64, layers: int = 2, heads: int = 4, mlp_ratio: float = 2.0,
                 patch_size: int = 8, image_size: int = 64, sincos: float = 0.0,
-                backend: str = "packed", **kwargs) -> MixresEncoder:
+                backend: str = "packed", **kwargs) -> EncoderTower:
     """An HF ViT built from its shape with random weights (to train from scratch), run by a
     mixres backend; {"name": "vit", "hidden": 64, "layers": 2, "patch_size": 8}. Its learned
     position table (image_size / patch_size per side) is interpolated to each image's grid.
@@ -136,7 +146,7 @@ def scratch_vit(hidden: int = 64, layers: int = 2, heads: int = 4, mlp_ratio: fl
         with torch.no_grad():
             side = image_size // patch_size
             model.embeddings.position_embeddings[0, 1:] = sincos * _sincos_2d(side, hidden)
-    return MixresEncoder(model, backend=backend, **kwargs)
+    return EncoderTower(model, backend=backend, **kwargs)
 
 
 def _sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -159,10 +169,13 @@ def build_tower(spec) -> nn.Module:
     if isinstance(spec, nn.Module):
         if isinstance(spec, Tower):
             return spec  # already a tower
-        return MixresEncoder(spec)
+        if missing_members(spec, Tower) == ["blocks"]:
+            raise TypeError(f"tower {type(spec).__name__} lacks `blocks`: its blocks, which checkpointing, "
+                            f"compile and FSDP2 wrap (mixres.vlm.interfaces.Tower; () for none)")
+        return EncoderTower(spec)
     if isinstance(spec, str):
-        spec = {"name": spec} if spec in ENCODERS else {"name": "packed", "model": spec}
+        spec = {"name": spec} if spec in TOWERS else {"name": "packed", "model": spec}
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"encoder spec: expected a name, a model or a dict with 'name', got {spec!r}")
     kwargs = dict(spec)
-    return ENCODERS.get(kwargs.pop("name"))(**kwargs)
+    return TOWERS.get(kwargs.pop("name"))(**kwargs)

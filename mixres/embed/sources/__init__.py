@@ -2,7 +2,9 @@
 
     folder of images / text list / JSONL / a list of paths / one image   FileSource
     .tar shards: paths, a brace pattern `shards/{000000..000099}.tar`,
-        a glob, a folder of .tar files, fsspec URLs (file://, s3://, ...)   TarSource
+        a glob, a folder of .tar files (img2dataset's output folder: its
+        <shard>.parquet and <shard>_stats.json are sidecars of the tars),
+        fsspec URLs (file://, s3://, ...)                                 TarSource
     .parquet: a file, a folder, a glob or URLs                            ParquetSource
     a folder written by `datasets.Dataset.save_to_disk`                   DatasetsFolderSource
 
@@ -73,7 +75,16 @@ def expand(spec) -> list[str]:
     return [n if is_url(n) else os.path.abspath(n) for n in out]
 
 
+def _drop_sidecars(names: list[str]) -> list[str]:
+    """img2dataset writes <shard>.parquet and <shard>_stats.json beside each <shard>.tar: they
+    describe the tar, they are not a second source."""
+    tars = {n[:-len(".tar")] for n in names if n.lower().endswith(".tar")}
+    return [n for n in names if not (n.endswith(".parquet") and n[:-len(".parquet")] in tars
+                                     or n.endswith("_stats.json") and n[:-len("_stats.json")] in tars)]
+
+
 def _kind_of(names: list[str], spec) -> str | None:
+    names = _drop_sidecars(names)
     suffixes = {os.path.splitext(n)[1].lower() for n in names}
     if suffixes == {".tar"}:
         return "webdataset"
@@ -100,7 +111,8 @@ def open_source(spec, *, image_column: str | None = None, id_column: str | None 
         kind = _kind_of(names, "<list>") if names else None
         if kind is None:
             return FileSource(spec, collect_inputs(names, limit))
-        return _containers(kind, "<list>", expand(names), image_column, id_column).limit(limit)
+        return _containers(kind, "<list>", _drop_sidecars(expand(names)), image_column,
+                           id_column).limit(limit)
     s = os.fspath(spec)
     local = Path(s).expanduser()
     if not is_url(s) and local.is_dir():
@@ -117,7 +129,7 @@ def open_source(spec, *, image_column: str | None = None, id_column: str | None 
         names = [os.path.abspath(local)]
     kind = _kind_of(names, s) if names else None
     if kind is not None:
-        return _containers(kind, s, names, image_column, id_column).limit(limit)
+        return _containers(kind, s, _drop_sidecars(names), image_column, id_column).limit(limit)
     if is_url(s) or pattern:
         raise FileNotFoundError(f"INPUT {s}: matches no .tar or .parquet files")
     return FileSource(s, collect_inputs(local, limit))

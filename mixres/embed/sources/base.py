@@ -65,6 +65,11 @@ class Source:
     def options(self) -> dict:
         return {}
 
+    def metadata_fields(self) -> list:
+        """The pyarrow fields of the metadata `read` returns, fixed when the source is opened:
+        every metadata file of a folder is written with them (types the source's own)."""
+        return []
+
     def describe(self) -> dict:
         """What a rerun must find unchanged (stored in meta.json as "source")."""
         return {"kind": self.kind, "units": [[u.name, u.count] for u in self.units], **self.options()}

@@ -2,25 +2,33 @@
 
 The key of an item is its absolute path (what `read_features` has always been keyed by).
 Relative entries of a list file are relative to the list file, so a list can travel with
-its images.
+its images. A folder scan lists every path whose name says "image", including those that
+cannot be read as one (a dangling link, a link loop, a directory named x.jpg, an .svg):
+each of those becomes a row of errors.jsonl with its reason, so nothing is dropped without
+a word.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 
 from mixres.embed.sources.base import Source, Unit
 
-__all__ = ["IMAGE_EXTENSIONS", "FileSource", "collect_inputs", "resolve_entry"]
+__all__ = ["IMAGE_EXTENSIONS", "UNSUPPORTED_EXTENSIONS", "FileSource", "collect_inputs", "resolve_entry"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp",
-                              ".ppm", ".pgm", ".pbm", ".pnm", ".jfif", ".ico", ".tga"})
+                              ".ppm", ".pgm", ".pbm", ".pnm", ".jfif", ".ico", ".tga", ".avif", ".heic",
+                              ".heif"})
+# images neither PIL nor TorchCodec decodes: listed by a folder scan, so each is reported rather than dropped
+UNSUPPORTED_EXTENSIONS = frozenset({".svg", ".svgz", ".jxl", ".psd", ".raw",
+                                    ".cr2", ".nef", ".arw", ".dng", ".eps", ".exr", ".hdr"})
 
 
 def _from_folder(root: Path) -> list[str]:
-    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS | UNSUPPORTED_EXTENSIONS]
     return [os.path.abspath(p) for p in sorted(found, key=lambda p: p.relative_to(root).as_posix())]
 
 
@@ -89,16 +97,25 @@ def collect_inputs(source, limit: int | None = None) -> list[str]:
 
 
 def read_path(path: str) -> bytes:
+    """The bytes of an image file, or ValueError(why it is not one)."""
+    p = Path(path)
+    if p.suffix.lower() in UNSUPPORTED_EXTENSIONS:
+        raise ValueError(f"unsupported image type {p.suffix.lower()} (supported: "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     try:
-        return Path(path).read_bytes()
+        return p.read_bytes()
     except FileNotFoundError:
+        if p.is_symlink():
+            raise ValueError(f"dangling symbolic link (to {os.readlink(p)})") from None
         raise ValueError("no such file") from None
     except IsADirectoryError:
         raise ValueError("is a directory, not an image file") from None
     except PermissionError:
         raise ValueError("unreadable path (permission denied)") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"unreadable path ({getattr(e, 'strerror', None) or e})") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError("symbolic link loop") from None
+        raise ValueError(f"unreadable path ({e.strerror or e})") from None
 
 
 class FileSource(Source):

@@ -4,7 +4,8 @@ The image column holds encoded bytes (binary) or HF `datasets` `Image` structs
 `{bytes, path}` (bytes first; a struct with only a path reads that file). `image_column`
 is found by itself when exactly one column can hold images. The key is the
 `id_column`'s value when given, else `<file name>#<row>` (the row within that file).
-Other columns of plain types (numbers, strings, booleans, dates) are kept as metadata.
+Other columns of plain types (numbers, strings, booleans, dates) are kept as metadata,
+under their own names and with the first file's types.
 
 Only footers (row counts, schema) are read when the source is opened, plus the id column
 when one is asked for. A worker reads one row group at a time, and only the image and
@@ -93,15 +94,23 @@ class _Rows(Source):
     """Shared by parquet files and datasets folders: rows -> (bytes, metadata)."""
 
     def _setup(self, schema, image_column, id_column, where):
+        import pyarrow as pa
+
         self.image_column = pick_image_column(schema, image_column, where)
         if id_column is not None and id_column not in schema.names:
             raise ValueError(f"{where}: no column {id_column!r} for --id-column "
                              f"(columns: {', '.join(schema.names)})")
         self.id_column = id_column
-        self.meta_columns = [f.name for f in schema if f.name != self.image_column and _is_plain(f.type)]
+        # a column that is all null in the first file has Arrow type null there: kept as text
+        self._fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in schema
+                        if f.name != self.image_column and (_is_plain(f.type) or pa.types.is_null(f.type))]
+        self.meta_columns = [f.name for f in self._fields]
 
     def options(self) -> dict:
         return {"image_column": self.image_column, "id_column": self.id_column}
+
+    def metadata_fields(self) -> list:
+        return list(self._fields)
 
     def _check_dup(self, pos: int) -> None:
         if pos in self._dups:

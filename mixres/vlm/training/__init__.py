@@ -1,6 +1,10 @@
-"""Training a VLM: the loop (train.py), its config, data order, optimizer, checkpoints.
+"""Training a VLM in steps: build, train_step, evaluate, save, and the loop that calls them.
 
-    mixres.vlm.training.train(config)       the loop (`mixres train CONFIG.toml`)
+    train.py       build / restore / save and the loop, `train(config, out)`
+    step.py        train_step: one update over every rank's micro-batches
+    evaluate.py    held-out loss and content accuracy
+    data.py        the run's datasets (manifest | synthetic), token counts, loaders
+    cli.py         `mixres train` (reference: docs/train.md)
     config.py      RunConfig: [vlm] [data] [train] tables, type-checked
     run_dir.py     the output folder: no accidental overwrite, resume == the same run
     manifest.py    the JSONL manifest reader (incl. LLaVA records)

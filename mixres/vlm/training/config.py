@@ -8,6 +8,7 @@
     eval_manifest = "val.jsonl"
     max_batch_tokens = 2048          # image + text tokens of one micro-batch (one bin)
     num_workers = 2
+    decode = "fast"            # how image files are decoded: "pil" (default) | "fast" | "cuda"
 
     [train]
     steps = 1000
@@ -50,7 +51,13 @@ class DataConfig:
     max_batch_tokens: int = 1024            # budget of one micro-batch
     eval_max_batch_tokens: int | None = None
     num_workers: int = 0
+    decode: str = "pil"               # image files: "pil" | "fast" | "cuda" (mixres.decode)
     min_fill: float = 0.9             # bins emptier than this are repacked with the next chunk
+
+    def __post_init__(self):
+        if self.decode == "cuda" and self.num_workers:
+            raise ValueError("data.decode = 'cuda' cannot run in DataLoader workers (CUDA does not fork): "
+                             "set data.num_workers = 0 or use data.decode = 'fast'")
 
 
 @dataclass

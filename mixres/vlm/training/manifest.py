@@ -33,9 +33,9 @@ from PIL import Image, UnidentifiedImageError
 from mixres.embed.sources.files import resolve_entry
 from mixres.vlm.chat import to_messages
 from mixres.vlm.layout import IMAGE_TOKEN
-from mixres.vlm.training.synthetic import content_spans as _all_words
+from mixres.vlm.training.metrics import word_spans
 
-__all__ = ["ManifestError", "Record", "read_manifest", "ManifestDataset", "IMAGE_TOKEN"]
+__all__ = ["ManifestError", "Record", "read_manifest", "ManifestDataset", "datasets", "IMAGE_TOKEN"]
 
 PLACEHOLDER_POLICIES = ("prepend", "require")
 # EXIF orientations that swap width and height (load_image applies them)
@@ -216,6 +216,10 @@ class ManifestDataset:
     def image_sizes(self, index: int) -> list[tuple[int, int]]:
         return list(self.records[index].sizes)
 
+    def text_of(self, index: int) -> dict:
+        """The item's text fields (its images are paths; nothing is loaded either way)."""
+        return {k: v for k, v in self[index].items() if k in ("text", "prompt", "response", "conversations")}
+
     def __getitem__(self, index: int) -> dict:
         r = self.records[index]
         item = {"images": list(r.images), "source": f"{self.path}:{r.line}"}
@@ -225,4 +229,15 @@ class ManifestDataset:
         if r.is_text:
             return {**item, "text": r.response}
         return {**item, "prompt": r.prompt, "response": r.response,
-                "content_spans": _all_words(r.response)}
+                "content_spans": word_spans(r.response)}
+
+
+def datasets(cfg) -> tuple[ManifestDataset, ManifestDataset | None]:
+    """(train, eval or None) of a run whose [data] table names a manifest."""
+    d = cfg.data
+    if d.manifest is None:
+        raise ValueError("training config: set data.manifest (a JSONL file) or data.synthetic (a count)")
+    train = ManifestDataset.from_file(cfg.resolve(d.manifest), d.placeholders)
+    if not d.eval_manifest:
+        return train, None
+    return train, ManifestDataset.from_file(cfg.resolve(d.eval_manifest), d.placeholders)

@@ -23,7 +23,17 @@ import torch
 
 from mixres.vlm.layout import target_mask
 
-__all__ = ["content_hits", "token_spans", "MetricsLog", "plot_losses"]
+__all__ = ["word_spans", "content_hits", "token_spans", "MetricsLog", "plot_losses"]
+
+
+def word_spans(response: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of every word of a response: its content words when
+    nothing marks them (manifests; the synthetic captions are all content)."""
+    spans, pos = [], 0
+    for word in response.split(" "):
+        spans.append((pos, pos + len(word)))
+        pos += len(word) + 1
+    return spans
 
 
 def token_spans(tokenizer, response: str, spans) -> list[tuple[int, int]]:

@@ -15,10 +15,10 @@ Every example is a pure function of (seed, index): workers, ranks and a resumed 
 see the same pixels, and the image size is known without drawing (`size`), so token
 budgets can be planned before anything is rendered.
 
-content_accuracy (see `content_spans` and `mixres.vlm.training.train.content_accuracy`): under
-teacher forcing, the fraction of content words (colour, shape, position) of the held-out
-captions whose every token is the model's argmax prediction given the image, the prompt
-and the caption's preceding tokens.
+content_accuracy (mixres.vlm.training.metrics): under teacher forcing, the fraction of
+content words (colour, shape, position) of the held-out captions whose every token is the
+model's argmax prediction given the image, the prompt and the caption's preceding tokens.
+`datasets(cfg)` is what the trainer calls for `[data] synthetic = N`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mixres.vlm.training.metrics import word_spans
+
 __all__ = ["COLOURS", "SHAPES", "POSITIONS", "CHANCE", "ShapeSpec", "SyntheticShapes", "render",
-           "content_spans", "synthetic_config", "SYNTHETIC_VLM", "save_tiny_llama"]
+           "datasets", "synthetic_config", "SYNTHETIC_VLM", "save_tiny_llama"]
 
 # names with distinct first bytes wherever possible: the first byte decides the word
 COLOURS = {
@@ -120,15 +122,6 @@ def render(spec: ShapeSpec, blank: bool = False) -> Image.Image:
     return img
 
 
-def content_spans(response: str) -> list[tuple[int, int]]:
-    """Character spans [start, end) of the content words of a caption (all its words)."""
-    spans, pos = [], 0
-    for word in response.split(" "):
-        spans.append((pos, pos + len(word)))
-        pos += len(word) + 1
-    return spans
-
-
 class SyntheticShapes:
     """`n` examples drawn from `seed`; a held-out split is simply another seed.
 
@@ -161,7 +154,15 @@ class SyntheticShapes:
     def __getitem__(self, index: int) -> dict:
         s = self.spec(index)
         return {"images": [render(s, blank=self.blank_images)], "prompt": PROMPT,
-                "response": s.caption, "content_spans": content_spans(s.caption)}
+                "response": s.caption, "content_spans": word_spans(s.caption)}
+
+
+def datasets(cfg) -> tuple[SyntheticShapes, SyntheticShapes]:
+    """(train, held-out) of a run whose [data] table sets `synthetic`: the held-out split is
+    drawn from another seed, so no training example is ever evaluated."""
+    d, seed = cfg.data, cfg.train.seed
+    return (SyntheticShapes(d.synthetic, seed=2 * seed, blank_images=d.blank_images),
+            SyntheticShapes(d.synthetic_eval, seed=2 * seed + 1, blank_images=d.blank_images))
 
 
 # the run of `mixres train --synthetic`: a tiny VLM trained from scratch. The encoder is a
