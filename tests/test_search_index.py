@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from mixres.embed import embed
-from mixres.encoders import make_encoder, resolve_pool
 from mixres.embed.verify import verify
+from mixres.encoders import make_encoder, resolve_pool
 from mixres.search.folder import folder_prep, model_identity, open_folder
 from mixres.search.index import SearchIndex
 from mixres.search.kinds import choose_kind
