@@ -97,3 +97,17 @@ def test_invariance_bf16_reports_the_models_own_error_and_the_ratio(tmp_path):
     assert cell["packed"]["ratio_max"] <= 1.5  # packing adds at most half of it
     assert cell["naive"]["ratio_max"] > 10
     assert "own error" in (out / "results.md").read_text()
+
+
+def test_search_quick_states_recall_of_the_approximate_indexes(tmp_path):
+    out = tmp_path / "search"
+    rc = main(["bench", "search", "--sizes", "3000", "--dim", "32", "--queries", "40", "--ivf-nprobe", "1",
+               "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {(r["kind"], r.get("nprobe")): r for r in res["rows"]}
+    assert rows[("flat", None)]["auto"] and rows[("flat", None)]["recall@10"] == 1.0  # flat is the reference
+    ivf, ivf1 = rows[("ivf", 16)], rows[("ivf", 1)]
+    assert 0.9 <= ivf["recall@10"] <= 1.0 and ivf1["recall@10"] < ivf["recall@10"]  # fewer cells, less found
+    assert rows[("hnsw", None)]["recall@10"] >= 0.9
+    assert f"| 3,000 | ivf (nlist {ivf['nlist']}, nprobe 16) | " in (out / "results.md").read_text()

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "train-synthetic": "mixres.bench.train_synthetic",
     "embed": "mixres.bench.embed",
     "gpu": "mixres.bench.gpu",
+    "search": "mixres.bench.search",
     "serve": "mixres.bench.serve",
 }
 

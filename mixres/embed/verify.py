@@ -2,7 +2,8 @@
 
 Checks that every index row resolves to a shard and a row in it, that keys are unique,
 that index, token shards, pooled/ and metadata/ agree in counts and order, that every
-file is complete and readable, and that nothing is on disk that the index does not know.
+file is complete and readable, and that nothing is on disk that the index does not know
+(the search index a server caches in search/ included).
 One line per problem; exit status 1 when there is any.
 """
 
@@ -13,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from mixres.embed.store import FORMAT, item_key, metadata_name, pooled_name, schema_from_json, unique_records
+from mixres.search.cache import check_cache
 
 __all__ = ["verify", "add_arguments", "run"]
 
@@ -162,7 +164,7 @@ def verify(root) -> list[str]:
         problems.append("index.jsonl: its keys differ from the journals'")
     if (root / "errors.jsonl").is_file():
         _read_jsonl(root / "errors.jsonl", problems)
-    return problems
+    return problems + check_cache(root)  # the search index cached here (mixres.search.cache)
 
 
 def add_arguments(p) -> None:

@@ -58,6 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-replicas", type=int, default=1)
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--index", default=None, metavar="FOLDER",
+                   help="also search FOLDER, an output folder of mixres embed made with this model: "
+                        "POST /v1/search, GET / (a page to try it); pip install 'mixres[search]'")
+    p.add_argument("--index-kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"],
+                   help="faiss index of --index (auto: flat, exact, up to --exact-max vectors; ivf above)")
+    p.add_argument("--exact-max", type=int, default=100_000, help="--index-kind auto: flat up to this size")
+    p.add_argument("--search-threads", type=int, default=1, help="faiss threads per search query")
 
 
 def engine_kwargs(args) -> dict:
@@ -79,6 +86,8 @@ def limits_of(args):
 
 def run(args) -> int:
     if args.engine == "ray":
+        if args.index:
+            raise ValueError("--index runs with --engine local (one process holds the index)")
         from mixres.serve.ray_replica import serve_on_ray
 
         return serve_on_ray(args)
@@ -88,7 +97,17 @@ def run(args) -> int:
     from mixres.serve.engine import Engine
 
     engine = Engine(**engine_kwargs(args))
-    app = create_app(engine, api_key=args.api_key, limits=limits_of(args))
+    routers = []
+    if args.index:  # checked and indexed before the port opens; refused in one line
+        from fastapi import Depends
+
+        from mixres.search.app import engine_router
+        from mixres.serve.auth import require_api_key
+
+        routers.append(engine_router(engine, args.index, kind=args.index_kind, exact_max=args.exact_max,
+                                     search_threads=args.search_threads,
+                                     dependencies=[Depends(require_api_key)]))
+    app = create_app(engine, api_key=args.api_key, limits=limits_of(args), extra_routers=routers)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            access_log=False, lifespan="on"))
     # uvicorn drains on SIGTERM / SIGINT, then re-raises the signal to the handler it found: a

@@ -87,7 +87,7 @@ class Engine:
                  decode: str = "pil", decode_workers: int = 0, dtype=None, device=None,
                  batching: str = "packed", model_name: str | None = None):
         from mixres.decode import get_decoder
-        from mixres.embed.runner import make_encoder, resolve_pool
+        from mixres.encoders import make_encoder, resolve_pool
 
         if batching not in ("packed", "off"):
             raise ValueError(f"batching={batching!r}: choose 'packed' or 'off'")
