@@ -90,7 +90,7 @@ def run(args) -> int:
             raise ValueError("--index runs with --engine local (one process holds the index)")
         from mixres.serve.ray_replica import serve_on_ray
 
-        return serve_on_ray(args)
+        return serve_on_ray(args, engine_kwargs(args), limits_of(args))
     import uvicorn
 
     from mixres.serve.app import create_app

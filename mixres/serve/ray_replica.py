@@ -43,17 +43,17 @@ def deployment(engine_kwargs: dict, *, api_key: str | None = None, limits=None, 
     return MixresEmbeddings.bind()
 
 
-def serve_on_ray(args) -> int:
-    """`mixres serve --engine ray`: run the replicas until SIGTERM / SIGINT, then shut Serve down."""
-    from mixres.embed.ray_engine import import_ray, start_ray
-    from mixres.serve.cli import engine_kwargs, limits_of
+def serve_on_ray(args, engine_kwargs: dict, limits) -> int:
+    """`mixres serve --engine ray`: run the replicas until SIGTERM / SIGINT, then shut Serve down.
+    `engine_kwargs` and `limits` come from the command line (`mixres.serve.cli`)."""
+    from mixres.embed.engines.ray_data import import_ray, start_ray
 
     ray = import_ray()
     from ray import serve
 
     start_ray(ray, args.ray_address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(deployment(engine_kwargs(args), api_key=args.api_key, limits=limits_of(args),
+    serve.run(deployment(engine_kwargs, api_key=args.api_key, limits=limits,
                          replicas=args.ray_replicas), name="mixres", route_prefix="/")
     print(f"mixres serve: {args.ray_replicas} Ray Serve replica(s) on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
