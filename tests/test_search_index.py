@@ -4,7 +4,6 @@
 import io
 import json
 import shutil
-from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -167,7 +166,8 @@ def test_a_folder_that_does_not_fit_is_refused_in_one_line(files_folder, tmp_pat
 
     refused("not an output folder of mixres embed", tmp_path, expect=identity)
 
-    resized = replace(folder_prep(json.loads((files_folder / "meta.json").read_text())), max_image_tokens=256)
+    resized = folder_prep(json.loads((files_folder / "meta.json").read_text()))
+    resized.max_image_tokens = 256
     refused(r"resized otherwise than the server resizes queries: --max-image-tokens 1024 \(server: 256\)",
             files_folder, expect=identity, prep=resized)
 

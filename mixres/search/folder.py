@@ -18,11 +18,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixres.embed.inputs import Prep
 from mixres.embed.reader import Features
 from mixres.embed.state import _config_digest, _weights_probe  # what a folder records of its model
 from mixres.embed.verify import verify
 from mixres.images import DEFAULT_MAX_PIXELS
+from mixres.preprocess import Preprocessor
 from mixres.search import cache
 from mixres.search.index import SearchIndex
 from mixres.search.items import Items
@@ -51,15 +51,15 @@ def check_model(root: Path, meta: dict, identity: dict) -> None:
                          f"--select-layer {made.get('select_layer')} and --pool {made.get('pool')}")
 
 
-def folder_prep(meta: dict) -> Prep:
+def folder_prep(meta: dict) -> Preprocessor:
     """How the folder's images were decoded and resized; a query is prepared the same way."""
     s = meta["settings"]
     resample = s.get("resample", "")  # folders made before `decode` was a setting kept it here
     decode = s.get("decode") or (resample.split("--decode ")[1].rstrip(")") if "--decode" in resample
                                  else "pil")
-    return Prep(s["patch_size"], tuple(s["mean"]), tuple(s["std"]), s["min_image_tokens"],
-                s["max_image_tokens"], s.get("max_pixels") or DEFAULT_MAX_PIXELS,  # queries keep the guard
-                decode=decode)
+    return Preprocessor(patch_size=s["patch_size"], mean_std=(s["mean"], s["std"]), decode=decode,
+                        min_image_tokens=s["min_image_tokens"], max_image_tokens=s["max_image_tokens"],
+                        max_pixels=s.get("max_pixels") or DEFAULT_MAX_PIXELS)  # queries keep the guard
 
 
 _PREP = ("min_image_tokens", "max_image_tokens", "decode")
@@ -109,7 +109,7 @@ def open_folder(root, *, expect: dict | None = None, prep=None, kind: str = "aut
     """Check, index (or load the cached index) and open the items of an embed folder.
 
     expect  `model_identity(...)` of the server's encoder: refuse a folder made otherwise
-    prep    how the server decodes and resizes queries (a `Prep`): refuse a folder resized otherwise
+    prep    how the server decodes and resizes queries (a `Preprocessor`): refuse a folder resized otherwise
     kind    auto | flat | ivf | hnsw (mixres.search.kinds); params override the kind's defaults
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
