@@ -11,6 +11,7 @@ Heavier parts (extraction, VLM) are imported on first use.
 
 from mixres.encoders import encode, list_backends, load_encoder
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
+from mixres.registry import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -36,12 +37,4 @@ _LAZY = {
 __all__ = ["PackedFeatures", "PackedImages", "pack_into_bins", "load_encoder", "encode", "list_backends",
            *_LAZY]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mixres' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -110,3 +110,17 @@ def _qualname(obj: Any) -> str:
     # definition: same qualified name, not a clash
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
+
+def lazy_attributes(module: str, table: dict[str, str]):
+    """A module's `__getattr__` that imports `table[name]` on first access of `name` and keeps
+    the value in the module (PEP 562), so a package's heavy parts load only when used."""
+    import sys
+
+    def __getattr__(name: str):
+        if name not in table:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(table[name]), name)
+        setattr(sys.modules[module], name, value)
+        return value
+
+    return __getattr__

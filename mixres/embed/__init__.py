@@ -13,6 +13,8 @@ settings; store.py writes shards, pooled vectors, metadata and the crash-safe jo
 lock.py keeps one writer per folder; verify.py is `mixres verify`; cli.py is `mixres embed`.
 """
 
+from mixres.registry import lazy_attributes
+
 # name -> module that defines it, imported on first attribute access: `mixres.encode` reads
 # sources (mixres.embed.sources), which must not pull the batch job (driver) in with them
 _LAZY = {"embed": "mixres.embed.driver", "EmbedConfig": "mixres.embed.config",
@@ -21,12 +23,4 @@ _LAZY = {"embed": "mixres.embed.driver", "EmbedConfig": "mixres.embed.config",
 
 __all__ = ["embed", "encode", "read_features", "EmbedConfig", "Features", "FeatureRecord"]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mixres.embed' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

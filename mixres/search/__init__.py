@@ -10,6 +10,8 @@ from the indexed source), folder (open_folder), api (the router), page.html, app
 on its own). Imported on first use, so `mixres verify` can check the cache without faiss.
 """
 
+from mixres.registry import lazy_attributes
+
 _LAZY = {
     "SearchIndex": "mixres.search.index",
     "SearchFolder": "mixres.search.folder",
@@ -21,12 +23,4 @@ _LAZY = {
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mixres.search' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
