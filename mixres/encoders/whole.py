@@ -7,6 +7,7 @@ family; these helpers apply it. No backend is imported here.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -20,7 +21,8 @@ __all__ = ["call_for", "tower_config", "crop_for", "output_tokens", "params_of",
 def call_for(model: nn.Module) -> Call:
     """The family's whole-model call; a plain pixel call for families mixres has no file for."""
     spec = families.spec_of(model)
-    return spec.call if spec is not None else Call()
+    call = spec.call if spec is not None else Call()
+    return call if call.call is not None else replace(call, call=families.call_pixels)
 
 
 def tower_config(tower: nn.Module):

@@ -40,7 +40,7 @@ from mixres.registry import Registry
 
 __all__ = ["FAMILIES", "FamilySpec", "Call", "Recipe", "Embedded", "PosCache", "MeanStd",
            "UnknownImageEncoderError", "register_family", "spec_of", "family_spec", "family",
-           "vision_tower", "vision_config", "forward_kwargs", "accepts", "model_args_dict",
+           "vision_tower", "vision_config", "forward_kwargs", "call_pixels", "accepts", "model_args_dict",
            "num_prefix_tokens", "num_layers", "IMAGENET_DEFAULT", "IMAGENET_STANDARD", "OPENAI_CLIP",
            "NO_NORMALIZATION", "cls_only", "no_prefix"]
 
@@ -244,3 +244,8 @@ def forward_kwargs(model: nn.Module, pixel_values: torch.Tensor, **extra) -> dic
     else:
         kwargs = {"pixel_values": pixel_values}
     return {**kwargs, **model_args_dict(model), **extra}
+
+
+def call_pixels(model: nn.Module, pixels: torch.Tensor, **kw):
+    """The model's own forward on images (B, C, H, W): a `Call`'s default `call`."""
+    return model(**forward_kwargs(model, pixels, **kw))

@@ -162,7 +162,7 @@ def _call(model, pixels, **kw):
     if kw.get("output_hidden_states"):
         raise ValueError("backend 'grouped' on an open_clip tower reads the last layer only")
     if _is_timm_tower(tower):
-        out = _trunk_spec(tower).call.call(tower.trunk, pixels)
+        out = (_trunk_spec(tower).call.call or families.call_pixels)(tower.trunk, pixels)
         return SimpleNamespace(last_hidden_state=out.last_hidden_state, hidden_states=None,
                                pooler_output=tower(pixels))
     x = tower.transformer(tower._embeds(pixels))

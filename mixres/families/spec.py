@@ -70,12 +70,6 @@ def per_model(fn):
 
 # the grouped route: how to call the whole, unmodified model on a batch of one shape
 
-def _call_pixels(model: nn.Module, pixels: torch.Tensor, **kw):
-    from mixres.families import forward_kwargs  # interpolation flag, NaFlex inputs
-
-    return model(**forward_kwargs(model, pixels, **kw))
-
-
 @dataclass(frozen=True)
 class Call:
     """How the family is cropped, grouped, called whole and read back (the "grouped" and
@@ -84,7 +78,9 @@ class Call:
 
     crop      crop each image to a multiple of this many pixels first (the patch of patch-
               embedding models, whose stride-p conv drops the rest anyway), or None
-    call      (tower, (B, C, H, W), **kw) -> the model's output
+    call      (tower, (B, C, H, W), **kw) -> the model's output; None: the model's own forward
+              with `families.forward_kwargs` (`families.call_pixels`, filled in by
+              `encoders.whole.call_for`, so this file needs nothing from the family table)
     whole_patches  the forward itself refuses a partial patch (crop before the reference)
     call_list (tower, list of (C, H, W), **kw): a batch whose shapes differ but `key` agrees
     key       which images may share a batch (exact shape by default)
@@ -94,7 +90,7 @@ class Call:
     """
 
     crop: Callable[[object], int | None] = lambda cfg: None
-    call: Callable = _call_pixels
+    call: Callable | None = None
     whole_patches: bool = False
     call_list: Callable | None = None
     key: Callable[[object, tuple[int, ...]], tuple] = lambda cfg, chw: tuple(chw)
