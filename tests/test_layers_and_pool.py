@@ -102,7 +102,7 @@ def test_one_image_file_is_an_input_of_one(photos, tmp_path):
     assert rel_err(feats[0].pooled, alone.pooled[0]) <= 1e-5
 
 
-def test_presets_are_named_in_embed_help_and_the_readme(capsys):
+def test_presets_are_named_in_embed_help_and_the_library_docs(capsys):
     from pathlib import Path
 
     from mixres.presets import list_presets
@@ -110,8 +110,8 @@ def test_presets_are_named_in_embed_help_and_the_readme(capsys):
     with pytest.raises(SystemExit):
         main(["embed", "--help"])
     said = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert "mixres presets" in said and "### Presets" in readme
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "library.md").read_text()
+    assert "mixres presets" in said and "## Presets" in readme
     for name in list_presets():
         assert name in said.replace("- ", "-"), name  # argparse may break a name at its hyphen
         assert f"`{name}`" in readme, name
