@@ -201,7 +201,7 @@ def _run_group(g: Group, q, k, v, causal, scale, gqa, out: torch.Tensor) -> None
     if isinstance(g.q, int):  # one segment: a strided copy straight into its rows
         out[g.q:g.q + g.lq] = o[0]
     else:
-        out[g.tokens] = o.reshape(-1, o.shape[2], o.shape[3])
+        out[g.tokens] = o.reshape(-1, o.shape[2], o.shape[3]).to(out.dtype)  # autocast: SDPA gave bf16
 
 
 def _run_windows(w: Windows, q, k, v, scale, gqa) -> torch.Tensor:
@@ -222,7 +222,7 @@ def _run(plan: SegmentPlan, size: int, q, k, v, causal, scale) -> torch.Tensor:
     for g in plan.windows[size].long if size else plan.groups:
         _run_group(g, q, k, v, causal, scale, gqa, out)
     if size:
-        out[plan.windows[size].tokens] = _run_windows(plan.windows[size], q, k, v, scale, gqa)
+        out[plan.windows[size].tokens] = _run_windows(plan.windows[size], q, k, v, scale, gqa).to(out.dtype)
     return out
 
 
