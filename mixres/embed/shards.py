@@ -7,8 +7,8 @@ Because local ranks and Ray actors run this same step, their folders are the sam
 
 The shard's patches are made once, by the decode worker, and binned once, by the encoder
 (`Encoder.encode` cuts them into `max_batch_tokens` bins and puts the images back in
-order). After a device out-of-memory the budget is halved and the shard encoded again;
-an image that does not fit even alone is recorded as an error.
+order, halving its budget after a device out-of-memory); an image that does not fit even
+alone is recorded as an error.
 """
 
 from __future__ import annotations
@@ -124,22 +124,17 @@ class ShardWriter:
         return f
 
     def _encode(self, packed: PackedImages) -> tuple[PackedFeatures | None, dict[int, str]]:
-        """Features of the shard's images in order, and {k: reason} of images that do not fit."""
-        lens = packed.seqlens.tolist()
-        while True:
-            try:
-                return self._forward(packed), {}
-            except OutOfMemoryError:
-                pass  # recover outside the except block: its traceback still holds the batch
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            total = sum(lens)
-            budget = max(1, min(self.enc.max_batch_tokens or total, total) // 2)
-            self.enc.max_batch_tokens = budget
-            self.log(f"out of device memory on a shard of {total} tokens; "
-                     f"max_batch_tokens halved to {budget}")
-            if budget < max(lens):
-                return self._one_by_one(packed)
+        """Features of the shard's images in order, and {k: reason} of images that do not fit.
+
+        The encoder halves its own token budget on out-of-memory; an OOM that reaches here is
+        an image too large to run alone, found by running the shard's images one at a time."""
+        try:
+            return self._forward(packed), {}
+        except OutOfMemoryError:
+            pass  # recover outside the except block: its traceback still holds the batch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return self._one_by_one(packed)
 
     def _one_by_one(self, packed: PackedImages) -> tuple[PackedFeatures | None, dict[int, str]]:
         out, oom = [], {}
