@@ -24,14 +24,13 @@ import argparse
 import base64
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from mixres.bench.report import command_line, env_info, write_json
-from mixres.bench.serve_infinity import Infinity, write_clip_dir
+from mixres.bench.serve_infinity import Infinity, start_until_ready, write_clip_dir
 from mixres.bench.serve_load import closed_loop, summarize
 
 __all__ = ["add_arguments", "run"]
@@ -58,22 +57,9 @@ class MixresServer:
         self.log = log
 
     def __enter__(self) -> MixresServer:
-        import httpx
-
-        self._log = open(self.log, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mixres serve exited {self.proc.returncode}; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mixres serve not ready in 600 s; see {self.log}")
-            time.sleep(0.3)
+        self.proc, self._log = start_until_ready(self.cmd, self.log, f"{self.url}/ready", "mixres serve",
+                                                 poll_s=0.3)
+        return self
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()

@@ -59,6 +59,26 @@ def write_clip_dir(folder: str | Path, *, hidden: int = 384, layers: int = 6, se
     return folder
 
 
+def start_until_ready(cmd: list[str], log: str | Path, probe: str, name: str,
+                      poll_s: float = 0.5, limit_s: float = 600) -> tuple[subprocess.Popen, object]:
+    """Start a server process (output to `log`) and wait until `probe` answers 200.
+    Returns (process, the open log file); raises one line naming `name` and the log."""
+    log_file = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + limit_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited {proc.returncode}; see {log}")
+        try:
+            if httpx.get(probe, timeout=2).status_code == 200:
+                return proc, log_file
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{name} not ready in {limit_s:.0f} s; see {log}")
+        time.sleep(poll_s)
+
+
 class Infinity:
     """`infinity_emb v2` on 127.0.0.1:port, from the venv at `venv`, stopped on exit."""
 
@@ -74,20 +94,8 @@ class Infinity:
     def __enter__(self) -> Infinity:
         cmd = [str(self.exe), "v2", "--model-id", self.model_dir, "--engine", "torch", "--device", "cpu",
                "--host", "127.0.0.1", "--port", str(self.port), "--no-bettertransformer"]
-        self._log = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"infinity_emb exited {self.proc.returncode}; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"infinity_emb not up in 600 s; see {self.log}")
-            time.sleep(0.5)
+        self.proc, self._log = start_until_ready(cmd, self.log, f"{self.url}/health", "infinity_emb")
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
