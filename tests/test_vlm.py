@@ -414,3 +414,29 @@ def test_mot_routes_each_token_to_its_modality_weights():
     after = [alone(vlm, s) for s in (text_only, with_image)]
     assert torch.equal(before[0], after[0])
     assert rel_err(after[1], before[1]) > 1e-4
+
+
+def test_parts_conform_by_attribute_access_not_getattr_static():
+    """A part whose members an nn.Module keeps in _modules conforms on every Python: from
+    3.12 `isinstance` on a runtime protocol uses getattr_static and misses them (the GPU
+    box's Python 3.12 refused the built-in CausalLM that way)."""
+    from torch import nn
+
+    from mixres.vlm.interfaces import LanguageModel, conforms, missing_members
+
+    class LM(nn.Module):
+        hidden_size, vocab_size, max_positions = 8, 16, 32
+
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(8, 8)])  # reached through __getattr__
+
+        def embed(self, ids): ...
+        def head(self, h): ...
+        def run(self, x, ctx): ...
+        def new_cache(self): ...
+
+    assert conforms(LM(), LanguageModel) and missing_members(LM(), LanguageModel) == []
+    bare = LM()
+    del bare.blocks
+    assert not conforms(bare, LanguageModel) and missing_members(bare, LanguageModel) == ["blocks"]

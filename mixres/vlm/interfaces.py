@@ -13,7 +13,7 @@ from torch import nn
 
 from mixres.packing import PackedFeatures, PackedImages
 
-__all__ = ["Tower", "Tokenizer", "LanguageModel", "missing_members"]
+__all__ = ["Tower", "Tokenizer", "LanguageModel", "missing_members", "conforms"]
 
 
 def missing_members(obj, proto) -> list[str]:
@@ -23,6 +23,16 @@ def missing_members(obj, proto) -> list[str]:
     if "__call__" in vars(proto):
         names.add("__call__")
     return sorted(n for n in names if not hasattr(obj, n))
+
+
+def conforms(obj, proto) -> bool:
+    """Whether `obj` has every member of `proto`, looked up as attribute access finds them.
+
+    Not `isinstance(obj, proto)`: from Python 3.12 a runtime protocol check looks members up
+    with `inspect.getattr_static`, which misses an nn.Module's submodules and parameters
+    (they live in `_modules` / `_parameters`, reached through `__getattr__`), so a language
+    model whose `blocks` is an nn.ModuleList fails it there and passes on 3.11."""
+    return not missing_members(obj, proto)
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixres.vlm.data import Collator, VLMBatch
-from mixres.vlm.interfaces import LanguageModel, Tokenizer, Tower, missing_members
+from mixres.vlm.interfaces import LanguageModel, Tokenizer, Tower, conforms, missing_members
 from mixres.vlm.layout import TEXT, target_mask
 
 __all__ = ["VLM", "VLMOutput", "apply_freeze"]
@@ -69,7 +69,7 @@ class VLM(nn.Module):
                  max_seq_tokens: int | None = None):
         super().__init__()
         for part, proto in ((encoder, Tower), (lm, LanguageModel), (tokenizer, Tokenizer)):
-            if not isinstance(part, proto):
+            if not conforms(part, proto):
                 raise TypeError(f"VLM: {type(part).__name__} is not a {proto.__name__} "
                                 f"(mixres.vlm.interfaces); it lacks {missing_members(part, proto)}")
         self.encoder, self.adapter, self.lm = encoder, adapter, lm

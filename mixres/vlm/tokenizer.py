@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from mixres.vlm.interfaces import Tokenizer
+from mixres.vlm.interfaces import Tokenizer, conforms
 from mixres.vlm.layout import IMAGE_TOKEN
 
 __all__ = ["IMAGE_TOKEN", "ByteTokenizer", "HFTokenizer", "load_tokenizer", "has_tokenizer_files"]
@@ -153,7 +153,7 @@ def load_tokenizer(spec, *, lm_path=None) -> Tokenizer:
             raise ValueError(f"tokenizer {str(spec)!r}: expected 'bytes', a local directory with "
                              f"tokenizer files or a hub id")
         return HFTokenizer(spec)
-    if isinstance(spec, Tokenizer):
+    if conforms(spec, Tokenizer):
         return spec
     raise TypeError(f"tokenizer: expected 'bytes', a path or a tokenizer, got {type(spec).__name__}")
 
