@@ -14,7 +14,7 @@ PY=${PYTHON:-$(command -v python3 || command -v python)}
 SITE=${KIT_SITE:-/tmp/mixres-gpu-kit}
 "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target "$SITE" benchmarks/gpu/wheels/*.whl || exit
 export PYTHONPATH="$PWD:$SITE"
-timeout 470 "$PY" -m mixres bench gpu --out "benchmarks/results/gpu-$NAME" "$@"
+timeout "${KIT_TIMEOUT:-470}" "$PY" -m mixres bench gpu --out "benchmarks/results/gpu-$NAME" "$@"
 status=$?
 ls -l "benchmarks/results/gpu-$NAME"
 exit $status
