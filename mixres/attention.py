@@ -134,6 +134,12 @@ def _choose(q: torch.Tensor, backend: str | None) -> str:
     return available_backends(q)[0]
 
 
+def plans_segments(x: torch.Tensor) -> bool:
+    """Whether attention on x's device and dtype runs through segment plans (the SDPA
+    backend), which are fastest when equal lengths lie back to back."""
+    return _choose(x, None) == "sdpa"
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force one backend inside a `with` block (overrides MIXRES_ATTN_BACKEND)."""

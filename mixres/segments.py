@@ -4,9 +4,10 @@ A `SegmentPlan` is built once per set of offsets and shared by every layer that 
 over them (the plans of the last few offset tensors are kept), so the Python work per
 image is done once per batch, not once per layer:
 
-    groups   segments of equal (len_q, len_k) stacked into one (G, heads, L, d) SDPA call
-             through an index tensor built once (a view for a segment whose length is
-             unique); equal-size images cost what a dense batch costs
+    groups   segments of equal (len_q, len_k) stacked into one (G, heads, L, d) SDPA call:
+             a view where they lie back to back (the encoder orders a batch's images by
+             length for this), else through an index tensor built once; equal-size images
+             cost what a dense batch costs
     windows  short segments (<= C/2 tokens each) through overlapping windows of C tokens
              every C/2 tokens (stretched by < C/2 so the last ends at the last token),
              strided views of q/k/v (no copy), one SDPA call over all windows with a
@@ -94,7 +95,10 @@ class SegmentPlan:
 
 
 def _index(starts: list[int], length: int, device) -> torch.Tensor | int:
-    if len(starts) == 1:
+    """The segments' token indices (G, length), or the first start where they lie back to
+    back (one segment, or a run of equal lengths: the packer orders images by length so
+    that every length is one run), which `_take` reads as a view."""
+    if all(b - a == length for a, b in zip(starts, starts[1:])):
         return starts[0]
     s = torch.tensor(starts, device=device, dtype=torch.long)
     return s[:, None] + torch.arange(length, device=device)[None]
@@ -147,16 +151,19 @@ def _build(cu_q, cu_k, causal: bool, q: torch.Tensor, k: torch.Tensor) -> Segmen
         sq, sk = [starts_q[i] for i in seg], [starts_k[i] for i in seg]
         groups.append(Group(lq, lk, _index(sq, lq, dev), _index(sk, lk, dev) if lk else 0,
                             _tokens(sq, lq, dev)))
-    windows = {}
-    # windows hold self-attention (each query sees the keys of its own tokens)
-    if not causal and starts_q == starts_k and lens_q == lens_k and len(groups) > 1:
-        segs = [(st, n) for st, n in zip(starts_q, lens_q) if n > 0]
-        for size in WINDOW_SIZES:
-            if (w := _windows(size, total_q, segs, groups, dev)) is not None:
-                windows[size] = w
     n = sum(1 for x in lens_q if x)
     key = (dev.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1], n.bit_length(),
            (total_q // max(n, 1)).bit_length(), len(groups).bit_length())
+    windows = {}
+    # windows hold self-attention (each query sees the keys of its own tokens); only the
+    # measured choice is built once this kind of batch has one (and every size under
+    # force_layout, or before the measurement)
+    sizes = WINDOW_SIZES if _FORCED or key not in _TUNED else [_TUNED[key]] if _TUNED[key] else []
+    if sizes and not causal and starts_q == starts_k and lens_q == lens_k and len(groups) > 1:
+        segs = [(st, n) for st, n in zip(starts_q, lens_q) if n > 0]
+        for size in sizes:
+            if (w := _windows(size, total_q, segs, groups, dev)) is not None:
+                windows[size] = w
     return SegmentPlan(total_q, tuple(groups), windows, key)
 
 
@@ -178,10 +185,10 @@ def segment_plan(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool, q: torch.
 
 # running a plan
 
-def _take(t: torch.Tensor, index: torch.Tensor | int, length: int) -> torch.Tensor:
-    """(G, heads, length, d) rows of `t` (T, heads, d)."""
+def _take(t: torch.Tensor, index: torch.Tensor | int, length: int, count: int) -> torch.Tensor:
+    """(G, heads, length, d) rows of `t` (T, heads, d): a view for a run of segments."""
     if isinstance(index, int):
-        return t[index:index + length].transpose(0, 1)[None]
+        return t[index:index + count * length].unflatten(0, (count, length)).transpose(1, 2)
     return t[index].transpose(1, 2)
 
 
@@ -190,7 +197,8 @@ def _run_group(g: Group, q, k, v, causal, scale, gqa, out: torch.Tensor) -> None
     if g.lk == 0:  # no keys to attend to: the output is zero
         out[g.tokens] = 0
         return
-    qg, kg, vg = _take(q, g.q, g.lq), _take(k, g.k, g.lk), _take(v, g.k, g.lk)
+    n = g.tokens.numel() // g.lq
+    qg, kg, vg = _take(q, g.q, g.lq, n), _take(k, g.k, g.lk, n), _take(v, g.k, g.lk, n)
     if causal and g.lq != g.lk:  # bottom-right aligned: query i sees keys j <= i + (lk - lq)
         i = torch.arange(g.lq, device=q.device)[:, None]
         mask = torch.arange(g.lk, device=q.device)[None] <= i + (g.lk - g.lq)
@@ -198,8 +206,8 @@ def _run_group(g: Group, q, k, v, causal, scale, gqa, out: torch.Tensor) -> None
     else:
         o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale, enable_gqa=gqa)
     o = o.transpose(1, 2)  # (G, lq, heads, d_v)
-    if isinstance(g.q, int):  # one segment: a strided copy straight into its rows
-        out[g.q:g.q + g.lq] = o[0]
+    if isinstance(g.q, int):  # a run of segments: a strided copy straight into its rows
+        out[g.q:g.q + n * g.lq].unflatten(0, (n, g.lq)).copy_(o)
     else:
         out[g.tokens] = o.reshape(-1, o.shape[2], o.shape[3]).to(out.dtype)  # autocast: SDPA gave bf16
 

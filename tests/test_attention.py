@@ -111,3 +111,20 @@ def test_a_plan_is_rebuilt_when_its_offsets_change_in_place():
     assert segment_plan(cu, cu, False, q, q) is not plan
     out = varlen_attention(q, q, q, cu, cu, 5, 5, backend="sdpa")
     torch.testing.assert_close(out.double(), reference(q, q, q, cu, cu, False, None), rtol=1e-5, atol=1e-5)
+
+
+def test_runs_of_equal_lengths_are_read_as_views_and_match_reference():
+    """Sorted by length (as the encoder orders a batch for the SDPA backend), every length
+    is one run: its group reads q/k/v through a view and writes one slice."""
+    from mixres.segments import force_layout, run_plan, segment_plan
+
+    g = torch.Generator().manual_seed(1)
+    lens = sorted(torch.randint(1, 12, (40,), generator=g).tolist()) + [50, 50]
+    cu = seqlens_to_cu(lens)
+    qkv = torch.randn(sum(lens), 3, 4, 8, generator=g)
+    q, k, v = qkv.unbind(1)
+    with force_layout(0):
+        plan = segment_plan(cu, cu, False, q, k)
+    assert all(isinstance(grp.q, int) and isinstance(grp.k, int) for grp in plan.groups)
+    out = run_plan(plan, q, k, v, False, 0.3, layout=0)
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu, cu, False, 0.3), rtol=1e-5, atol=1e-5)

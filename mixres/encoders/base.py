@@ -16,6 +16,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from mixres.attention import plans_segments
 from mixres.families.facts import ModelFacts, model_facts
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
 from mixres.preprocess import DEFAULT_MAX_IMAGE_TOKENS, Preprocessor
@@ -197,7 +198,15 @@ class Encoder:
         if not isinstance(images, PackedImages):
             images = PackedImages.from_images(images, self.patch_size)
         packed = images.to(self.device, self.dtype)
-        bins = pack_into_bins(packed.seqlens.tolist(), self.chunk_budget(packed.patches.device))
+        lens = packed.seqlens.tolist()
+        bins = pack_into_bins(lens, self.chunk_budget(packed.patches.device))
+        # within a forward, images of one length side by side where the SDPA backend
+        # attends (one call on a view per length, not a gather per length per layer:
+        # mixres.segments); else, and in training mode (where a family draws its random
+        # augmentation image by image, in input order), the caller's order
+        by_length = plans_segments(packed.patches) and not self.model.training
+        key = lens.__getitem__ if by_length else None
+        bins = [sorted(b, key=key) for b in bins]
         return self.run_groups(packed, bins, self._forward_or_halve)
 
     def _forward_or_halve(self, packed: PackedImages) -> PackedFeatures:
@@ -232,8 +241,7 @@ class Encoder:
     @staticmethod
     def run_groups(packed: PackedImages, groups: list[list[int]], run) -> PackedFeatures:
         """`run` on each group of image indices, the images put back in input order."""
-        if len(groups) == 1:
-            # one group: keep the caller's order (bins sort by length)
+        if len(groups) == 1 and groups[0] == list(range(packed.num_images)):
             return run(packed)
         outs = [run(packed.select(g)) for g in groups]
         order = torch.tensor([i for g in groups for i in g])
