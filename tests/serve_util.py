@@ -65,13 +65,15 @@ def _children(pid: int) -> list[int]:
 
 
 @contextmanager
-def running_server(*args: str, key: str | None = None, ready_timeout: float = 180):
+def running_server(*args: str, key: str | None = None, ready_timeout: float = 180, env: dict | None = None):
     port = free_port()
     cmd = [sys.executable, "-m", "mixres", "serve", "--host", HOST, "--port", str(port), "--log-level",
            "warning", *args]
     if key:
         cmd += ["--api-key", key]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # set here, the server does not restart itself to set it (one test checks that it does)
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     server = Server(proc, port, key)
     try:

@@ -78,7 +78,12 @@ def test_overload_timeout_and_disconnect(model_dir):
 
 
 def test_small_request_overtakes_a_large_one_then_sigterm_drains_and_exits_0(model_dir):
-    with running_server("--model", model_dir, *FLAGS, "--request-timeout", "0") as s:
+    # started without OMP_WAIT_POLICY: the server restarts itself once (same PID) to make
+    # torch's idle threads passive, and SIGTERM reaches the restarted process
+    with running_server("--model", model_dir, *FLAGS, "--request-timeout", "0",
+                        env={"OMP_WAIT_POLICY": None}) as s:
+        environ = open(f"/proc/{s.proc.pid}/environ", "rb").read().split(b"\0")
+        assert b"OMP_WAIT_POLICY=PASSIVE" in environ
         d, out = _in_thread(lambda: s.post(BIG[:24]))  # 24 forwards of 256 tokens
         _wait_for(lambda: s.metric("mixres_queue_tokens") >= 256)
         # fair batches: the small request rides in the next batches, not behind the large one
