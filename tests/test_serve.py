@@ -6,6 +6,7 @@ import functools
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,12 @@ def test_each_image_equals_the_image_alone_under_concurrency(server):
         assert ans["usage"]["prompt_tokens"] == sum(refs[i][2][0] * refs[i][2][1] for i in idx)
     # the images were packed together: fewer forwards than images
     assert server.metric("mixres_batches_total") - batches_before < n_images
+    # the decoding worker that made them runs at nice 19 (it takes the gaps the forward
+    # leaves), the server itself at 0
+    def nice(pid):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+    assert [nice(pid) for pid in server.decode_workers()] == [19] and nice(server.proc.pid) == 0
 
 
 def test_pool_normalize_and_base64(server):

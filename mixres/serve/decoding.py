@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -59,6 +60,21 @@ def _decode_in_worker(data: bytes, prep: Preprocessor) -> np.ndarray:
 
 def _init_worker() -> None:
     torch.set_num_threads(1)  # the encoder owns the cores; a worker decodes one image at a time
+    _lower_priority()
+
+
+def _lower_priority() -> None:
+    """Run the calling thread (and the threads it starts) at the lowest CPU priority.
+
+    Decoding shares the cores with the engine's forward. At equal priority the scheduler
+    splits a core between them mid-forward, and every parallel region of the forward then
+    waits for its preempted thread; at nice 19 decoding takes the gaps the forward leaves
+    (its Python between ops, the engine idle) and only those. Linux applies the nice value
+    of a thread id to that thread alone."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux / not permitted: decode at normal priority
+        pass
 
 
 class DecodePool:
@@ -73,7 +89,8 @@ class DecodePool:
 
     def _new_pool(self) -> Executor:
         if self.workers == 0:
-            return ThreadPoolExecutor(max_workers=2, thread_name_prefix="mixres-decode")
+            return ThreadPoolExecutor(max_workers=2, thread_name_prefix="mixres-decode",
+                                      initializer=_lower_priority)
         # spawn, not fork: the server has threads (the engine loop, uvicorn) a fork would copy mid-state
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker)
