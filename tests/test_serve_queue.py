@@ -1,0 +1,37 @@
+"""The engine's queue: whole requests in one forward where they fit, no request starved."""
+
+import torch
+
+from mixres.serve.queue import Item, TokenQueue
+
+
+def _put(q, request, sizes):
+    q.put(request, [Item(torch.zeros(1), n, request, i) for i, n in enumerate(sizes)])
+
+
+def _batches(q, budget):
+    out = []
+    while b := q.take(budget, 0, 0.01):
+        out.append([(it.request, it.index) for it in b])
+    return out
+
+
+def test_requests_that_fit_are_answered_by_one_forward_and_a_large_one_starves_nobody():
+    q = TokenQueue(10**6)
+    _put(q, 1, [100] * 24)  # larger than the budget: several forwards
+    _put(q, 2, [100] * 4)
+    _put(q, 3, [50])
+    batches = _batches(q, 1000)
+    assert batches[0] == [(1, i) for i in range(10)]
+    # the large request moved behind: the next forward answers 2 and 3 whole, then fills up
+    assert batches[1][:5] == [(2, 0), (2, 1), (2, 2), (2, 3), (3, 0)]
+    taken = [x for b in batches for x in b]
+    assert sorted(taken) == sorted([(1, i) for i in range(24)] + [(2, i) for i in range(4)] + [(3, 0)])
+    assert q.tokens == 0 and q.images == 0
+
+
+def test_an_image_that_does_not_fit_lets_smaller_ones_of_later_requests_go():
+    q = TokenQueue(10**6)
+    _put(q, 1, [60, 60])
+    _put(q, 2, [30])
+    assert _batches(q, 100) == [[(1, 0), (2, 0)], [(1, 1)]]
