@@ -35,3 +35,13 @@ def test_an_image_that_does_not_fit_lets_smaller_ones_of_later_requests_go():
     _put(q, 1, [60, 60])
     _put(q, 2, [30])
     assert _batches(q, 100) == [[(1, 0), (2, 0)], [(1, 1)]]
+
+
+def test_a_request_split_over_two_batches_finishes_first_in_the_next():
+    q = TokenQueue(10**6)
+    for r in (1, 2, 3):
+        _put(q, r, [100] * 4)
+    first = q.take(1000, 0, 0.01)
+    assert [(it.request, it.index) for it in first][-2:] == [(3, 0), (3, 1)]
+    _put(q, 4, [100] * 4)  # arrives while request 3 waits for its last two images
+    assert [(it.request, it.index) for it in q.take(1000, 0, 0.01)][:2] == [(3, 2), (3, 3)]

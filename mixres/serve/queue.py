@@ -1,15 +1,14 @@
 """The engine's queue: admitted images, measured in tokens, taken in fair varlen batches.
 
 Requests put all their decoded images at once; the engine loop takes a batch whenever the
-model is free. A batch takes the waiting requests in turn, the one served least recently
-first, each with as many of its images as the token budget still holds (an image that does
-not fit waits; a smaller one of a later request may still go). A request that is left with
-images moves behind the others, so a large request never starves small ones: even when its
-images fill the budget alone, the next batch starts with the others. A request that fits is
-answered by one forward: round-robin (one image of each request per round) spread every
-request over several forwards, and each answer waited for the last of them (8 clients x 4
-images: p99 1.02x Infinity's round-robin, below it request by request). The first image of a
-batch always fits (no image is larger than the budget). `one_request=True` takes the oldest
+model is free. A batch takes the waiting requests oldest first, each with as many of its
+images as the token budget still holds (an image that does not fit waits; a smaller one of a
+later request may still go), so a request that fits is answered by one forward, and one that
+does not finishes in the next. A request that took half a batch or more and has images left
+moves behind the others, so a large request never starves small ones: even when its images
+fill the budget alone, the next batch starts with the others. (Round-robin, one image of each
+request per round, spread every request over several forwards, each answer waiting for the
+last of them.) The first image of a batch always fits (no image is larger than the budget). `one_request=True` takes the oldest
 request's images only: batching off, the baseline of `mixres bench serve`.
 """
 
@@ -102,18 +101,20 @@ class TokenQueue:
     def _take_fair(self, budget: int) -> list[Item]:
         batch, used, served = [], 0, []
         for r in list(self._requests):
-            q, kept = self._requests[r], deque()
+            q, kept, took = self._requests[r], deque(), 0
             for it in q:
                 if used + it.tokens > budget and batch:
                     kept.append(it)  # waits for the next batch; a smaller image after it may fit
                     continue
                 batch.append(it)
                 used += it.tokens
+                took += it.tokens
             if not kept:
                 del self._requests[r]
-            elif len(kept) < len(q):
+            else:
                 self._requests[r] = kept
-                served.append(r)
+                if 2 * took >= budget:  # a large request: the others go first next time
+                    served.append(r)
             if used >= budget:
                 break
         for r in served:  # a request with images left goes behind those it kept waiting
