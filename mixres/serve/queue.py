@@ -8,8 +8,9 @@ does not finishes in the next. A request that took half a batch or more and has 
 moves behind the others, so a large request never starves small ones: even when its images
 fill the budget alone, the next batch starts with the others. (Round-robin, one image of each
 request per round, spread every request over several forwards, each answer waiting for the
-last of them.) The first image of a batch always fits (no image is larger than the budget). `one_request=True` takes the oldest
-request's images only: batching off, the baseline of `mixres bench serve`.
+last of them.) The first image of a batch always fits (no image is larger than the budget).
+`one_request=True` takes the oldest request's images only: batching off, the baseline of
+`mixres bench serve`.
 """
 
 from __future__ import annotations
