@@ -96,9 +96,9 @@ def passive_omp_threads() -> None:
     if "OMP_WAIT_POLICY" in os.environ:
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    print("mixres serve: OMP_WAIT_POLICY=PASSIVE (idle torch threads yield the CPU to decoding and "
-          "HTTP; set OMP_WAIT_POLICY to choose)", file=sys.stderr, flush=True)
+    # silent: a refused start must stay one line on stderr (docs/serve.md says it)
     sys.stdout.flush()
+    sys.stderr.flush()
     os.execv(sys.executable, sys.orig_argv)
 
 
