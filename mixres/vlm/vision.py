@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mixres.packing import PackedFeatures, PackedImages
-from mixres.vlm.interfaces import Tower, conforms, missing_members
+from mixres.vlm.interfaces import Tower, missing_members
 from mixres.vlm.registry import TOWERS, register_tower
 
 __all__ = ["RandomTower", "EncoderTower", "build_tower", "scratch_vit"]
@@ -167,9 +167,10 @@ def build_tower(spec) -> nn.Module:
     """A tower from a spec: "random", {"name": "random", "hidden": 48}, {"name": "packed",
     "model": "tiny-vit", "select_layer": -2}, "tiny-vit", a path, or an nn.Module."""
     if isinstance(spec, nn.Module):
-        if conforms(spec, Tower):
+        missing = missing_members(spec, Tower)
+        if not missing:
             return spec  # already a tower
-        if missing_members(spec, Tower) == ["blocks"]:
+        if missing == ["blocks"]:
             raise TypeError(f"tower {type(spec).__name__} lacks `blocks`: its blocks, which checkpointing, "
                             f"compile and FSDP2 wrap (mixres.vlm.interfaces.Tower; () for none)")
         return EncoderTower(spec)
