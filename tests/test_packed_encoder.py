@@ -260,3 +260,26 @@ def test_many_tiny_images_equal_each_alone_under_every_attention_layout(family):
         for i, (tokens, (ref, ref_pooled)) in enumerate(zip(feats.unpack(), refs)):
             assert rel_err(tokens, ref) <= TOL, (family, layout, i)
             assert rel_err(feats.pooled[i], ref_pooled) <= TOL, (family, layout, i)
+
+
+def test_position_codes_are_computed_once_per_model_not_once_per_encoder(monkeypatch):
+    """`mixres.encode(model, batch)` in a loop makes an encoder per call: the position codes
+    of a grid seen before come from the model's cache (a cache per encoder resampled every
+    grid of every batch), and a changed table is still noticed."""
+    import mixres.families.dinov2 as dinov2
+
+    model = build("dinov2")
+    calls = []
+    real = dinov2.resample_table
+    monkeypatch.setattr(dinov2, "resample_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    imgs = images()
+    first = mixres.encode(imgs, model).pooled
+    seen = len(calls)
+    assert seen == len(GRIDS)
+    again = mixres.encode(imgs, model).pooled
+    assert len(calls) == seen and torch.equal(first, again)
+    with torch.no_grad():
+        model.embeddings.position_embeddings.mul_(1.5)
+    changed = mixres.encode(imgs, model).pooled
+    assert len(calls) == 2 * seen
+    assert rel_err(changed[0], alone(model, imgs[0])[1]) < TOL

@@ -115,7 +115,7 @@ class PackedEncoder(Encoder):
         self.tower = families.vision_tower(self.model)
         self.recipe = packed_recipe(self.tower)
         resolve_layer(self.select_layer, len(self.recipe.layers(self.tower)))  # fail early
-        self.cache = PosCache()
+        self.cache = PosCache.of(self.tower)
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
         tower, recipe = self.tower, self.recipe
