@@ -45,3 +45,15 @@ def test_a_request_split_over_two_batches_finishes_first_in_the_next():
     assert [(it.request, it.index) for it in first][-2:] == [(3, 0), (3, 1)]
     _put(q, 4, [100] * 4)  # arrives while request 3 waits for its last two images
     assert [(it.request, it.index) for it in q.take(1000, 0, 0.01)][:2] == [(3, 2), (3, 3)]
+
+
+def test_on_the_cpu_a_step_is_the_encoders_cache_sized_forward():
+    """--max-batch-tokens above the CPU forward (2048) takes no more than that per step (a
+    bigger forward costs more per token there); an image of --max-image-tokens still fits."""
+    from mixres.serve import Engine
+
+    big = Engine("tiny-vit", max_batch_tokens=8192, max_image_tokens=1024)
+    chunk = big.encoder.chunk_budget(torch.device("cpu"))
+    assert chunk == 2048 and big.max_batch_tokens == 2048
+    assert Engine("tiny-vit", max_batch_tokens=512, max_image_tokens=256).max_batch_tokens == 512
+    assert Engine("tiny-vit", max_batch_tokens=8192, max_image_tokens=4096).max_batch_tokens == 4096

@@ -27,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="packed", help="encoder backend (default packed; masked pads)")
     p.add_argument("--batching", default="packed", choices=["packed", "off"],
                    help="packed: continuous varlen batches across requests; off: one request at a time")
-    p.add_argument("--max-batch-tokens", type=int, default=4096, help="token budget of one forward")
+    p.add_argument("--max-batch-tokens", type=int, default=4096,
+                   help="token budget of one forward (on the CPU at most 2048, the encoder's "
+                        "cache-sized forward)")
     p.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="how long a batch below the budget may wait for more images while the model is free")
     p.add_argument("--max-queue-tokens", type=int, default=None,
