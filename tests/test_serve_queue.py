@@ -37,14 +37,57 @@ def test_an_image_that_does_not_fit_lets_smaller_ones_of_later_requests_go():
     assert _batches(q, 100) == [[(1, 0), (2, 0)], [(1, 1)]]
 
 
-def test_a_request_split_over_two_batches_finishes_first_in_the_next():
+def test_a_request_that_fits_one_forward_is_never_split():
+    """Three requests of 400 tokens, budget 1000: the third waits whole for the next forward
+    (split, its answer would wait for both), which it starts even when later requests came."""
     q = TokenQueue(10**6)
     for r in (1, 2, 3):
         _put(q, r, [100] * 4)
     first = q.take(1000, 0, 0.01)
-    assert [(it.request, it.index) for it in first][-2:] == [(3, 0), (3, 1)]
-    _put(q, 4, [100] * 4)  # arrives while request 3 waits for its last two images
-    assert [(it.request, it.index) for it in q.take(1000, 0, 0.01)][:2] == [(3, 2), (3, 3)]
+    assert [(it.request, it.index) for it in first] == [(r, i) for r in (1, 2) for i in range(4)]
+    _put(q, 4, [100] * 4)
+    _put(q, 5, [100] * 4)
+    second = [(it.request, it.index) for it in q.take(1000, 0, 0.01)]
+    assert second == [(r, i) for r in (3, 4) for i in range(4)]
+
+
+def test_a_request_cut_by_the_budget_finishes_first_in_the_next():
+    q = TokenQueue(10**6)
+    _put(q, 1, [100] * 14)  # larger than one forward: cut
+    first = q.take(1000, 0, 0.01)
+    assert len(first) == 10
+    _put(q, 2, [100] * 2)
+    second = [(it.request, it.index) for it in q.take(1000, 0, 0.01)]
+    assert second[:4] == [(1, 10), (1, 11), (1, 12), (1, 13)]
+
+
+def test_a_batch_below_the_budget_waits_for_images_still_being_decoded():
+    """Images being decoded (`arriving`) join the batch when they land within ARRIVING_WAIT_S;
+    the batch does not wait longer than that for them."""
+    import threading
+    import time
+
+    from mixres.serve.queue import ARRIVING_WAIT_S
+
+    q = TokenQueue(10**6)
+    _put(q, 1, [100])
+    q.arriving(1)
+
+    def land():
+        time.sleep(ARRIVING_WAIT_S / 4)
+        _put(q, 2, [100])
+        q.arriving(-1)
+
+    t = threading.Thread(target=land)
+    t.start()
+    batch = q.take(1000, 0.0, 0.01)
+    t.join()
+    assert [(it.request, it.index) for it in batch] == [(1, 0), (2, 0)]
+    _put(q, 3, [100])
+    q.arriving(1)  # never lands
+    t0 = time.monotonic()
+    assert [(it.request, it.index) for it in q.take(1000, 0.0, 0.01)] == [(3, 0)]
+    assert time.monotonic() - t0 < ARRIVING_WAIT_S + 0.5
 
 
 def test_on_the_cpu_a_step_is_the_encoders_cache_sized_forward():

@@ -174,21 +174,26 @@ class Engine:
         if self.queue.full():
             raise Overloaded(f"the queue holds {self.queue.tokens} tokens (--max-queue-tokens "
                              f"{self.queue.max_tokens}); retry later")
-        tensors = await self._decode_all(images)
-        p = self.encoder.patch_size
-        need = [(t.shape[1] // p) * (t.shape[2] // p) for t in tensors]
-        if sum(need) > self.queue.max_tokens:
-            raise TooLarge(f"the request's {len(tensors)} images hold {sum(need)} tokens, more than the "
-                           f"whole queue takes (--max-queue-tokens {self.queue.max_tokens})")
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in tensors]
+        self.queue.arriving(len(images))  # a batch below the budget waits for them (briefly)
+        try:
+            tensors = await self._decode_all(images)
+            p = self.encoder.patch_size
+            need = [(t.shape[1] // p) * (t.shape[2] // p) for t in tensors]
+            if sum(need) > self.queue.max_tokens:
+                raise TooLarge(f"the request's {len(tensors)} images hold {sum(need)} tokens, more than "
+                               f"the whole queue takes (--max-queue-tokens {self.queue.max_tokens})")
+            futures = [loop.create_future() for _ in tensors]
 
-        def done(item: Item, result) -> None:  # called on the loop thread
-            loop.call_soon_threadsafe(_settle, futures[item.index], result)
+            def done(item: Item, result) -> None:  # called on the loop thread
+                loop.call_soon_threadsafe(_settle, futures[item.index], result)
 
-        rid = next(self._ids)
-        items = [Item(t, n, rid, i, done) for i, (t, n) in enumerate(zip(tensors, need))]
-        if not self.queue.put(rid, items):
+            rid = next(self._ids)
+            items = [Item(t, n, rid, i, done) for i, (t, n) in enumerate(zip(tensors, need))]
+            admitted = self.queue.put(rid, items)
+        finally:  # in the queue, refused or failed: nothing of this request is arriving any more
+            self.queue.arriving(-len(images))
+        if not admitted:
             if self._closing:
                 raise Unavailable("the engine is draining")
             raise Overloaded(f"the queue holds {self.queue.tokens} tokens and this request needs "

@@ -1,14 +1,21 @@
 """The engine's queue: admitted images, measured in tokens, taken in fair varlen batches.
 
 Requests put all their decoded images at once; the engine loop takes a batch whenever the
-model is free. A batch takes the waiting requests oldest first, each with as many of its
-images as the token budget still holds (an image that does not fit waits; a smaller one of a
-later request may still go), so a request that fits is answered by one forward, and one that
-does not finishes in the next. A request that took half a batch or more and has images left
-moves behind the others, so a large request never starves small ones: even when its images
-fill the budget alone, the next batch starts with the others. (Round-robin, one image of each
+model is free. A batch takes the waiting requests oldest first, each whole: a request that
+fits in one forward is never split over two (its answer would wait for the second), so one
+that does not fit in what is left of this batch waits whole for the next, which it starts
+(a smaller later request may still fill the gap meanwhile). Only a request larger than the
+budget is cut, image by image; one that took half a batch or more and has images left moves
+behind the others, so a large request never starves small ones: even when its images fill
+the budget alone, the next batch starts with the others. (Round-robin, one image of each
 request per round, spread every request over several forwards, each answer waiting for the
 last of them.) The first image of a batch always fits (no image is larger than the budget).
+
+Images still being decoded are counted (`arriving`): a batch below the budget waits for
+them, up to `ARRIVING_WAIT_S`. Decoding runs at the lowest CPU priority and so mostly while
+the model is idle; without the wait, a request that came in during a forward missed the
+next one by the few ms of its decode and waited a whole forward more (8 clients of one
+image: p99 1.5x the p50).
 `one_request=True` takes the oldest request's images only: batching off, the baseline of
 `mixres bench serve`.
 """
@@ -23,7 +30,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["Item", "TokenQueue"]
+__all__ = ["Item", "TokenQueue", "ARRIVING_WAIT_S"]
+
+ARRIVING_WAIT_S = 0.1  # how long a batch below the budget waits for images still being decoded
 
 
 @dataclass(eq=False)
@@ -46,6 +55,13 @@ class TokenQueue:
         self._requests: OrderedDict[int, deque[Item]] = OrderedDict()
         self._cond = threading.Condition()
         self._closed = False
+        self._arriving = 0  # images of requests still being decoded
+
+    def arriving(self, images: int) -> None:
+        """`images` more (or, negative, fewer) images are being decoded for a coming `put`."""
+        with self._cond:
+            self._arriving += images
+            self._cond.notify_all()
 
     def put(self, request: int, items: list[Item]) -> bool:
         """Admit a request's images; False when they do not fit in the queue's token budget
@@ -80,7 +96,8 @@ class TokenQueue:
     def take(self, budget: int, max_wait_s: float, idle_s: float,
              one_request: bool = False) -> list[Item] | None:
         """The next batch: waits up to `idle_s` for work ([] if none came: a heartbeat), then up
-        to `max_wait_s` more while the batch is below `budget` tokens. None once closed and empty."""
+        to `max_wait_s` more while the batch is below `budget` tokens (`ARRIVING_WAIT_S` while
+        images are still being decoded). None once closed and empty."""
         with self._cond:
             if not self._requests:
                 if self._closed:
@@ -88,9 +105,10 @@ class TokenQueue:
                 self._cond.wait(idle_s)
                 if not self._requests:
                     return None if self._closed else []
-            deadline = time.monotonic() + max_wait_s
+            now = time.monotonic()
+            deadline, arriving_deadline = now + max_wait_s, now + ARRIVING_WAIT_S
             while self.tokens < budget and not self._closed and not one_request:
-                left = deadline - time.monotonic()
+                left = (max(deadline, arriving_deadline) if self._arriving else deadline) - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
@@ -102,20 +120,29 @@ class TokenQueue:
     def _take_fair(self, budget: int) -> list[Item]:
         batch, used, served = [], 0, []
         for r in list(self._requests):
-            q, kept, took = self._requests[r], deque(), 0
-            for it in q:
-                if used + it.tokens > budget and batch:
-                    kept.append(it)  # waits for the next batch; a smaller image after it may fit
-                    continue
-                batch.append(it)
-                used += it.tokens
-                took += it.tokens
-            if not kept:
+            q = self._requests[r]
+            need = sum(it.tokens for it in q)
+            if need <= budget - used:  # the whole request (or what is left of it) fits
+                batch.extend(q)
+                used += need
                 del self._requests[r]
-            else:
-                self._requests[r] = kept
-                if 2 * took >= budget:  # a large request: the others go first next time
-                    served.append(r)
+            elif need <= budget:  # fits one forward: waits whole for the next, which it starts
+                continue
+            else:  # larger than any forward: as many of its images as fit
+                kept, took = deque(), 0
+                for it in q:
+                    if used + it.tokens > budget and batch:
+                        kept.append(it)  # waits for the next batch; a smaller image after it may fit
+                        continue
+                    batch.append(it)
+                    used += it.tokens
+                    took += it.tokens
+                if not kept:
+                    del self._requests[r]
+                else:
+                    self._requests[r] = kept
+                    if 2 * took >= budget:  # a large request: the others go first next time
+                        served.append(r)
             if used >= budget:
                 break
         for r in served:  # a request with images left goes behind those it kept waiting
