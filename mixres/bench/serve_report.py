@@ -39,8 +39,9 @@ def write_markdown(res: dict, path: Path) -> None:
     env = res["env"]
     lines = ["# mixres bench serve", "", f"Command: `{res['command']}`", "",
              f"Machine: {env['processor']}, {env['cpu_count']} CPUs, torch {env['torch']}, "
-             f"transformers {env['transformers']}. The CPUs were shared with other work while this ran: "
-             "compare rows by their ratios (measured in the same run), not by absolute numbers.", ""]
+             f"transformers {env['transformers']}. The load generator runs on the same CPUs as the "
+             "servers, and a shared VM's speed drifts: compare rows by their ratios (measured in the "
+             "same run, rounds alternating), not by absolute numbers.", ""]
     eq = res["sections"].get("equal_work")
     if eq:
         enc = eq["encoder_alone"]
