@@ -17,13 +17,8 @@ image is done once per batch, not once per layer:
              instead of one call and three gathers per length, at the price of attending
              over C keys (the attention of a tiny segment is a few % of its layer's work)
 
-    matmul   every length its own call as in groups, but segments of <= MATMUL_MAX_LEN
-             tokens by two matmuls and a softmax instead of SDPA's kernel (float32 / float64,
-             no mask, no GQA): for a handful of tokens SDPA's CPU kernel costs more than the
-             arithmetic (measured: (86, 6, 10, 64) 1.7 ms by SDPA, 0.95 ms by two matmuls)
-
 Every piece writes its output rows straight into their tokens' rows. Whether short
-segments run through windows of C tokens, as groups or by matmuls is chosen by measurement: the first
+segments run through windows of C tokens or as groups is chosen by measurement: the first
 batch of each kind (device, dtype, heads, head size, how many short segments and how long,
 bucketed by powers of two) times every candidate on its own data and keeps the fastest.
 Every candidate computes the same attention (masked keys contribute exact zeros), so the
@@ -43,24 +38,21 @@ import torch.nn.functional as F
 
 from mixres.packing import tensor_stamp
 
-__all__ = ["SegmentPlan", "segment_plan", "run_plan", "force_layout", "WINDOW_SIZES", "MATMUL"]
+__all__ = ["SegmentPlan", "segment_plan", "run_plan", "force_layout", "WINDOW_SIZES"]
 
 WINDOW_SIZES = (32, 64, 128)  # window lengths C tried; segments of <= C/2 tokens go through them
-MATMUL = -1  # the layout: groups, the short ones by matmuls
-MATMUL_MAX_LEN = 32  # longer segments: SDPA's kernel wins (measured at 50 and 197 tokens)
 _PLANS: OrderedDict = OrderedDict()
 _MAX_PLANS = 8
-_TUNED: dict[tuple, int] = {}  # kind of batch -> the layout that measured fastest (0: groups)
+_TUNED: dict[tuple, int] = {}  # kind of batch -> window length that measured fastest (0: groups)
 _FORCED: list[int] = []
 
 
 @contextlib.contextmanager
 def force_layout(size: int):
-    """Inside the block, short segments run through windows of `size` tokens (0: as groups,
-    MATMUL: as groups, the short ones by matmuls) wherever a plan has them, instead of the
-    measured choice (tests, benchmarks)."""
-    if size not in (0, MATMUL, *WINDOW_SIZES):
-        raise ValueError(f"force_layout({size}): choose 0, MATMUL ({MATMUL}) or one of {WINDOW_SIZES}")
+    """Inside the block, short segments run through windows of `size` tokens (0: as groups)
+    wherever a plan has them, instead of the measured choice (tests, benchmarks)."""
+    if size and size not in WINDOW_SIZES:
+        raise ValueError(f"force_layout({size}): choose 0 or one of {WINDOW_SIZES}")
     _FORCED.append(size)
     try:
         yield
@@ -166,7 +158,7 @@ def _build(cu_q, cu_k, causal: bool, q: torch.Tensor, k: torch.Tensor) -> Segmen
     # windows hold self-attention (each query sees the keys of its own tokens); only the
     # measured choice is built once this kind of batch has one (and every size under
     # force_layout, or before the measurement)
-    sizes = WINDOW_SIZES if _FORCED or key not in _TUNED else [_TUNED[key]] if _TUNED[key] > 0 else []
+    sizes = WINDOW_SIZES if _FORCED or key not in _TUNED else [_TUNED[key]] if _TUNED[key] else []
     if sizes and not causal and starts_q == starts_k and lens_q == lens_k and len(groups) > 1:
         segs = [(st, n) for st, n in zip(starts_q, lens_q) if n > 0]
         for size in sizes:
@@ -204,28 +196,14 @@ def _take(t: torch.Tensor, index: torch.Tensor | int, length: int, count: int) -
     return t[index].transpose(1, 2)
 
 
-def _matmul_ok(q, k, causal: bool) -> bool:
-    """Whether the matmul path computes these segments as SDPA would (to float rounding)."""
-    return not causal and q.dtype in (torch.float32, torch.float64) and q.shape[1] == k.shape[1]
-
-
-def _attend(qg, kg, vg, scale) -> torch.Tensor:
-    """softmax(q k^T * scale) v of (G, heads, L, d) segments: two matmuls, no kernel setup."""
-    s = torch.matmul(qg, kg.transpose(-1, -2))
-    s.mul_(qg.shape[-1] ** -0.5 if scale is None else scale)
-    return torch.matmul(s.softmax(-1), vg)
-
-
-def _run_group(g: Group, q, k, v, causal, scale, gqa, out: torch.Tensor, matmul: bool = False) -> None:
+def _run_group(g: Group, q, k, v, causal, scale, gqa, out: torch.Tensor) -> None:
     """The group's attention, written into its query tokens' rows of `out`."""
     if g.lk == 0:  # no keys to attend to: the output is zero
         out[g.tokens] = 0
         return
     n = g.tokens.numel() // g.lq
     qg, kg, vg = _take(q, g.q, g.lq, n), _take(k, g.k, g.lk, n), _take(v, g.k, g.lk, n)
-    if matmul and g.lk <= MATMUL_MAX_LEN:
-        o = _attend(qg, kg, vg, scale)
-    elif causal and g.lq != g.lk:  # bottom-right aligned: query i sees keys j <= i + (lk - lq)
+    if causal and g.lq != g.lk:  # bottom-right aligned: query i sees keys j <= i + (lk - lq)
         i = torch.arange(g.lq, device=q.device)[:, None]
         mask = torch.arange(g.lk, device=q.device)[None] <= i + (g.lk - g.lq)
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=gqa)
@@ -253,10 +231,9 @@ def _run(plan: SegmentPlan, size: int, q, k, v, causal, scale) -> torch.Tensor:
     # every piece writes its rows straight into the output: one copy per piece, no cat
     gqa = q.shape[1] != k.shape[1]
     out = q.new_empty(plan.total_q, q.shape[1], v.shape[-1])
-    matmul = size == MATMUL and _matmul_ok(q, k, causal)
-    for g in plan.windows[size].long if size > 0 else plan.groups:
-        _run_group(g, q, k, v, causal, scale, gqa, out, matmul)
-    if size > 0:
+    for g in plan.windows[size].long if size else plan.groups:
+        _run_group(g, q, k, v, causal, scale, gqa, out)
+    if size:
         out[plan.windows[size].tokens] = _run_windows(plan.windows[size], q, k, v, scale, gqa).to(out.dtype)
     return out
 
@@ -269,31 +246,24 @@ def _timed(fn) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - t0, out
 
 
-def _layouts(plan: SegmentPlan, q, k, causal) -> tuple[int, ...]:
-    """The layouts this plan can run: groups, its windows, and matmuls where any group is short."""
-    short = _matmul_ok(q, k, causal) and any(g.lk <= MATMUL_MAX_LEN for g in plan.groups)
-    return (0, *plan.windows, *((MATMUL,) if short else ()))
-
-
 def run_plan(plan: SegmentPlan, q, k, v, causal: bool, scale, layout: int | None = None) -> torch.Tensor:
     """Attention over the plan's segments. layout: 0 every length its own grouped call, C short
-    segments through windows of C tokens (one of `plan.windows`), MATMUL short segments by
-    matmuls (groups otherwise), None what measured fastest for this kind of batch."""
-    layouts = _layouts(plan, q, k, causal)
+    segments through windows of C tokens (one of `plan.windows`), None what measured fastest
+    for this kind of batch."""
     if layout is not None:
-        if layout > 0 and layout not in plan.windows:
+        if layout and layout not in plan.windows:
             raise ValueError(f"layout {layout}: this plan has windows of {sorted(plan.windows)} tokens")
         return _run(plan, layout, q, k, v, causal, scale)
-    if len(layouts) == 1:
+    if not plan.windows:
         return _run(plan, 0, q, k, v, causal, scale)
     if _FORCED:
-        return _run(plan, _FORCED[-1] if _FORCED[-1] in layouts else 0, q, k, v, causal, scale)
+        return _run(plan, _FORCED[-1] if _FORCED[-1] in plan.windows else 0, q, k, v, causal, scale)
     size = _TUNED.get(plan.key)
-    if size is not None:  # a batch of the same kind may lack the layout that won (too short)
-        return _run(plan, size if size in layouts else 0, q, k, v, causal, scale)
+    if size is not None:  # a batch of the same kind may lack the windows that won (too short)
+        return _run(plan, size if size in plan.windows else 0, q, k, v, causal, scale)
     best, out = math.inf, None
     for _ in range(2):  # the first round pays for allocation; keep each candidate's best
-        for cand in layouts:
+        for cand in (0, *plan.windows):
             seconds, o = _timed(lambda c=cand: _run(plan, c, q, k, v, causal, scale))
             if seconds < best:
                 best, size, out = seconds, cand, o

@@ -78,7 +78,7 @@ def test_unknown_backend_is_a_clear_error():
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_every_sdpa_layout_matches_reference_on_many_short_segments(kv_heads):
-    from mixres.segments import MATMUL, run_plan, segment_plan
+    from mixres.segments import run_plan, segment_plan
 
     g = torch.Generator().manual_seed(0)
     # many tiny images of many lengths (1-17 tokens), a few long ones, a repeated length
@@ -92,7 +92,7 @@ def test_every_sdpa_layout_matches_reference_on_many_short_segments(kv_heads):
     plan = segment_plan(cu, cu, False, q, k)
     assert set(plan.windows) == {32, 64, 128}  # the short ones can share windows
     assert {w.size for w in plan.windows.values()} != set(plan.windows)  # stretched to end at T
-    for layout in (0, *plan.windows, MATMUL):  # MATMUL falls back to SDPA for GQA
+    for layout in (0, *plan.windows):
         out = run_plan(plan, q, k, v, False, 0.3, layout=layout)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, msg=f"layout {layout}")
     assert segment_plan(cu, cu, False, q, k) is plan  # built once, shared by every layer
@@ -128,21 +128,3 @@ def test_runs_of_equal_lengths_are_read_as_views_and_match_reference():
     assert all(isinstance(grp.q, int) and isinstance(grp.k, int) for grp in plan.groups)
     out = run_plan(plan, q, k, v, False, 0.3, layout=0)
     torch.testing.assert_close(out.double(), reference(q, k, v, cu, cu, False, 0.3), rtol=1e-5, atol=1e-5)
-
-
-def test_short_segments_by_matmuls_only_where_that_is_the_same_attention():
-    """The matmul layout is a candidate for float32 self-attention without GQA; a causal,
-    GQA or bfloat16 batch never takes it (its softmax would round differently / need a mask)."""
-    from mixres.segments import MATMUL, _layouts, run_plan, segment_plan
-
-    lens = [3, 5, 5, 40, 2]
-    cu = seqlens_to_cu(lens)
-    q = torch.randn(sum(lens), 4, 8)
-    plan = segment_plan(cu, cu, False, q, q)
-    assert MATMUL in _layouts(plan, q, q, False)
-    assert MATMUL not in _layouts(plan, q, q, True)
-    assert MATMUL not in _layouts(plan, q, q[:, :2], False)
-    assert MATMUL not in _layouts(plan, q.bfloat16(), q.bfloat16(), False)
-    ref = reference(q, q, q, cu, cu, False, None)
-    out = run_plan(plan, q, q, q, False, None, layout=MATMUL)
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
