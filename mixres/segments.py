@@ -17,10 +17,12 @@ image is done once per batch, not once per layer:
              instead of one call and three gathers per length, at the price of attending
              over C keys (the attention of a tiny segment is a few % of its layer's work)
 
-Every piece writes its output rows straight into their tokens' rows. Whether short
-segments run through windows of C tokens or as groups is chosen by measurement: the first
-batch of each kind (device, dtype, heads, head size, how many short segments and how long,
-bucketed by powers of two) times every candidate on its own data and keeps the fastest.
+Every piece writes its output rows straight into their tokens' rows. On the CPU every
+segment runs as groups (the windows lost every measurement there, and a fixed choice keeps
+two processes' results bit for bit equal). Elsewhere whether short segments run through
+windows of C tokens or as groups is chosen by measurement: the first batch of each kind
+(device, dtype, heads, head size, how many short segments and how long, bucketed by powers
+of two) times every candidate on its own data and keeps the fastest.
 Every candidate computes the same attention (masked keys contribute exact zeros), so the
 choice changes speed, not results beyond float rounding order.
 """
@@ -157,8 +159,16 @@ def _build(cu_q, cu_k, causal: bool, q: torch.Tensor, k: torch.Tensor) -> Segmen
     windows = {}
     # windows hold self-attention (each query sees the keys of its own tokens); only the
     # measured choice is built once this kind of batch has one (and every size under
-    # force_layout, or before the measurement)
-    sizes = WINDOW_SIZES if _FORCED or key not in _TUNED else [_TUNED[key]] if _TUNED[key] else []
+    # force_layout, or before the measurement). On the CPU they are not candidates: groups
+    # won every measurement there (96 images of 1-16 tokens: 1.9 ms vs 3.5 / 3.6 / 6.3 ms at
+    # 6 heads), and a timed choice could differ between two processes, so a resumed
+    # `mixres embed` run would differ from an uninterrupted one in the last bits
+    if _FORCED:
+        sizes = WINDOW_SIZES
+    elif dev.type == "cpu":
+        sizes = []
+    else:
+        sizes = WINDOW_SIZES if key not in _TUNED else [_TUNED[key]] if _TUNED[key] else []
     if sizes and not causal and starts_q == starts_k and lens_q == lens_k and len(groups) > 1:
         segs = [(st, n) for st, n in zip(starts_q, lens_q) if n > 0]
         for size in sizes:
@@ -254,10 +264,10 @@ def run_plan(plan: SegmentPlan, q, k, v, causal: bool, scale, layout: int | None
         if layout and layout not in plan.windows:
             raise ValueError(f"layout {layout}: this plan has windows of {sorted(plan.windows)} tokens")
         return _run(plan, layout, q, k, v, causal, scale)
-    if not plan.windows:
-        return _run(plan, 0, q, k, v, causal, scale)
     if _FORCED:
         return _run(plan, _FORCED[-1] if _FORCED[-1] in plan.windows else 0, q, k, v, causal, scale)
+    if not plan.windows or q.device.type == "cpu":  # the CPU: groups (see `_build`)
+        return _run(plan, 0, q, k, v, causal, scale)
     size = _TUNED.get(plan.key)
     if size is not None:  # a batch of the same kind may lack the windows that won (too short)
         return _run(plan, size if size in plan.windows else 0, q, k, v, causal, scale)

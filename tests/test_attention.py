@@ -78,7 +78,7 @@ def test_unknown_backend_is_a_clear_error():
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_every_sdpa_layout_matches_reference_on_many_short_segments(kv_heads):
-    from mixres.segments import run_plan, segment_plan
+    from mixres.segments import force_layout, run_plan, segment_plan
 
     g = torch.Generator().manual_seed(0)
     # many tiny images of many lengths (1-17 tokens), a few long ones, a repeated length
@@ -89,13 +89,16 @@ def test_every_sdpa_layout_matches_reference_on_many_short_segments(kv_heads):
     q, k, v = qkv.unbind(1)
     k, v = k[:, :kv_heads], v[:, :kv_heads]  # GQA: fewer key/value heads
     ref = reference(q, k, v, cu, cu, False, 0.3)
-    plan = segment_plan(cu, cu, False, q, k)
+    assert not segment_plan(cu, cu, False, q, k).windows  # the CPU runs groups: no timed choice
+    fresh = seqlens_to_cu(lens)  # new offsets: a new plan
+    with force_layout(32):  # every window size is built (what a GPU plan measures)
+        plan = segment_plan(fresh, fresh, False, q, k)
     assert set(plan.windows) == {32, 64, 128}  # the short ones can share windows
     assert {w.size for w in plan.windows.values()} != set(plan.windows)  # stretched to end at T
     for layout in (0, *plan.windows):
         out = run_plan(plan, q, k, v, False, 0.3, layout=layout)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, msg=f"layout {layout}")
-    assert segment_plan(cu, cu, False, q, k) is plan  # built once, shared by every layer
+    assert segment_plan(fresh, fresh, False, q, k) is plan  # built once, shared by every layer
     with use_backend("sdpa"):  # the measured choice, through the public entry
         out = varlen_attention(q, k, v, cu, cu, max(lens), max(lens), scale=0.3)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
