@@ -100,3 +100,34 @@ def test_on_the_cpu_a_step_is_the_encoders_cache_sized_forward():
     assert chunk == 2048 and big.max_batch_tokens == 2048
     assert Engine("tiny-vit", max_batch_tokens=512, max_image_tokens=256).max_batch_tokens == 512
     assert Engine("tiny-vit", max_batch_tokens=8192, max_image_tokens=4096).max_batch_tokens == 4096
+
+
+def test_images_stop_arriving_when_their_request_is_admitted_refused_or_fails():
+    """The engine counts a request's images as arriving only while they decode: an
+    unreadable image (400) and an admitted request both leave the count at zero, so no
+    batch waits for images that will never come."""
+    import asyncio
+    import io
+
+    from PIL import Image
+
+    from mixres.serve import Engine
+    from mixres.serve.engine import InputError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 24), (200, 10, 10)).save(buf, format="PNG")
+    engine = Engine("tiny-vit").start()
+    try:
+        async def go():
+            ok = await engine.embed([buf.getvalue(), buf.getvalue()])
+            assert len(ok) == 2
+            try:
+                await engine.embed([buf.getvalue(), b"not an image"])
+            except InputError as e:
+                assert e.index == 1
+            else:
+                raise AssertionError("an unreadable image was accepted")
+        asyncio.run(go())
+        assert engine.queue._arriving == 0 and engine.queue.images == 0
+    finally:
+        engine.close()
