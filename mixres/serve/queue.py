@@ -16,6 +16,7 @@ them, up to `ARRIVING_WAIT_S`. Decoding runs at the lowest CPU priority and so m
 the model is idle; without the wait, a request that came in during a forward missed the
 next one by the few ms of its decode and waited a whole forward more (8 clients of one
 image: p99 1.5x the p50).
+
 `one_request=True` takes the oldest request's images only: batching off, the baseline of
 `mixres bench serve`.
 """
