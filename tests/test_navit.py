@@ -160,7 +160,9 @@ def test_automodel_round_trip(tmp_path):
     with torch.no_grad():
         out = model(images)
         assert rel_err(out.logits, model.navit(images)) <= 1e-5
-        assert rel_err(out.pooler_output, _encode(model, images).pooled) == 0
+        # the encoder runs CPU linears on oneDNN-packed weights (mixres.prepacked), the model's
+        # own call on the BLAS: the same GEMMs in another summation order
+        assert rel_err(out.pooler_output, _encode(model, images).pooled) <= 1e-6
         for tokens, img in zip(out.unpack(), images):
             assert rel_err(tokens, _alone(model.navit, img)[0]) <= 1e-5
     model.save_pretrained(tmp_path)

@@ -13,14 +13,14 @@ run() {  # range n model-args...
   mixres bench throughput --tokens "$range" -n "$n" --repeats "${REPEATS:-3}" "$@" --out "$OUT/$range/$name" \
     || echo "FAILED: $range $*"
 }
-run 1-16 96 --model vit-b16 --methods packed,oracle,loop
-run 16-64 32 --model vit-b16 --methods packed,oracle
-run 64-256 10 --model vit-b16 --methods packed,oracle
-run 64-1024 4 --model vit-b16 --methods packed,oracle
-run 1-16 96 --model siglip2-b16 --methods packed,hf-naflex,oracle
-run 1-16 96 "${NAFLEX[@]}" --methods packed,timm-naflex,oracle
-mixres bench throughput --workload words -n 64 --repeats "${REPEATS:-3}" --model vit-b16 --methods packed,oracle \
+run 1-16 96 --model vit-b16 --methods packed,oracle,oracle-prepacked,loop
+run 16-64 32 --model vit-b16 --methods packed,oracle,oracle-prepacked
+run 64-256 10 --model vit-b16 --methods packed,oracle,oracle-prepacked
+run 64-1024 4 --model vit-b16 --methods packed,oracle,oracle-prepacked
+run 1-16 96 --model siglip2-b16 --methods packed,hf-naflex,oracle,oracle-prepacked
+run 1-16 96 "${NAFLEX[@]}" --methods packed,timm-naflex,oracle,oracle-prepacked
+mixres bench throughput --workload words -n 64 --repeats "${REPEATS:-3}" --model vit-b16 --methods packed,oracle,oracle-prepacked \
   --out "$OUT/words/vit-b16" || echo "FAILED: words"
-run 1-16 96 --model dinov2-s14 --methods packed,oracle
-run 16-64 32 --model siglip2-b16 --methods packed,hf-naflex,oracle
-run 64-256 10 --model siglip2-b16 --methods packed,hf-naflex,oracle
+run 1-16 96 --model dinov2-s14 --methods packed,oracle,oracle-prepacked
+run 16-64 32 --model siglip2-b16 --methods packed,hf-naflex,oracle,oracle-prepacked
+run 64-256 10 --model siglip2-b16 --methods packed,hf-naflex,oracle,oracle-prepacked

@@ -15,7 +15,11 @@ Methods, all on the same images and the same model object:
              wrong features: this benchmark measures speed only)
     grouped  images grouped by exact shape, one dense batch per shape (backend "grouped")
     loop     the unmodified model on each image alone
-    oracle   dense batch of uniform 224x224 images with the same token count
+    oracle   dense batch of uniform 224x224 images with the same token count, the model's
+             own forward as a user runs it
+    oracle-prepacked  the same dense batch with the CPU linears mixres' encoders use
+             (`mixres.prepacked`: oneDNN weights packed once): how much of packed vs oracle
+             is the kernels and how much the packing
     hf-naflex  (SigLIP2) HF's own NaFlex forward: each image's patch sequence padded to the
              longest of its batch, pixel_attention_mask (mixres.bench.hf_naflex)
     timm-naflex  (a timm NaFlexVit) timm's own mixed-size path: each image in the smallest of
@@ -131,6 +135,13 @@ def run_oracle(model, images, **_):
     tower(**vision_utils.forward_kwargs(tower, torch.stack(images)))
 
 
+def run_oracle_prepacked(model, images, **kw):
+    from mixres.prepacked import prepacked_linears
+
+    with prepacked_linears():
+        run_oracle(model, images, **kw)
+
+
 def _whole(tower, batch):
     """A non-HF model (timm, open_clip) on a dense batch, through its family's whole-model call."""
     from mixres.encoders.grouped import call_for
@@ -149,7 +160,8 @@ def run_timm_naflex(model, images, **kw):
 
 
 RUNNERS = {"packed": run_packed, "padded": run_padded, "masked": run_masked, "grouped": run_grouped,
-           "loop": run_loop, "oracle": run_oracle, "navit": run_navit, "vit-pytorch": run_vit_pytorch,
+           "loop": run_loop, "oracle": run_oracle, "oracle-prepacked": run_oracle_prepacked,
+           "navit": run_navit, "vit-pytorch": run_vit_pytorch,
            "timm-naflex": run_timm_naflex, "hf-naflex": run_hf_naflex}
 # a NaViT model: mixres' packed NaViT vs vit-pytorch's own grouped forward
 NAVIT_METHODS = ["navit", "vit-pytorch"]
@@ -317,12 +329,13 @@ def run(args) -> int:
             print(f"{name:8s} skipped: {str(e).splitlines()[0][:100]}")
             res.setdefault("skipped", {})[name] = str(e).splitlines()[0]
             names.remove(name)
-    inputs = {n: oracle if n == "oracle" else images for n in names}
-    warms = {n: oracle[:1] if n == "oracle" else warm for n in names}
+    dense = {"oracle", "oracle-prepacked"}
+    inputs = {n: oracle if n in dense else images for n in names}
+    warms = {n: oracle[:1] if n in dense else warm for n in names}
     timed = time_methods(names, model, inputs, warms, repeats, device, p)
     for name in names:
         best, median, times, peak = timed[name]
-        toks = oracle_tokens if name == "oracle" else tokens
+        toks = oracle_tokens if name in dense else tokens
         nimg = len(inputs[name])
         # best of the rounds: on a shared CPU the minimum is the least disturbed run
         res["methods"][name] = {"seconds": best, "median_seconds": median, "times": times,

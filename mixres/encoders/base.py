@@ -19,6 +19,7 @@ from torch import nn
 from mixres.attention import plans_segments
 from mixres.families.facts import ModelFacts, model_facts
 from mixres.packing import PackedFeatures, PackedImages, pack_into_bins
+from mixres.prepacked import prepacked_linears
 from mixres.preprocess import DEFAULT_MAX_IMAGE_TOKENS, Preprocessor
 from mixres.renamed import IMAGE_TOKENS, resolve_renamed
 
@@ -55,6 +56,7 @@ class Encoder:
     """
 
     backend = "base"
+    prepack = True  # CPU inference through `mixres.prepacked` (the loop reference: False)
     cpu_chunk_tokens: int | None = None  # budget of max_batch_tokens="auto" on the CPU
 
     def __init__(self, model: nn.Module, *, select_layer: int = -1,
@@ -181,17 +183,23 @@ class Encoder:
             images = self.prepare(images)
             if not images:
                 return self.empty_features()
-        with self.autograd(grad):
+        with self.autograd(grad), self.cpu_kernels(grad):
             return self.run(images)
 
     __call__ = encode
 
+    def _grad(self, grad: bool | None) -> bool:
+        return self.model.training and torch.is_grad_enabled() if grad is None else grad
+
     def autograd(self, grad: bool | None = None):
-        if grad is None:
-            grad = self.model.training and torch.is_grad_enabled()
-        if grad:
+        if self._grad(grad):
             return torch.enable_grad()
         return torch.no_grad() if torch.is_grad_enabled() else torch.inference_mode()
+
+    def cpu_kernels(self, grad: bool | None = None):
+        """Inference on the CPU: linear layers on weights packed once for oneDNN
+        (`mixres.prepacked`, 12-16 % less time per GEMM there); elsewhere nothing."""
+        return prepacked_linears(self.prepack and self.device.type == "cpu" and not self._grad(grad))
 
     def run(self, images: list[torch.Tensor] | PackedImages) -> PackedFeatures:
         """The prepared images through the model, in token-budget chunks (under `autograd`)."""

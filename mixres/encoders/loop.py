@@ -29,6 +29,8 @@ __all__ = ["LoopEncoder"]
 class LoopEncoder(Encoder):
     """One forward of the unmodified model per image."""
 
+    prepack = False  # the reference: the model's own kernels too (no `mixres.prepacked`)
+
     def __init__(self, model, **kwargs):
         super().__init__(model, **kwargs)
         self.tower = families.vision_tower(self.model)
