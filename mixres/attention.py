@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import torch
 
+from mixres.prepacked import no_linears
 from mixres.registry import Registry
 from mixres.segments import run_plan, segment_plan
 
@@ -95,6 +96,7 @@ def _flash(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
 
 @register_attention_backend("sdpa", priority=10, supports=lambda q: True)
 @torch.compiler.disable  # a Python loop over segment lengths: torch.compile runs it eagerly, unbroken
+@no_linears  # many small ops, no linear: outside the CPU's packed-linear hook
 def _sdpa(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
     # Dense SDPA calls over segments laid out by a plan (mixres.segments) built once per
     # offsets and shared by every layer: equal lengths stacked, short segments in

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["prepacked_linears", "prepack_available", "packed_linear"]
+__all__ = ["prepacked_linears", "prepack_available", "packed_linear", "no_linears"]
 
 # the batch size oneDNN packs for; one value for every call keeps results batch-independent
 # (a pack for 1 row runs a 1-row call through another kernel)
@@ -69,12 +69,15 @@ def _dtypes() -> tuple[torch.dtype, ...]:
 
 
 def _packed(w: torch.Tensor) -> torch.Tensor:
+    # keyed on the stored tensor: a patch embedding passes `conv.weight.flatten(1)`, a new
+    # view every call, whose own entry would die with it and be packed again each forward
+    base = w._base if w._base is not None else w
     stamp = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype)
-    hit = _PACKED.get(w)
+    hit = _PACKED.get(base)
     if hit is not None and hit[0] == stamp:
         return hit[1]
     packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
-    _PACKED[w] = (stamp, packed)
+    _PACKED[base] = (stamp, packed)
     return packed
 
 
@@ -115,3 +118,19 @@ def prepacked_linears(enabled: bool = True):
     if not (enabled and prepack_available()):
         return contextlib.nullcontext()
     return _Mode()
+
+
+def no_linears(fn):
+    """Decorate code that runs no linear layer (the attention's loop over segment lengths:
+    ~1,500 small ops a forward over 1-16-token images) to run with the mode set aside, so
+    those ops skip its Python hook (~1 us each)."""
+    from torch.overrides import _get_current_function_mode, _pop_mode_temporarily
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if isinstance(_get_current_function_mode(), _Mode):
+            with _pop_mode_temporarily():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run

@@ -71,6 +71,7 @@ class Group:
     q: torch.Tensor | int
     k: torch.Tensor | int
     tokens: torch.Tensor  # (G * lq,) the query tokens its output rows belong to
+    count: int            # G, the segments in the group
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class SegmentPlan:
 def _index(starts: list[int], length: int, device) -> torch.Tensor | int:
     """The segments' token indices (G, length), or the first start where they lie back to
     back (one segment, or a run of equal lengths: the packer orders images by length so
-    that every length is one run), which `_take` reads as a view."""
+    that every length is one run), which `_Rows.take` reads as a view."""
     if all(b - a == length for a, b in zip(starts, starts[1:])):
         return starts[0]
     s = torch.tensor(starts, device=device, dtype=torch.long)
@@ -152,7 +153,7 @@ def _build(cu_q, cu_k, causal: bool, q: torch.Tensor, k: torch.Tensor) -> Segmen
     for (lq, lk), seg in by_len.items():
         sq, sk = [starts_q[i] for i in seg], [starts_k[i] for i in seg]
         groups.append(Group(lq, lk, _index(sq, lq, dev), _index(sk, lk, dev) if lk else 0,
-                            _tokens(sq, lq, dev)))
+                            _tokens(sq, lq, dev), len(seg)))
     n = sum(1 for x in lens_q if x)
     key = (dev.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1], n.bit_length(),
            (total_q // max(n, 1)).bit_length(), len(groups).bit_length())
@@ -195,35 +196,47 @@ def segment_plan(cu_q: torch.Tensor, cu_k: torch.Tensor, causal: bool, q: torch.
 
 # running a plan
 
-def _take(t: torch.Tensor, index: torch.Tensor | int, length: int, count: int) -> torch.Tensor:
-    """(G, heads, length, d) rows of `t` (T, heads, d): for a run of segments one strided view
-    (one op: a slice, an unflatten and a transpose cost three dispatches per tensor per group
-    per layer, a measurable share of a forward over many tiny images)."""
-    if isinstance(index, int):
-        (s0, s1, s2), (h, d) = t.stride(), t.shape[1:]
-        return t.as_strided((count, h, length, d), (length * s0, s1, s0, s2),
-                            t.storage_offset() + index * s0)
-    return t[index].transpose(1, 2)
+class _Rows:
+    """(T, heads, d) `t` read as groups of segments: its strides and offset taken once per call
+    (per layer), so a run of segments is one `as_strided`, no other dispatch: the Python per
+    group is the whole cost of attention over many tiny images (1-16 tokens: ~100 groups of
+    a few segments a forward's layers)."""
+
+    __slots__ = ("t", "s0", "s1", "s2", "h", "d", "off")
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+        (self.s0, self.s1, self.s2), (_, self.h, self.d) = t.stride(), t.shape
+        self.off = t.storage_offset()
+
+    def take(self, index: torch.Tensor | int, length: int, count: int) -> torch.Tensor:
+        """(count, heads, length, d): for a run of segments starting at token `index` one
+        strided view, else a gather through the index tensor (count, length)."""
+        if isinstance(index, int):
+            s0 = self.s0
+            return self.t.as_strided((count, self.h, length, self.d), (length * s0, self.s1, s0, self.s2),
+                                     self.off + index * s0)
+        return self.t[index].transpose(1, 2)
 
 
-def _run_group(g: Group, q, k, v, causal, scale, gqa, out: torch.Tensor) -> None:
+def _run_group(g: Group, q: _Rows, k: _Rows, v: _Rows, causal, scale, gqa, out: _Rows) -> None:
     """The group's attention, written into its query tokens' rows of `out`."""
     if g.lk == 0:  # no keys to attend to: the output is zero
-        out[g.tokens] = 0
+        out.t[g.tokens] = 0
         return
-    n = g.tokens.numel() // g.lq
-    qg, kg, vg = _take(q, g.q, g.lq, n), _take(k, g.k, g.lk, n), _take(v, g.k, g.lk, n)
+    n = g.count
+    qg, kg, vg = q.take(g.q, g.lq, n), k.take(g.k, g.lk, n), v.take(g.k, g.lk, n)
     if causal and g.lq != g.lk:  # bottom-right aligned: query i sees keys j <= i + (lk - lq)
-        i = torch.arange(g.lq, device=q.device)[:, None]
-        mask = torch.arange(g.lk, device=q.device)[None] <= i + (g.lk - g.lq)
+        i = torch.arange(g.lq, device=qg.device)[:, None]
+        mask = torch.arange(g.lk, device=qg.device)[None] <= i + (g.lk - g.lq)
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale, enable_gqa=gqa)
     else:
         o = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal, scale=scale, enable_gqa=gqa)
     if isinstance(g.q, int):  # a run of segments: a strided copy straight into its rows
-        _take(out, g.q, g.lq, n).copy_(o)
+        out.take(g.q, g.lq, n).copy_(o)
     else:
         o = o.transpose(1, 2)  # (G, lq, heads, d_v)
-        out[g.tokens] = o.reshape(-1, o.shape[2], o.shape[3]).to(out.dtype)  # autocast: SDPA gave bf16
+        out.t[g.tokens] = o.reshape(-1, o.shape[2], o.shape[3]).to(out.t.dtype)  # autocast: SDPA gave bf16
 
 
 def _run_windows(w: Windows, q, k, v, scale, gqa) -> torch.Tensor:
@@ -241,8 +254,10 @@ def _run(plan: SegmentPlan, size: int, q, k, v, causal, scale) -> torch.Tensor:
     # every piece writes its rows straight into the output: one copy per piece, no cat
     gqa = q.shape[1] != k.shape[1]
     out = q.new_empty(plan.total_q, q.shape[1], v.shape[-1])
+    rows = _Rows(q), _Rows(k), _Rows(v)
+    out_rows = _Rows(out)
     for g in plan.windows[size].long if size else plan.groups:
-        _run_group(g, q, k, v, causal, scale, gqa, out)
+        _run_group(g, *rows, causal, scale, gqa, out_rows)
     if size:
         out[plan.windows[size].tokens] = _run_windows(plan.windows[size], q, k, v, scale, gqa).to(out.dtype)
     return out

@@ -122,18 +122,28 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert lin.weight not in prepacked._PACKED
 
 
-def test_the_encoders_pack_and_the_loop_reference_does_not():
+@pytest.mark.parametrize("backend,packs", [("loop", False), ("packed", True), ("grouped", True)])
+def test_the_encoders_pack_and_the_loop_reference_does_not(backend, packs):
     # the loop backend is what "the model on each image alone" means: its own kernels
     import transformers as tf
 
     from mixres.encoders import load_encoder
 
-    tiny_vit = tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=64, image_size=32, patch_size=8)).eval()
-
+    vit = tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, image_size=32, patch_size=8)).eval()
     images = [torch.randn(3, 32, 48), torch.randn(3, 16, 16)]
-    weights = [m.weight for m in tiny_vit.modules() if isinstance(m, nn.Linear)]
-    load_encoder(tiny_vit, backend="loop").encode(images)
-    assert not any(w in prepacked._PACKED for w in weights)
-    load_encoder(tiny_vit, backend="packed").encode(images)
-    assert all(w in prepacked._PACKED for w in weights if w is not None)
+    weights = [m.weight for m in vit.modules() if isinstance(m, nn.Linear)]
+    load_encoder(vit, backend=backend).encode(images)
+    assert [w in prepacked._PACKED for w in weights] == [packs] * len(weights)
+
+
+def test_a_view_of_a_weight_is_packed_once():
+    # families project patches with conv.weight.flatten(1): a new view every forward
+    conv = nn.Conv2d(3, 16, 4, 4)
+    x = torch.randn(10, 48)
+    with torch.inference_mode(), prepacked_linears():
+        first = F.linear(x, conv.weight.flatten(1), conv.bias)
+        packed = prepacked._PACKED[conv.weight][1]
+        again = F.linear(x, conv.weight.flatten(1), conv.bias)
+        assert prepacked._PACKED[conv.weight][1] is packed
+    assert torch.equal(first, again)

@@ -183,23 +183,23 @@ class Encoder:
             images = self.prepare(images)
             if not images:
                 return self.empty_features()
-        with self.autograd(grad), self.cpu_kernels(grad):
+        with self.autograd(grad):
             return self.run(images)
 
     __call__ = encode
 
-    def _grad(self, grad: bool | None) -> bool:
-        return self.model.training and torch.is_grad_enabled() if grad is None else grad
-
     def autograd(self, grad: bool | None = None):
-        if self._grad(grad):
+        if grad is None:
+            grad = self.model.training and torch.is_grad_enabled()
+        if grad:
             return torch.enable_grad()
         return torch.no_grad() if torch.is_grad_enabled() else torch.inference_mode()
 
-    def cpu_kernels(self, grad: bool | None = None):
-        """Inference on the CPU: linear layers on weights packed once for oneDNN
-        (`mixres.prepacked`, 12-16 % less time per GEMM there); elsewhere nothing."""
-        return prepacked_linears(self.prepack and self.device.type == "cpu" and not self._grad(grad))
+    def cpu_kernels(self, device: torch.device):
+        """A forward without autograd on the CPU: linear layers on weights packed once for
+        oneDNN (`mixres.prepacked`, 12-16 % less time per GEMM there); elsewhere nothing.
+        Around the forward only: the mode's hook costs ~1 us on every op under it."""
+        return prepacked_linears(self.prepack and device.type == "cpu" and not torch.is_grad_enabled())
 
     def run(self, images: list[torch.Tensor] | PackedImages) -> PackedFeatures:
         """The prepared images through the model, in token-budget chunks (under `autograd`)."""
@@ -220,7 +220,8 @@ class Encoder:
     def _forward_or_halve(self, packed: PackedImages) -> PackedFeatures:
         """`forward`; on device out-of-memory, halve the token budget and run the chunk in parts."""
         try:
-            return self.forward(packed)
+            with self.cpu_kernels(packed.patches.device):
+                return self.forward(packed)
         except torch.OutOfMemoryError:
             pass  # recover outside the except block: its traceback still holds the chunk's tensors
         if torch.cuda.is_available():

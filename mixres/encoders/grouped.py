@@ -146,11 +146,13 @@ class GroupedEncoder(Encoder):
         budget = None
         if self.max_batch_tokens is not None:
             budget = self.max_batch_tokens * (self.stride or 1) ** 2
-        return self._features(run_grouped(self.model, imgs, max_batch_pixels=budget,
-                                          select_layer=self.select_layer))
+        with self.cpu_kernels(self.device):
+            return self._features(run_grouped(self.model, imgs, max_batch_pixels=budget,
+                                              select_layer=self.select_layer))
 
     def forward(self, packed: PackedImages) -> PackedFeatures:
-        return self._features(run_grouped(self.model, packed.unpack(), select_layer=self.select_layer))
+        with self.cpu_kernels(packed.patches.device):
+            return self._features(run_grouped(self.model, packed.unpack(), select_layer=self.select_layer))
 
     def _features(self, results) -> PackedFeatures:
         tokens = [t for t, _, _ in results]
