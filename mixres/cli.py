@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         parser.error(f"unknown command {argv[0]!r}; choose one of {', '.join(SUBCOMMANDS)}")
     name, rest = argv[0], argv[1:]
+    from mixres.allocator import keep_freed_memory
+
+    keep_freed_memory()  # CPU forwards without page faults on every activation (mixres/allocator.py)
     module, parser = subcommand_parser(name)
     args = parser.parse_args(rest)
     try:

@@ -104,15 +104,20 @@ def test_every_sdpa_layout_matches_reference_on_many_short_segments(kv_heads):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_a_plan_is_rebuilt_when_its_offsets_change_in_place():
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_plan_is_rebuilt_when_its_offsets_change_in_place(inference):
+    # an inference tensor (offsets made under inference_mode) has no version counter: the
+    # plan cache compares its contents instead
     from mixres.segments import segment_plan
 
-    cu = seqlens_to_cu([3, 5, 4])
-    q = torch.randn(12, 2, 8)
-    plan = segment_plan(cu, cu, False, q, q)
-    cu[1:3] = torch.tensor([5, 8], dtype=cu.dtype)  # lengths 5, 3, 4
-    assert segment_plan(cu, cu, False, q, q) is not plan
-    out = varlen_attention(q, q, q, cu, cu, 5, 5, backend="sdpa")
+    with torch.inference_mode(inference):
+        cu = seqlens_to_cu([3, 5, 4])
+        q = torch.randn(12, 2, 8)
+        plan = segment_plan(cu, cu, False, q, q)
+        assert segment_plan(cu, cu, False, q, q) is plan
+        cu[1:3] = torch.tensor([5, 8], dtype=cu.dtype)  # lengths 5, 3, 4
+        assert segment_plan(cu, cu, False, q, q) is not plan
+        out = varlen_attention(q, q, q, cu, cu, 5, 5, backend="sdpa")
     torch.testing.assert_close(out.double(), reference(q, q, q, cu, cu, False, None), rtol=1e-5, atol=1e-5)
 
 

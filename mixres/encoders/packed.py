@@ -30,6 +30,7 @@ from mixres.attention import hf_varlen_kwargs, register_hf_attention, varlen_con
 from mixres.encoders import register_encoder_backend
 from mixres.encoders.base import Encoder, resolve_layer
 from mixres.families import PosCache, Recipe
+from mixres.families.spec import per_model
 from mixres.packing import PackedFeatures, PackedImages
 
 __all__ = ["PackedEncoder", "packed_recipe", "run_hf_layers", "varlen_attention_impl"]
@@ -58,10 +59,8 @@ def varlen_attention_impl(tower: nn.Module):
     Through transformers' public `set_attn_implementation`, which checks the name against the
     AttentionInterface and reaches every sub-model and sub-config the way HF itself does.
     """
-    from transformers import PreTrainedModel
-
     name = register_hf_attention()
-    models = [m for m in tower.modules() if isinstance(m, PreTrainedModel)]
+    models = _hf_models(tower)
     saved = [(m, m.config._attn_implementation) for m in models]
     try:
         for m in models[:1]:  # the outermost: HF carries it down to the rest
@@ -73,6 +72,14 @@ def varlen_attention_impl(tower: nn.Module):
         for m, impl in saved:
             if m.config._attn_implementation != impl:
                 m.set_attn_implementation(impl)
+
+
+@per_model
+def _hf_models(tower: nn.Module) -> list:
+    """The tower's HF models, outermost first (a walk over every module: once per tower)."""
+    from transformers import PreTrainedModel
+
+    return [m for m in tower.modules() if isinstance(m, PreTrainedModel)]
 
 
 # layer class -> (takes attention_mask, takes **kwargs): a pure fact of the class (weak keys)
