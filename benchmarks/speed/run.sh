@@ -16,7 +16,7 @@ run() {  # range n model-args...
 run 1-16 96 --model vit-b16 --methods packed,oracle,oracle-prepacked,loop
 run 16-64 32 --model vit-b16 --methods packed,oracle,oracle-prepacked
 run 64-256 10 --model vit-b16 --methods packed,oracle,oracle-prepacked
-run 64-1024 4 --model vit-b16 --methods packed,oracle,oracle-prepacked
+run 64-1024 4 --model vit-b16 --methods packed,oracle,oracle-prepacked,oracle-224
 run 1-16 96 --model siglip2-b16 --methods packed,hf-naflex,oracle,oracle-prepacked
 run 1-16 96 "${NAFLEX[@]}" --methods packed,timm-naflex,oracle,oracle-prepacked
 mixres bench throughput --workload words -n 64 --repeats "${REPEATS:-3}" --model vit-b16 --methods packed,oracle,oracle-prepacked \

@@ -1,10 +1,10 @@
 """Throughput benchmark: packed vs padded+mask vs shape-grouped vs per-image loop, with the
-dense oracle (uniform 224x224 images, same total tokens) as the ceiling.
+dense oracle (uniform images of the workload's mean size, same total tokens) as the ceiling.
 
 Workload mixed-N (mixres.workloads): N images, aspect ratio in [0.5, 2], 64-1024 tokens
 (`--tokens LO-HI`: that many per image instead), or words-N (`--workload words`): N
-word-sized images of 1-64 tokens. The oracle's images are 224x224, or the workload's mean
-image size where that is smaller (uniform tiny images are the dense limit for tiny ones).
+word-sized images of 1-64 tokens. The oracle's images have the workload's mean size
+(uniform tiny images are the dense limit for tiny ones, uniform large ones for large ones).
 Methods, all on the same images and the same model object:
 
     packed   mixres patch-n-pack (one sequence per chunk, block-diagonal varlen attention)
@@ -15,8 +15,9 @@ Methods, all on the same images and the same model object:
              wrong features: this benchmark measures speed only)
     grouped  images grouped by exact shape, one dense batch per shape (backend "grouped")
     loop     the unmodified model on each image alone
-    oracle   dense batch of uniform 224x224 images with the same token count, the model's
-             own forward as a user runs it
+    oracle   dense batch of uniform square images of the workload's mean size with the same
+             token count, the model's own forward as a user runs it
+    oracle-224  the same with 224x224 images (14x14 patches), whatever the workload's size
     oracle-prepacked  the same dense batch with the CPU linears mixres' encoders use
              (`mixres.prepacked`: oneDNN weights packed once): how much of packed vs oracle
              is the kernels and how much the packing
@@ -135,6 +136,9 @@ def run_oracle(model, images, **_):
     tower(**vision_utils.forward_kwargs(tower, torch.stack(images)))
 
 
+run_oracle_224 = run_oracle  # the same forward on 224x224 images (inputs chosen in `run`)
+
+
 def run_oracle_prepacked(model, images, **kw):
     from mixres.prepacked import prepacked_linears
 
@@ -161,6 +165,7 @@ def run_timm_naflex(model, images, **kw):
 
 RUNNERS = {"packed": run_packed, "padded": run_padded, "masked": run_masked, "grouped": run_grouped,
            "loop": run_loop, "oracle": run_oracle, "oracle-prepacked": run_oracle_prepacked,
+           "oracle-224": run_oracle_224,
            "navit": run_navit, "vit-pytorch": run_vit_pytorch,
            "timm-naflex": run_timm_naflex, "hf-naflex": run_hf_naflex}
 # a NaViT model: mixres' packed NaViT vs vit-pytorch's own grouped forward
@@ -206,7 +211,8 @@ def write_markdown(res: dict, path: Path) -> None:
     lines = [f"# Throughput: {res['model']} {res['dtype']} on {res['device_name']}", "",
              f"{res['workload']} workload: {res['tokens']} tokens in {res['n']} images "
              f"({res['distinct_shapes']} distinct shapes); oracle: {res['oracle_images']} images of "
-             f"{side}x{side}.",
+             f"{side}x{side}" + (f" (oracle-224: {res['oracle_224_images']} of 224x224)"
+                                 if "oracle-224" in res["methods"] else "") + ".",
              "", "| method | seconds | tokens/s | images/s | peak MiB | vs oracle | vs packed |",
              "|---|---|---|---|---|---|---|"]
     for name, r in res["methods"].items():
@@ -228,7 +234,7 @@ def plot(res: dict, path: Path) -> None:
     ax.bar(names, vals, color=["tab:green" if n in ("packed", "navit") else "tab:gray" for n in names])
     if "oracle" in res["methods"]:
         ax.axhline(res["methods"]["oracle"]["tokens_per_s"], color="tab:red", ls="--",
-                   label="oracle (224x224 dense)")
+                   label=f"oracle ({res.get('oracle_side', 224)}x{res.get('oracle_side', 224)} dense)")
         ax.legend()
     ax.set_ylabel("tokens / s")
     ax.set_title(f"{res['model']} {res['dtype']} {res['device_name']}, {res['workload']}")
@@ -300,15 +306,20 @@ def run(args) -> int:
     images = [x.to(device, dtype) for x in images]
     counts = [x.shape[1] * x.shape[2] // p ** 2 for x in images]
     tokens = sum(counts)
-    # 224x224 at patch 16, or the mean image where that is smaller: the dense limit for that size
-    side = min(224 // 16, max(1, round((tokens / len(images)) ** 0.5)))
-    oracle = [x.to(device, dtype) for x in oracle_images(tokens, patch_size=p, side=side * p)]
-    oracle_tokens = len(oracle) * side ** 2
+    # the dense limit of this workload: uniform square images of its mean size. Attention
+    # grows with the square of an image's tokens, so uniform images smaller than the mean
+    # (224x224 where the mean image is 730 tokens) do a quarter of the workload's attention
+    # per token: that compares workloads, not packing (oracle-224 still runs that one)
+    side = max(1, round((tokens / len(images)) ** 0.5))
+    sides = {"oracle": side, "oracle-prepacked": side, "oracle-224": 224 // 16}
+    dense = {name: [x.to(device, dtype) for x in oracle_images(tokens, patch_size=p, side=s * p)]
+             for name, s in sides.items()}
+    oracle = dense["oracle"]
     warm = [min(images, key=lambda x: x.numel())]  # one small image: warms kernels, costs little
     res = {"model": args.model, "model_kwargs": kwargs, "dtype": args.dtype, "device": str(device), "n": n,
            "workload": workload_name, "tokens": tokens, "image_tokens": [min(counts), max(counts)],
            "oracle_side": side * p, "distinct_shapes": len({tuple(x.shape) for x in images}),
-           "oracle_images": len(oracle), "repeats": repeats,
+           "oracle_images": len(oracle), "oracle_224_images": len(dense["oracle-224"]), "repeats": repeats,
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
            f"CPU ({torch.get_num_threads()} threads)",
            "env": env_info(str(device)), "command": command_line(),
@@ -329,13 +340,12 @@ def run(args) -> int:
             print(f"{name:8s} skipped: {str(e).splitlines()[0][:100]}")
             res.setdefault("skipped", {})[name] = str(e).splitlines()[0]
             names.remove(name)
-    dense = {"oracle", "oracle-prepacked"}
-    inputs = {n: oracle if n in dense else images for n in names}
-    warms = {n: oracle[:1] if n in dense else warm for n in names}
+    inputs = {n: dense.get(n, images) for n in names}
+    warms = {n: dense[n][:1] if n in dense else warm for n in names}
     timed = time_methods(names, model, inputs, warms, repeats, device, p)
     for name in names:
         best, median, times, peak = timed[name]
-        toks = oracle_tokens if name in dense else tokens
+        toks = len(dense[name]) * sides[name] ** 2 if name in dense else tokens
         nimg = len(inputs[name])
         # best of the rounds: on a shared CPU the minimum is the least disturbed run
         res["methods"][name] = {"seconds": best, "median_seconds": median, "times": times,
