@@ -188,7 +188,9 @@ def reference_encoder(model, device, dtype):
         backend = "grouped"
     else:
         backend = "loop"
-    return load_encoder(model, backend=backend, device=device, dtype=dtype)
+    enc = load_encoder(model, backend=backend, device=device, dtype=dtype)
+    enc.prepack = False  # the model's own kernels, as the loop backend runs it (mixres/prepacked.py)
+    return enc
 
 
 def reference(ref_enc, images):
