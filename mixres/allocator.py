@@ -12,8 +12,9 @@ effect in-process with glibc's own knobs: blocks up to `MMAP_THRESHOLD` come fro
 and up to `TRIM_THRESHOLD` of freed heap stays mapped for the next forward (0 faults a
 forward after the first).
 
-Only the `mixres` command line calls it (its process is ours); a library user's process
-is left as it is. Not applied where the user set glibc's own MALLOC_*_ variables or GLIBC_TUNABLES' malloc, or
+Only processes mixres starts call it: the `mixres` command line, Ray Data encoder actors
+and Ray Serve replicas (each a process of its own); a library user's process is left as it
+is. Not applied where the user set glibc's own MALLOC_*_ variables or GLIBC_TUNABLES' malloc, or
 MIXRES_MALLOC=0, or the C library is not glibc.
 """
 

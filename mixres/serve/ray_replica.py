@@ -35,6 +35,9 @@ def deployment(engine_kwargs: dict, *, api_key: str | None = None, limits=None, 
     @serve.ingress()
     class MixresEmbeddings:
         def __init__(self):
+            from mixres.allocator import keep_freed_memory
+
+            keep_freed_memory()  # a replica is a process of its own, as `mixres serve` is
             self.engine = Engine(**engine_kwargs)
 
         def __serve_build_asgi_app__(self):

@@ -87,6 +87,9 @@ class _EncoderActor:
                  lock_text: str, threads: int, hooks: list):
         if device == "cpu":  # Ray sets OMP_NUM_THREADS to the actor's CPUs; torch may have read another
             torch.set_num_threads(threads)
+            # an actor is a process of its own, started for this run: as the command line does
+            from mixres.allocator import keep_freed_memory
+            keep_freed_memory()
         self.root = Path(root)
         if not (self.root / "meta.json").is_file():
             raise ValueError(f"--out {root} is not visible on this Ray node; on a cluster give a folder "
