@@ -85,8 +85,7 @@ def packed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     """x @ w.T + b through oneDNN with w packed once, or None where that does not apply (not
     the CPU, a dtype oneDNN packs no faster here, autograd, a tensor subclass, an inference
     tensor weight, whose changes no version counter records)."""
-    if type(x) is not torch.Tensor or not isinstance(w, torch.Tensor) or type(w) not in (
-            torch.Tensor, torch.nn.Parameter):
+    if type(x) is not torch.Tensor or type(w) not in (torch.Tensor, torch.nn.Parameter):
         return None
     if b is not None and (type(b) not in (torch.Tensor, torch.nn.Parameter) or b.ndim != 1
                           or b.dtype != w.dtype):

@@ -136,9 +136,6 @@ def run_oracle(model, images, **_):
     tower(**vision_utils.forward_kwargs(tower, torch.stack(images)))
 
 
-run_oracle_224 = run_oracle  # the same forward on 224x224 images (inputs chosen in `run`)
-
-
 def run_oracle_prepacked(model, images, **kw):
     from mixres.prepacked import prepacked_linears
 
@@ -165,7 +162,7 @@ def run_timm_naflex(model, images, **kw):
 
 RUNNERS = {"packed": run_packed, "padded": run_padded, "masked": run_masked, "grouped": run_grouped,
            "loop": run_loop, "oracle": run_oracle, "oracle-prepacked": run_oracle_prepacked,
-           "oracle-224": run_oracle_224,
+           "oracle-224": run_oracle,  # the same forward on 224x224 images (chosen in `run`)
            "navit": run_navit, "vit-pytorch": run_vit_pytorch,
            "timm-naflex": run_timm_naflex, "hf-naflex": run_hf_naflex}
 # a NaViT model: mixres' packed NaViT vs vit-pytorch's own grouped forward
@@ -312,8 +309,9 @@ def run(args) -> int:
     # per token: that compares workloads, not packing (oracle-224 still runs that one)
     side = max(1, round((tokens / len(images)) ** 0.5))
     sides = {"oracle": side, "oracle-prepacked": side, "oracle-224": 224 // 16}
-    dense = {name: [x.to(device, dtype) for x in oracle_images(tokens, patch_size=p, side=s * p)]
-             for name, s in sides.items()}
+    made = {s: [x.to(device, dtype) for x in oracle_images(tokens, patch_size=p, side=s * p)]
+            for s in set(sides.values())}  # oracle and oracle-prepacked share one batch
+    dense = {name: made[s] for name, s in sides.items()}
     oracle = dense["oracle"]
     warm = [min(images, key=lambda x: x.numel())]  # one small image: warms kernels, costs little
     res = {"model": args.model, "model_kwargs": kwargs, "dtype": args.dtype, "device": str(device), "n": n,
